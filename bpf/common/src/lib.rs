@@ -1,0 +1,401 @@
+//! Map keys and values shared by the kube-dsr XDP program and user space.
+//!
+//! Every type is `#[repr(C)]`, built from fixed-width integers and byte
+//! arrays, with explicit padding and a compile-time size check, so the kernel
+//! and user space can never disagree on a layout. Addresses and ports are kept
+//! in network byte order exactly as they sit in the packet, so the XDP program
+//! copies them and never swaps bytes. They are held in `u32`/`u16` words (the
+//! wire bytes, read natively) rather than byte arrays so that the XDP program
+//! moves whole words: byte arrays compile to byte-at-a-time loops in BPF.
+//!
+//! Map names carry a layout version suffix (`_V1`): a pinned map whose shape
+//! changes gets a new name, so an upgraded agent never adopts a map it cannot
+//! read. Kernel map names are limited to 15 characters.
+#![no_std]
+
+/// Address family tags stored in [`VipKey::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Largest Maglev table a service may use; a service with a smaller (prime)
+/// table uses a prefix of its ring row.
+pub const RING_MAX: u32 = 65537;
+
+/// Slots per ring row: `RING_MAX` rounded up to even. The kernel stores
+/// array elements in 8-byte strides, so the ring map packs two 4-byte slots
+/// per element (`[u32; 2]`); slot `s` is element `s / 2`, half `s % 2`, and a
+/// memory map of the map is one flat run of `u32` slots.
+pub const RING_ROW: u32 = RING_MAX + 1;
+
+/// Marks a Maglev slot or connection that points at no backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Map names (pinned under the agent's bpffs directory by these names).
+pub const MAP_VIPS: &str = "DSR_VIPS_V1";
+pub const MAP_CONNS: &str = "DSR_CONNS_V1";
+pub const MAP_BACKENDS: &str = "DSR_BACKENDS_V1";
+pub const MAP_RINGS: &str = "DSR_RINGS_V1";
+pub const MAP_SERVICES: &str = "DSR_SERVICES_V1";
+pub const MAP_VIP_STATS: &str = "DSR_VSTATS_V1";
+pub const MAP_BACKEND_STATS: &str = "DSR_BSTATS_V1";
+pub const MAP_COUNTERS: &str = "DSR_COUNTERS_V1";
+pub const MAP_META: &str = "DSR_META_V1";
+
+/// The XDP program's name in the object.
+pub const PROGRAM_NAME: &str = "kube_dsr";
+
+/// Default map sizes (user space may override them at load time).
+pub const DEFAULT_MAX_VIPS: u32 = 1024;
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
+
+/// Key of the VIP map: one entry per (VIP address, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// IPv4 in the first word (rest zero) or IPv6; wire bytes.
+    pub addr: [u32; 4],
+    /// Destination port; wire bytes.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Value of the VIP map. Replaced as a whole (never edited in place), so a
+/// packet sees either the old or the new ring row, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipValue {
+    /// Dense service id: index of the per-VIP counters and part of the
+    /// connection key.
+    pub svc_id: u32,
+    /// First slot of the active Maglev row in the ring map (a multiple of
+    /// [`RING_ROW`]).
+    pub ring_base: u32,
+    /// Maglev table size M (prime); 0 means the service has no backend.
+    pub ring_size: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipValue>() == 16);
+
+/// Key of the connection table: the client side of a flow plus the service.
+/// The service id stands for the VIP address, so the key stays small.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Client address (IPv4 in the first word); wire bytes.
+    pub saddr: [u32; 4],
+    /// Client and VIP ports; wire bytes.
+    pub sport: u16,
+    pub dport: u16,
+    pub svc_id: u32,
+    /// IP protocol number, widened to a word so the key has no padding.
+    pub proto: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 28);
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnValue {
+    pub backend_id: u32,
+    /// The backend slot's generation when the flow was pinned to it; a slot
+    /// reused for another backend gets a new generation, which invalidates
+    /// every old flow that still names it.
+    pub backend_gen: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnValue>() == 8);
+
+/// Backend slot flags.
+pub const BACKEND_IN_USE: u32 = 1;
+/// Draining: no new flows (the slot is absent from the Maglev table), but
+/// flows already in the connection table keep going.
+pub const BACKEND_DRAINING: u32 = 2;
+
+/// Value of the backend array, indexed by backend id. The first 24 bytes
+/// are what the packet path reads; the rest lets user space rebuild its view
+/// after a restart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// The first 12 bytes of every forwarded frame: the backend's MAC, then
+    /// the egress interface's MAC, as three words of wire bytes (see
+    /// [`Backend::macs_from`]).
+    pub macs: [u32; 3],
+    /// Egress interface; equal to the ingress one means `XDP_TX`.
+    pub ifindex: u32,
+    pub generation: u32,
+    pub flags: u32,
+    // --- user-space bookkeeping below, not read per packet ---
+    pub svc_id: u32,
+    pub weight: u32,
+    /// Backend address (IPv4 in the first word); wire bytes.
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 56);
+
+/// Per-service bookkeeping, indexed by service id. Not read per packet: it
+/// records which of the service's two ring rows is live, so a restarted agent
+/// writes the next table into the other one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceSlot {
+    /// Caller's name for the service (UTF-8, zero padded).
+    pub name: [u8; 64],
+    pub flags: u32,
+    /// Index (0 or 1) of the live ring row.
+    pub active_row: u32,
+    pub ring_size: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 80);
+
+pub const SERVICE_IN_USE: u32 = 1;
+
+/// Dataplane-wide bookkeeping (one entry): lets a restarted agent tell
+/// whether the program behind the pinned link is the one it carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// SHA-256 of the XDP object that is attached.
+    pub object_sha256: [u8; 32],
+    /// Interface the link is attached to.
+    pub ifindex: u32,
+    /// `ATTACH_NATIVE` or `ATTACH_GENERIC`.
+    pub attach_mode: u32,
+    /// Attach interface's MAC, zero padded.
+    pub mac: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<Meta>() == 48);
+
+pub const ATTACH_NATIVE: u32 = 1;
+pub const ATTACH_GENERIC: u32 = 2;
+
+/// Packet and byte counters (per CPU in the maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Traffic>() == 16);
+
+/// Why the program returned what it returned: one counter per reason, one
+/// reason per packet.
+pub mod reason {
+    /// Forwarded through an existing connection-table entry.
+    pub const FWD_CONN_HIT: u32 = 0;
+    /// Forwarded as a new flow chosen by the Maglev table.
+    pub const FWD_NEW_FLOW: u32 = 1;
+    /// Forwarded by the Maglev table after the connection entry named a
+    /// backend that is gone.
+    pub const FWD_STALE_CONN: u32 = 2;
+    /// ICMP error about a VIP flow forwarded to that flow's backend.
+    pub const FWD_ICMP: u32 = 3;
+    /// Forwarded, but the new connection entry could not be stored.
+    pub const FWD_CONN_INSERT_FAILED: u32 = 4;
+    /// VIP packet dropped: the service has no usable backend.
+    pub const DROP_NO_BACKEND: u32 = 5;
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
+    pub const PASS_NOT_IP: u32 = 6;
+    /// IP, but not to a VIP port: passed untouched.
+    pub const PASS_NOT_VIP: u32 = 7;
+    /// Neither TCP, UDP nor an ICMP error about a VIP flow: passed.
+    pub const PASS_OTHER_L4: u32 = 8;
+    /// A header ends past the end of the frame, or is malformed: passed.
+    pub const PASS_TRUNCATED: u32 = 9;
+    /// IPv4 with options: passed to the kernel, never forwarded.
+    pub const PASS_IP_OPTIONS: u32 = 10;
+    /// IPv4 or IPv6 fragment: passed to the kernel, never forwarded.
+    pub const PASS_FRAGMENT: u32 = 11;
+    /// IPv6 with extension headers: passed to the kernel, never forwarded.
+    pub const PASS_IPV6_EXT: u32 = 12;
+    /// ICMP error whose inner packet is not a VIP flow: passed.
+    pub const PASS_ICMP_NOT_VIP: u32 = 13;
+    /// More than one VLAN tag: passed.
+    pub const PASS_VLAN_STACK: u32 = 14;
+
+    pub const COUNT: u32 = 15;
+
+    /// Fixed metric label for each reason, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "fwd_conn_hit",
+        "fwd_new_flow",
+        "fwd_stale_conn",
+        "fwd_icmp",
+        "fwd_conn_insert_failed",
+        "drop_no_backend",
+        "pass_not_ip",
+        "pass_not_vip",
+        "pass_other_l4",
+        "pass_truncated",
+        "pass_ip_options",
+        "pass_fragment",
+        "pass_ipv6_ext",
+        "pass_icmp_not_vip",
+        "pass_vlan_stack",
+    ];
+}
+
+/// The flow hash that picks a Maglev slot. It is part of the dataplane's
+/// contract: every ingress node must compute the same value for the same
+/// flow, so a flow that ECMP moves to another node lands on the same
+/// backend. Inputs are the client address words, both ports and the protocol;
+/// the service is implied by the table being looked up.
+///
+/// The upper three address words are folded into one before mixing: for
+/// IPv4 they are zero, and IPv6 clients still differ in the folded word.
+#[inline(always)]
+pub fn flow_hash(saddr: &[u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+    let ports = u32::from(sport) | (u32::from(dport) << 16);
+    let upper = saddr[1] ^ saddr[2].rotate_left(11) ^ saddr[3].rotate_left(22);
+    let mut h: u32 = 0x9e37_79b9 ^ u32::from(proto);
+    h = mix(h, saddr[0]);
+    h = mix(h, upper);
+    h = mix(h, ports);
+    fmix(h)
+}
+
+/// Address words (wire bytes) of an IPv4 address.
+#[inline(always)]
+pub const fn v4_words(octets: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// Address words (wire bytes) of an IPv6 address.
+#[inline(always)]
+pub const fn v6_words(o: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// A port as the word that holds its wire bytes.
+#[inline(always)]
+pub const fn port_word(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+impl Backend {
+    /// The `macs` words for destination `dst` and source `src`.
+    pub const fn macs_from(dst: [u8; 6], src: [u8; 6]) -> [u32; 3] {
+        [
+            u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]),
+            u32::from_ne_bytes([dst[4], dst[5], src[0], src[1]]),
+            u32::from_ne_bytes([src[2], src[3], src[4], src[5]]),
+        ]
+    }
+
+    /// The destination MAC held in `macs`.
+    pub const fn dst_mac(&self) -> [u8; 6] {
+        let a = self.macs[0].to_ne_bytes();
+        let b = self.macs[1].to_ne_bytes();
+        [a[0], a[1], a[2], a[3], b[0], b[1]]
+    }
+}
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+/// MurmurHash3's finaliser: spreads every input bit over the output.
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), made of integers and byte arrays with
+    // explicit padding, so every bit pattern is valid and none is uninit.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for ServiceSlot {}
+    unsafe impl aya::Pod for Traffic {}
+    unsafe impl aya::Pod for Meta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_hash_depends_on_every_input() {
+        let a = v4_words([10, 0, 0, 1]);
+        let (sp, dp) = (port_word(12345), port_word(80));
+        let base = flow_hash(&a, sp, dp, PROTO_TCP);
+        assert_ne!(base, flow_hash(&v4_words([10, 0, 0, 2]), sp, dp, PROTO_TCP));
+        assert_ne!(base, flow_hash(&a, port_word(12346), dp, PROTO_TCP));
+        assert_ne!(base, flow_hash(&a, sp, port_word(81), PROTO_TCP));
+        assert_ne!(base, flow_hash(&a, sp, dp, PROTO_UDP));
+        assert_eq!(base, flow_hash(&a, sp, dp, PROTO_TCP));
+        let mut v6 = [0u8; 16];
+        v6[0] = 0xfd;
+        let h6 = flow_hash(&v6_words(v6), sp, dp, PROTO_TCP);
+        for i in 1..16 {
+            let mut other = v6;
+            other[i] = 1;
+            assert_ne!(h6, flow_hash(&v6_words(other), sp, dp, PROTO_TCP), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        let dst = [0x02, 0, 0, 0, 0, 0x0b];
+        let src = [0x02, 0, 0, 0, 0, 0x0a];
+        let b = Backend {
+            macs: Backend::macs_from(dst, src),
+            ifindex: 0,
+            generation: 1,
+            flags: BACKEND_IN_USE,
+            svc_id: 0,
+            weight: 1,
+            addr: [0; 4],
+            family: FAMILY_V4,
+            _pad: [0; 7],
+        };
+        assert_eq!(b.dst_mac(), dst);
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(b.macs) };
+        assert_eq!(&bytes[..6], &dst);
+        assert_eq!(&bytes[6..], &src);
+    }
+
+    #[test]
+    fn flow_hash_spreads_sequential_ports_evenly() {
+        // 4093 buckets over 2^20 sequential source ports and addresses:
+        // no bucket may be more than a few times the mean.
+        const M: u32 = 4093;
+        let mut counts = [0u32; M as usize];
+        for i in 0u32..(1 << 20) {
+            let a = v4_words((0x0a00_0000 + (i >> 16)).to_be_bytes());
+            let sport = port_word((i & 0xffff) as u16);
+            counts[(flow_hash(&a, sport, port_word(80), PROTO_TCP) % M) as usize] += 1;
+        }
+        let mean = (1u32 << 20) / M;
+        let max = *counts.iter().max().unwrap();
+        let min = *counts.iter().min().unwrap();
+        assert!(max < mean * 3 / 2, "max {max} mean {mean}");
+        assert!(min > mean / 2, "min {min} mean {mean}");
+    }
+}

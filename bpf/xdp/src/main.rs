@@ -1,0 +1,195 @@
+//! kube-dsr's XDP program: Direct Server Return by destination-MAC rewrite.
+//!
+//! Per packet: parse Ethernet (one VLAN tag allowed), IPv4/IPv6, TCP/UDP (or
+//! an ICMP error about a VIP flow); look up (VIP, port, protocol); anything
+//! that is not a VIP leaves untouched with `XDP_PASS`. A VIP packet follows
+//! its connection-table entry, or on a miss the service's Maglev slot
+//! `flow_hash % M`; only the two MAC addresses change, then `XDP_TX` (or a
+//! redirect when the backend sits behind another interface).
+//!
+//! Nothing that is not fully understood is ever transmitted: IP options,
+//! fragments, IPv6 extension headers and truncated headers go to the kernel,
+//! each counted by reason. All the table building happens in user space; the
+//! kernel side only looks up.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, xdp_action},
+    helpers::generated::bpf_redirect,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use kube_dsr_common::{
+    BACKEND_IN_USE, Backend, ConnKey, ConnValue, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW, ServiceSlot, Traffic,
+    VipKey, VipValue, flow_hash, reason,
+};
+use parse::{Flow, Parsed};
+
+#[map(name = "DSR_VIPS_V1")]
+static VIPS: HashMap<VipKey, VipValue> =
+    HashMap::pinned(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC as u32);
+
+/// The connection table. One LRU hash shared by all CPUs, with per-CPU LRU
+/// lists (`BPF_F_NO_COMMON_LRU`): a lookup finds a flow whichever CPU first
+/// saw it (RSS or ECMP changes, a restarted agent reading it back), while
+/// eviction bookkeeping never takes a cross-CPU lock on the insert path. A
+/// per-CPU map (Katran's choice) would lose every flow that RSS moves to
+/// another queue.
+#[map(name = "DSR_CONNS_V1")]
+static CONNS: LruHashMap<ConnKey, ConnValue> =
+    LruHashMap::pinned(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU as u32);
+
+#[map(name = "DSR_BACKENDS_V1")]
+static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+/// Maglev tables: two rows of `RING_ROW` slots per service (double buffer),
+/// two slots per element (see `RING_ROW`). Memory-mappable, so user space
+/// writes a whole table with one copy instead of one syscall per slot.
+#[map(name = "DSR_RINGS_V1")]
+static RINGS: Array<[u32; 2]> =
+    Array::pinned(DEFAULT_MAX_SERVICES * RING_ROW, BPF_F_MMAPABLE as u32);
+
+/// User-space bookkeeping only; declared here so it is created and pinned
+/// with the others.
+#[map(name = "DSR_SERVICES_V1")]
+static SERVICES: Array<ServiceSlot> = Array::pinned(DEFAULT_MAX_SERVICES, 0);
+
+/// User-space bookkeeping only: which object and attach mode own the link.
+#[map(name = "DSR_META_V1")]
+static META: Array<Meta> = Array::pinned(1, 0);
+
+#[map(name = "DSR_VSTATS_V1")]
+static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "DSR_BSTATS_V1")]
+static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "DSR_COUNTERS_V1")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+#[xdp]
+pub fn kube_dsr(ctx: XdpContext) -> u32 {
+    let (action, why) = match parse::parse(&ctx) {
+        Parsed::Pass(why) => (xdp_action::XDP_PASS, why),
+        Parsed::Flow(flow) => forward(&ctx, &flow),
+    };
+    bump(why);
+    action
+}
+
+/// Picks the backend of a VIP flow and sends the frame to it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, flow: &Flow) -> (u32, u32) {
+    let Some(vip) = (unsafe { VIPS.get(&flow.vip) }) else {
+        return (
+            xdp_action::XDP_PASS,
+            if flow.icmp { reason::PASS_ICMP_NOT_VIP } else { reason::PASS_NOT_VIP },
+        );
+    };
+    let vip = *vip;
+    let mut key = flow.conn;
+    key.svc_id = vip.svc_id;
+
+    let (backend_id, backend, why) = match pick(&vip, &key, flow.icmp) {
+        Some(found) => found,
+        None => return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND),
+    };
+
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // Parsing proved this already, but the verifier forgets it across the
+    // map calls above; without the check it rejects the write.
+    if start + 12 > end {
+        return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
+    }
+    let len = (end - start) as u64;
+    add_traffic(&VIP_STATS, vip.svc_id, len);
+    add_traffic(&BACKEND_STATS, backend_id, len);
+
+    // Only the Ethernet addresses change: the IP packet reaches the backend
+    // exactly as the client sent it, VIP as destination.
+    let eth = start as *mut u32;
+    unsafe {
+        eth.write_unaligned(backend.macs[0]);
+        eth.add(1).write_unaligned(backend.macs[1]);
+        eth.add(2).write_unaligned(backend.macs[2]);
+    }
+    if backend.ifindex == 0 {
+        (xdp_action::XDP_TX, why)
+    } else {
+        let action = unsafe { bpf_redirect(backend.ifindex, 0) } as u32;
+        (action, why)
+    }
+}
+
+/// Connection table first; Maglev on a miss or when the remembered backend
+/// is gone. ICMP errors only read the table, they never create flows.
+#[inline(always)]
+fn pick(vip: &VipValue, key: &ConnKey, icmp: bool) -> Option<(u32, Backend, u32)> {
+    let mut why = if icmp { reason::FWD_ICMP } else { reason::FWD_NEW_FLOW };
+    if let Some(conn) = unsafe { CONNS.get(key) } {
+        let conn = *conn;
+        if let Some(b) = BACKENDS.get(conn.backend_id) {
+            if b.generation == conn.backend_gen && b.flags & BACKEND_IN_USE != 0 {
+                let hit = if icmp { reason::FWD_ICMP } else { reason::FWD_CONN_HIT };
+                return Some((conn.backend_id, *b, hit));
+            }
+        }
+        if !icmp {
+            why = reason::FWD_STALE_CONN;
+        }
+    }
+
+    if vip.ring_size == 0 {
+        return None;
+    }
+    let slot = flow_hash(&key.saddr, key.sport, key.dport, key.proto as u8) % vip.ring_size;
+    let slot = vip.ring_base.wrapping_add(slot);
+    let pair = RINGS.get(slot >> 1)?;
+    let backend_id = if slot & 1 == 0 { pair[0] } else { pair[1] };
+    if backend_id == NO_BACKEND {
+        return None;
+    }
+    let b = *BACKENDS.get(backend_id)?;
+    if b.flags & BACKEND_IN_USE == 0 {
+        return None;
+    }
+    if !icmp {
+        let value = ConnValue { backend_id, backend_gen: b.generation };
+        if CONNS.insert(key, &value, 0).is_err() {
+            why = reason::FWD_CONN_INSERT_FAILED;
+        }
+    }
+    Some((backend_id, b, why))
+}
+
+#[inline(always)]
+fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, len: u64) {
+    if let Some(t) = map.get_ptr_mut(index) {
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += len;
+        }
+    }
+}
+
+#[inline(always)]
+fn bump(why: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(why) {
+        unsafe { *c += 1 }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,252 @@
+//! Header parsing: from a frame to either a flow key or a reason to pass.
+//!
+//! Every read is bounds-checked against `data_end` before it happens (the
+//! verifier insists, and a truncated frame must never be forwarded).
+
+use aya_ebpf::programs::XdpContext;
+use kube_dsr_common::{ConnKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey, reason};
+
+const ETH_LEN: usize = 14;
+const VLAN_LEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+const ICMP_LEN: usize = 8;
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// What the rest of the program needs to know about a frame.
+pub enum Parsed {
+    Pass(u32),
+    Flow(Flow),
+}
+
+/// A TCP/UDP flow towards a possible VIP, written the client's way round
+/// (for an ICMP error the inner packet is turned around first).
+pub struct Flow {
+    pub vip: VipKey,
+    /// `svc_id` is filled in once the VIP is known.
+    pub conn: ConnKey,
+    pub icmp: bool,
+}
+
+// Header layouts. Multi-byte fields are words holding wire bytes; the
+// object is built with misaligned access allowed (see .cargo/config.toml),
+// so each field is one load even where the packet leaves it unaligned.
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    vihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    vtcfl: u32,
+    payload_len: u16,
+    nexthdr: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// Source and destination ports: the first four bytes of TCP and UDP.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ports {
+    src: u16,
+    dst: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: u16,
+    rest: u32,
+}
+
+/// A copy of the `T` at `off`, if the whole `T` lies inside the frame.
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+macro_rules! get {
+    ($ctx:expr, $ty:ty, $off:expr) => {
+        match read::<$ty>($ctx, $off) {
+            Some(v) => v,
+            None => return Parsed::Pass(reason::PASS_TRUNCATED),
+        }
+    };
+}
+
+const fn be16(v: u16) -> u16 {
+    u16::from_be(v)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let mut ethertype = be16(get!(ctx, u16, 12));
+    let mut l3 = ETH_LEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(get!(ctx, u16, ETH_LEN + 2));
+        l3 += VLAN_LEN;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            return Parsed::Pass(reason::PASS_VLAN_STACK);
+        }
+    }
+    match ethertype {
+        ETH_P_IP => ipv4(ctx, l3),
+        ETH_P_IPV6 => ipv6(ctx, l3),
+        _ => Parsed::Pass(reason::PASS_NOT_IP),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
+    let ip = get!(ctx, Ipv4Hdr, l3);
+    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+        return Parsed::Pass(reason::PASS_TRUNCATED);
+    }
+    if ip.vihl & 0x0f != 5 {
+        return Parsed::Pass(reason::PASS_IP_OPTIONS);
+    }
+    // More-fragments flag or a non-zero offset.
+    if be16(ip.frag_off) & 0x3fff != 0 {
+        return Parsed::Pass(reason::PASS_FRAGMENT);
+    }
+    let l4 = l3 + IPV4_LEN;
+    match ip.proto {
+        PROTO_TCP | PROTO_UDP => {
+            let Some(ports) = l4_ports(ctx, l4, ip.proto) else {
+                return Parsed::Pass(reason::PASS_TRUNCATED);
+            };
+            Parsed::Flow(flow4(ip.daddr, ip.saddr, ports.dst, ports.src, ip.proto, false))
+        }
+        PROTO_ICMP => icmp4(ctx, &ip, l4),
+        _ => Parsed::Pass(reason::PASS_OTHER_L4),
+    }
+}
+
+/// ICMP destination-unreachable (fragmentation needed among them) about a
+/// packet a backend sent from the VIP: route it to that flow's backend, so
+/// path-MTU discovery works through the load balancer.
+#[inline(always)]
+fn icmp4(ctx: &XdpContext, outer: &Ipv4Hdr, l4: usize) -> Parsed {
+    let icmp = get!(ctx, IcmpHdr, l4);
+    if icmp.kind != ICMP_DEST_UNREACH {
+        return Parsed::Pass(reason::PASS_OTHER_L4);
+    }
+    let inner_off = l4 + ICMP_LEN;
+    let inner = get!(ctx, Ipv4Hdr, inner_off);
+    if inner.vihl != 0x45
+        || inner.saddr != outer.daddr
+        || (inner.proto != PROTO_TCP && inner.proto != PROTO_UDP)
+    {
+        return Parsed::Pass(reason::PASS_ICMP_NOT_VIP);
+    }
+    // RFC 792 quotes 8 bytes of the inner L4 header: the ports are there.
+    let ports = get!(ctx, Ports, inner_off + IPV4_LEN);
+    // The inner packet went VIP -> client; the flow key is client -> VIP.
+    Parsed::Flow(flow4(inner.saddr, inner.daddr, ports.src, ports.dst, inner.proto, true))
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
+    let ip = get!(ctx, Ipv6Hdr, l3);
+    if ip.vtcfl.to_ne_bytes()[0] >> 4 != 6 {
+        return Parsed::Pass(reason::PASS_TRUNCATED);
+    }
+    let l4 = l3 + IPV6_LEN;
+    match ip.nexthdr {
+        PROTO_TCP | PROTO_UDP => {
+            let Some(ports) = l4_ports(ctx, l4, ip.nexthdr) else {
+                return Parsed::Pass(reason::PASS_TRUNCATED);
+            };
+            Parsed::Flow(flow6(&ip.daddr, &ip.saddr, ports.dst, ports.src, ip.nexthdr, false))
+        }
+        PROTO_ICMPV6 => icmp6(ctx, &ip, l4),
+        44 => Parsed::Pass(reason::PASS_FRAGMENT),
+        // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6.
+        0 | 43 | 60 | 51 | 135 | 139 | 140 => Parsed::Pass(reason::PASS_IPV6_EXT),
+        _ => Parsed::Pass(reason::PASS_OTHER_L4),
+    }
+}
+
+#[inline(always)]
+fn icmp6(ctx: &XdpContext, outer: &Ipv6Hdr, l4: usize) -> Parsed {
+    let icmp = get!(ctx, IcmpHdr, l4);
+    if icmp.kind != ICMPV6_PKT_TOOBIG && icmp.kind != ICMPV6_DEST_UNREACH {
+        return Parsed::Pass(reason::PASS_OTHER_L4);
+    }
+    let inner_off = l4 + ICMP_LEN;
+    let inner = get!(ctx, Ipv6Hdr, inner_off);
+    if inner.saddr != outer.daddr || (inner.nexthdr != PROTO_TCP && inner.nexthdr != PROTO_UDP) {
+        return Parsed::Pass(reason::PASS_ICMP_NOT_VIP);
+    }
+    let ports = get!(ctx, Ports, inner_off + IPV6_LEN);
+    Parsed::Flow(flow6(&inner.saddr, &inner.daddr, ports.src, ports.dst, inner.nexthdr, true))
+}
+
+/// The ports of a TCP or UDP packet whose whole fixed header is present.
+#[inline(always)]
+fn l4_ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<Ports> {
+    let need = if proto == PROTO_TCP { TCP_LEN } else { UDP_LEN };
+    if ctx.data() + l4 + need > ctx.data_end() {
+        return None;
+    }
+    read::<Ports>(ctx, l4)
+}
+
+#[inline(always)]
+fn flow4(vip: u32, client: u32, vport: u16, cport: u16, proto: u8, icmp: bool) -> Flow {
+    flow([vip, 0, 0, 0], [client, 0, 0, 0], vport, cport, proto, FAMILY_V4, icmp)
+}
+
+#[inline(always)]
+fn flow6(vip: &[u32; 4], client: &[u32; 4], vport: u16, cport: u16, proto: u8, icmp: bool) -> Flow {
+    flow(*vip, *client, vport, cport, proto, FAMILY_V6, icmp)
+}
+
+#[inline(always)]
+fn flow(
+    vip: [u32; 4],
+    client: [u32; 4],
+    vport: u16,
+    cport: u16,
+    proto: u8,
+    family: u8,
+    icmp: bool,
+) -> Flow {
+    Flow {
+        vip: VipKey { addr: vip, port: vport, proto, family },
+        conn: ConnKey { saddr: client, sport: cport, dport: vport, svc_id: 0, proto: proto as u32 },
+        icmp,
+    }
+}

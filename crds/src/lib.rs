@@ -1,0 +1,1 @@
+//! The `DsrService` API types. Still a stub: the API issue fills it.

@@ -1,0 +1,533 @@
+//! Packet fixtures: the real XDP object under `BPF_PROG_TEST_RUN`, packet in,
+//! expected verdict, reason and packet out. Services are programmed through
+//! the real `Dataplane` API, so these also prove that user space and the
+//! kernel agree on every map layout and on the flow hash.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    EbpfLoader,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use kube_dsr_agent::{
+    dataplane::{BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec},
+    maglev,
+};
+use kube_dsr_common::{flow_hash, port_word, v4_words, v6_words};
+use kube_dsr_e2e::{
+    netns::{NetNs, PinDir},
+    packet::*,
+    privileged,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: Mac = [0x02, 0xcc, 0, 0, 0, 0x01];
+const TABLE: u32 = 251;
+
+fn v4(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+struct Env {
+    _ns: NetNs,
+    _pins: PinDir,
+    dp: Dataplane,
+    /// A second load of the same object sharing the pinned maps; the one
+    /// attached to the interface cannot be test-run through its link.
+    prog: aya::Ebpf,
+    if_mac: Mac,
+    egress: Egress,
+}
+
+impl Env {
+    fn new() -> Self {
+        let ns = NetNs::new("kdsrfx").unwrap();
+        ns.exec("ip link add dsr0 type veth peer name dsr1 && ip link add dsr2 type veth peer name dsr3 && ip link set dsr0 up && ip link set dsr1 up && ip link set dsr2 up && ip link set dsr3 up").unwrap();
+        let pins = PinDir::new().unwrap();
+        let mut cfg = Config::new("dsr0");
+        cfg.pin_dir = pins.path.clone();
+        cfg.max_services = 8;
+        cfg.max_backends = 64;
+        cfg.conn_entries = 4096;
+        let dp = ns.run(move || Dataplane::open(&cfg)).unwrap().unwrap();
+        let if_mac = ns.mac("dsr0").unwrap();
+        let egress_mac = ns.mac("dsr2").unwrap();
+        let egress_idx: u32 =
+            ns.exec("cat /sys/class/net/dsr2/ifindex").unwrap().trim().parse().unwrap();
+        let mut prog = EbpfLoader::new()
+            .default_map_pin_directory(&pins.path)
+            .load(kube_dsr_agent::dataplane::object())
+            .unwrap();
+        let xdp: &mut Xdp = prog.program_mut("kube_dsr").unwrap().try_into().unwrap();
+        xdp.load().unwrap();
+        Self {
+            _ns: ns,
+            _pins: pins,
+            dp,
+            prog,
+            if_mac,
+            egress: Egress { ifindex: egress_idx, mac: egress_mac },
+        }
+    }
+
+    /// Runs one frame: (verdict, frame out, reason that was counted).
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>, &'static str) {
+        let before = self.dp.reason_counts().unwrap();
+        let xdp: &Xdp = self.prog.program("kube_dsr").unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .unwrap();
+        out.truncate(r.data_size_out as usize);
+        let after = self.dp.reason_counts().unwrap();
+        let changed: Vec<_> =
+            before.iter().zip(&after).filter(|(b, a)| a.1 != b.1).map(|(_, a)| a.0).collect();
+        assert_eq!(changed.len(), 1, "exactly one reason per packet, got {changed:?}");
+        (r.return_value, out, changed[0])
+    }
+}
+
+fn mac_of(last: u8) -> Mac {
+    [0x02, 0xbb, 0, 0, 0, last]
+}
+
+fn service(
+    name: &str,
+    vip: &str,
+    ports: &[(u16, Protocol)],
+    backends: &[(&str, u8)],
+) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        vip: vip.parse().unwrap(),
+        ports: ports.iter().map(|&(port, protocol)| PortSpec { port, protocol }).collect(),
+        table_size: TABLE,
+        backends: backends
+            .iter()
+            .map(|&(a, m)| BackendSpec::new(a.parse().unwrap(), mac_of(m)))
+            .collect(),
+    }
+}
+
+/// The backend MAC user space predicts for a new flow: the same Maglev
+/// table and flow hash the kernel uses.
+fn predict(spec: &ServiceSpec, client: IpAddr, sport: u16, dport: u16, proto: u8) -> Mac {
+    let entries: Vec<_> = spec
+        .backends
+        .iter()
+        .filter(|b| b.takes_new_flows())
+        .map(|b| maglev::Entry { key: key(b.addr), weight: b.weight, value: b.mac })
+        .collect();
+    let table = maglev::build(spec.table_size, &entries).unwrap().unwrap();
+    let words = match client {
+        IpAddr::V4(a) => v4_words(a.octets()),
+        IpAddr::V6(a) => v6_words(a.octets()),
+    };
+    let h = flow_hash(&words, port_word(sport), port_word(dport), proto);
+    table[(h % spec.table_size) as usize]
+}
+
+fn key(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// The input with its two MAC addresses replaced.
+fn rewritten(frame: &[u8], dst: Mac, src: Mac) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+enum Out {
+    Unchanged,
+    To(Mac),
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    verdict: u32,
+    reason: &'static str,
+    out: Out,
+}
+
+fn check(env: &Env, cases: Vec<Case>) -> usize {
+    let n = cases.len();
+    for c in cases {
+        let (verdict, out, reason) = env.run(&c.frame);
+        assert_eq!(verdict, c.verdict, "{}: verdict", c.name);
+        assert_eq!(reason, c.reason, "{}: reason", c.name);
+        match c.out {
+            Out::Unchanged => {
+                assert_eq!(out, c.frame, "{}: frame must pass byte-identical", c.name)
+            }
+            Out::To(mac) => {
+                assert_eq!(
+                    out,
+                    rewritten(&c.frame, mac, env.if_mac),
+                    "{}: only the MACs change",
+                    c.name
+                )
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn packet_fixtures() {
+    if !privileged("packet_fixtures") {
+        return;
+    }
+    let mut env = Env::new();
+    let dut = env.if_mac;
+    let web = service(
+        "default/web/v4",
+        "192.0.2.10",
+        &[(80, Protocol::Tcp), (53, Protocol::Udp)],
+        &[("10.0.0.11", 0x11), ("10.0.0.12", 0x12), ("10.0.0.13", 0x13)],
+    );
+    let web6 = service(
+        "default/web/v6",
+        "2001:db8::10",
+        &[(443, Protocol::Tcp), (443, Protocol::Udp)],
+        &[("fd00::11", 0x61), ("fd00::12", 0x62)],
+    );
+    let empty = service("default/empty/v4", "192.0.2.20", &[(80, Protocol::Tcp)], &[]);
+    for s in [&web, &web6, &empty] {
+        env.dp.upsert_service(s).unwrap();
+    }
+
+    let vip = v4("192.0.2.10");
+    let vip6: IpAddr = "2001:db8::10".parse().unwrap();
+    let client = v4("198.51.100.7");
+    let client6: IpAddr = "2001:db8:ff::7".parse().unwrap();
+    let other = v4("192.0.2.99");
+    let syn = 0x02;
+
+    let tcp4 = tcp_frame(dut, CLIENT_MAC, (client, 40000), (vip, 80), syn);
+    let tcp4_to = predict(&web, client, 40000, 80, PROTO_TCP);
+    let udp4 = udp_frame(dut, CLIENT_MAC, (client, 40001), (vip, 53), b"query");
+    let tcp6 = tcp_frame(dut, CLIENT_MAC, (client6, 40002), (vip6, 443), syn);
+    let tcp6_to = predict(&web6, client6, 40002, 443, PROTO_TCP);
+    let udp6 = udp_frame(dut, CLIENT_MAC, (client6, 40003), (vip6, 443), b"quic");
+
+    let c4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let c6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    let tcp_seg = tcp(client, vip, 40004, 80, syn, b"");
+    let with = |o: V4Opts| {
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IP);
+        f.extend(ipv4(c4("198.51.100.7"), c4("192.0.2.10"), PROTO_TCP, &tcp_seg, &o));
+        f
+    };
+
+    // ICMP errors quote a packet the backend sent: VIP -> client.
+    let reply4 = {
+        let seg = tcp(vip, client, 80, 40000, 0x12, b"");
+        ipv4(c4("192.0.2.10"), c4("198.51.100.7"), PROTO_TCP, &seg, &V4Opts::default())
+    };
+    let frag_needed = {
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IP);
+        let body = &reply4[..28];
+        f.extend(ipv4(
+            c4("203.0.113.1"),
+            c4("192.0.2.10"),
+            PROTO_ICMP,
+            &icmp4(3, 4, [0, 0, 0x05, 0x78], body),
+            &V4Opts::default(),
+        ));
+        f
+    };
+    let reply6 = {
+        let seg = tcp(vip6, client6, 443, 40002, 0x12, b"");
+        ipv6(c6("2001:db8::10"), c6("2001:db8:ff::7"), PROTO_TCP, &seg)
+    };
+    let too_big = {
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IPV6);
+        let m = icmp6(c6("2001:db8::1"), c6("2001:db8::10"), 2, 0, 1280u32.to_be_bytes(), &reply6);
+        f.extend(ipv6(c6("2001:db8::1"), c6("2001:db8::10"), PROTO_ICMPV6, &m));
+        f
+    };
+    let not_vip_icmp = {
+        let seg = tcp(other, client, 80, 40000, 0x12, b"");
+        let inner = ipv4(c4("192.0.2.99"), c4("198.51.100.7"), PROTO_TCP, &seg, &V4Opts::default());
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IP);
+        f.extend(ipv4(
+            c4("203.0.113.1"),
+            c4("192.0.2.99"),
+            PROTO_ICMP,
+            &icmp4(3, 4, [0, 0, 5, 0x78], &inner[..28]),
+            &V4Opts::default(),
+        ));
+        f
+    };
+    let ext6 = |next: u8| {
+        // An 8-byte extension header carrying TCP.
+        let mut p = vec![PROTO_TCP, 0, 0, 0, 0, 0, 0, 0];
+        p.extend(tcp(client6, vip6, 40005, 443, syn, b""));
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IPV6);
+        f.extend(ipv6(c6("2001:db8:ff::7"), c6("2001:db8::10"), next, &p));
+        f
+    };
+    let tagged = {
+        let seg = tcp(client, vip, 40000, 80, 0x10, b"");
+        l3_frame(dut, CLIENT_MAC, &[(ETH_P_8021Q, 100)], client, vip, PROTO_TCP, &seg)
+    };
+    let qinq = {
+        let seg = tcp(client, vip, 40000, 80, 0x10, b"");
+        l3_frame(
+            dut,
+            CLIENT_MAC,
+            &[(ETH_P_8021AD, 10), (ETH_P_8021Q, 100)],
+            client,
+            vip,
+            PROTO_TCP,
+            &seg,
+        )
+    };
+    let echo4 = {
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IP);
+        f.extend(ipv4(
+            c4("198.51.100.7"),
+            c4("192.0.2.10"),
+            PROTO_ICMP,
+            &icmp4(8, 0, [0, 1, 0, 1], b"ping"),
+            &V4Opts::default(),
+        ));
+        f
+    };
+    let echo6 = {
+        let m = icmp6(c6("2001:db8:ff::7"), c6("2001:db8::10"), 128, 0, [0, 1, 0, 1], b"ping");
+        let mut f = eth(dut, CLIENT_MAC, &[], ETH_P_IPV6);
+        f.extend(ipv6(c6("2001:db8:ff::7"), c6("2001:db8::10"), PROTO_ICMPV6, &m));
+        f
+    };
+    let bad_version = with(V4Opts { version: Some(6), ..Default::default() });
+    let short_tcp = {
+        let mut f = tcp_frame(dut, CLIENT_MAC, (client, 40006), (vip, 80), syn);
+        f.truncate(14 + 20 + 12);
+        f
+    };
+    let short_udp = {
+        let mut f = udp_frame(dut, CLIENT_MAC, (client, 40007), (vip, 53), b"");
+        f.truncate(14 + 20 + 6);
+        f
+    };
+
+    let pass = |name, frame: Vec<u8>, reason| Case {
+        name,
+        frame,
+        verdict: XDP_PASS,
+        reason,
+        out: Out::Unchanged,
+    };
+    let tx = |name, frame: Vec<u8>, reason, to: Mac| Case {
+        name,
+        frame,
+        verdict: XDP_TX,
+        reason,
+        out: Out::To(to),
+    };
+
+    let mut cases = vec![
+        tx("tcp4 SYN to VIP: new flow by Maglev", tcp4.clone(), "fwd_new_flow", tcp4_to),
+        tx("tcp4 same flow again: connection table", tcp4.clone(), "fwd_conn_hit", tcp4_to),
+        tx(
+            "udp4 to VIP",
+            udp4.clone(),
+            "fwd_new_flow",
+            predict(&web, client, 40001, 53, PROTO_UDP),
+        ),
+        tx(
+            "udp4 same flow again",
+            udp4,
+            "fwd_conn_hit",
+            predict(&web, client, 40001, 53, PROTO_UDP),
+        ),
+        tx("tcp6 to VIP", tcp6.clone(), "fwd_new_flow", tcp6_to),
+        tx("udp6 to VIP", udp6, "fwd_new_flow", predict(&web6, client6, 40003, 443, PROTO_UDP)),
+        tx("802.1Q-tagged VIP packet keeps its tag", tagged, "fwd_conn_hit", tcp4_to),
+        pass("QinQ (two tags) passes", qinq, "pass_vlan_stack"),
+        pass(
+            "VIP address, port not in the service",
+            tcp_frame(dut, CLIENT_MAC, (client, 40000), (vip, 81), syn),
+            "pass_not_vip",
+        ),
+        pass(
+            "VIP address and port, wrong protocol",
+            udp_frame(dut, CLIENT_MAC, (client, 40000), (vip, 80), b"x"),
+            "pass_not_vip",
+        ),
+        pass(
+            "non-VIP IPv4",
+            tcp_frame(dut, CLIENT_MAC, (client, 40000), (other, 80), syn),
+            "pass_not_vip",
+        ),
+        pass(
+            "non-VIP IPv6",
+            tcp_frame(
+                dut,
+                CLIENT_MAC,
+                (client6, 40000),
+                ("2001:db8::99".parse().unwrap(), 443),
+                syn,
+            ),
+            "pass_not_vip",
+        ),
+        pass(
+            "ARP request for the VIP",
+            arp_request(CLIENT_MAC, c4("198.51.100.7"), c4("192.0.2.10")),
+            "pass_not_ip",
+        ),
+        pass("ICMP echo to the VIP", echo4, "pass_other_l4"),
+        pass("ICMPv6 echo to the VIP", echo6, "pass_other_l4"),
+        pass(
+            "IPv4 with options",
+            with(V4Opts { options: vec![1, 1, 1, 0], ..Default::default() }),
+            "pass_ip_options",
+        ),
+        pass(
+            "IPv4 first fragment (MF)",
+            with(V4Opts { more_fragments: true, ..Default::default() }),
+            "pass_fragment",
+        ),
+        pass(
+            "IPv4 later fragment (offset)",
+            with(V4Opts { frag_offset: 185, ..Default::default() }),
+            "pass_fragment",
+        ),
+        pass("IPv6 fragment header", ext6(44), "pass_fragment"),
+        pass("IPv6 hop-by-hop header", ext6(0), "pass_ipv6_ext"),
+        pass("IPv6 destination options header", ext6(60), "pass_ipv6_ext"),
+        pass("IPv4 header with version 6", bad_version, "pass_truncated"),
+        // The kernel refuses test frames shorter than an Ethernet header (as
+        // no NIC delivers one); the shortest is a bare header.
+        pass("bare Ethernet header, IPv4 ethertype", tcp4[..14].to_vec(), "pass_truncated"),
+        pass(
+            "truncated VLAN tag",
+            eth(dut, CLIENT_MAC, &[], ETH_P_8021Q).into_iter().chain([0u8]).collect(),
+            "pass_truncated",
+        ),
+        pass("truncated IPv4 header", tcp4[..14 + 12].to_vec(), "pass_truncated"),
+        pass("truncated IPv6 header", tcp6[..14 + 30].to_vec(), "pass_truncated"),
+        pass("truncated TCP header", short_tcp, "pass_truncated"),
+        pass("truncated UDP header", short_udp, "pass_truncated"),
+        pass(
+            "truncated ICMP error (inner header cut)",
+            frag_needed[..14 + 20 + 8 + 10].to_vec(),
+            "pass_truncated",
+        ),
+        tx(
+            "ICMP fragmentation-needed for a VIP flow goes to its backend",
+            frag_needed,
+            "fwd_icmp",
+            tcp4_to,
+        ),
+        tx(
+            "ICMPv6 packet-too-big for a VIP flow goes to its backend",
+            too_big,
+            "fwd_icmp",
+            tcp6_to,
+        ),
+        pass("ICMP error about a non-VIP flow", not_vip_icmp, "pass_icmp_not_vip"),
+        Case {
+            name: "VIP with no backend is dropped",
+            frame: tcp_frame(dut, CLIENT_MAC, (client, 40000), (v4("192.0.2.20"), 80), syn),
+            verdict: XDP_DROP,
+            reason: "drop_no_backend",
+            out: Out::Unchanged,
+        },
+    ];
+    let mut total = check(&env, std::mem::take(&mut cases));
+
+    // Draining: a flow pinned to a backend keeps it; new flows avoid it.
+    let mut drain = service(
+        "default/drain/v4",
+        "192.0.2.30",
+        &[(8080, Protocol::Tcp)],
+        &[("10.0.1.1", 0x21), ("10.0.1.2", 0x22), ("10.0.1.3", 0x23)],
+    );
+    env.dp.upsert_service(&drain).unwrap();
+    let dvip = v4("192.0.2.30");
+    let first = tcp_frame(dut, CLIENT_MAC, (client, 41000), (dvip, 8080), syn);
+    let pinned_to = predict(&drain, client, 41000, 8080, PROTO_TCP);
+    total +=
+        check(&env, vec![tx("flow before draining", first.clone(), "fwd_new_flow", pinned_to)]);
+    let drained = drain.backends.iter().find(|b| b.mac == pinned_to).unwrap().addr;
+    env.dp.set_draining("default/drain/v4", drained, true).unwrap();
+    for b in &mut drain.backends {
+        b.draining = b.addr == drained;
+    }
+    total += check(
+        &env,
+        vec![tx(
+            "draining backend keeps its existing flow",
+            first.clone(),
+            "fwd_conn_hit",
+            pinned_to,
+        )],
+    );
+    let mut new_flows = Vec::new();
+    for port in 42000..42040 {
+        let f = tcp_frame(dut, CLIENT_MAC, (client, port), (dvip, 8080), syn);
+        let to = predict(&drain, client, port, 8080, PROTO_TCP);
+        assert_ne!(to, pinned_to, "the prediction itself must avoid the draining backend");
+        new_flows.push(tx("new flow while a backend drains", f, "fwd_new_flow", to));
+    }
+    total += check(&env, new_flows);
+
+    // Removing the backend: its flows move (stale entry detected by the
+    // slot generation), to the backend Maglev now picks.
+    drain.backends.retain(|b| b.addr != drained);
+    env.dp.upsert_service(&drain).unwrap();
+    total += check(
+        &env,
+        vec![tx(
+            "flow of a removed backend is re-balanced",
+            first,
+            "fwd_stale_conn",
+            predict(&drain, client, 41000, 8080, PROTO_TCP),
+        )],
+    );
+
+    // A backend behind another interface is redirected there, with that
+    // interface's MAC as the source.
+    let mut far =
+        service("default/far/v4", "192.0.2.40", &[(80, Protocol::Tcp)], &[("10.0.2.1", 0x31)]);
+    far.backends[0].egress = Some(env.egress);
+    env.dp.upsert_service(&far).unwrap();
+    let f = tcp_frame(dut, CLIENT_MAC, (client, 40000), (v4("192.0.2.40"), 80), syn);
+    let (verdict, out, reason) = env.run(&f);
+    assert_eq!(
+        (verdict, reason),
+        (XDP_REDIRECT, "fwd_new_flow"),
+        "backend behind another interface"
+    );
+    assert_eq!(out, rewritten(&f, mac_of(0x31), env.egress.mac));
+    total += 1;
+
+    // Removing a service hands its packets back to the kernel untouched.
+    env.dp.remove_service("default/far/v4").unwrap();
+    total += check(&env, vec![pass("removed service passes", f, "pass_not_vip")]);
+
+    // Counters: per VIP and per backend, packets and bytes.
+    let t = env.dp.service_traffic("default/web/v4").unwrap();
+    assert!(t.packets >= 5 && t.bytes > 0, "{t:?}");
+    let b = web.backends.iter().find(|b| b.mac == tcp4_to).unwrap().addr;
+    assert!(env.dp.backend_traffic("default/web/v4", b).unwrap().packets >= 3);
+    assert!(total >= 25, "only {total} fixtures ran");
+    eprintln!("{total} packet fixtures passed");
+}

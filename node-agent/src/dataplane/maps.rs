@@ -1,0 +1,200 @@
+//! One typed accessor per map, so each map name appears once.
+
+use std::os::fd::AsFd as _;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use kube_dsr_common::{
+    BACKEND_IN_USE, Backend, ConnKey, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNS,
+    MAP_COUNTERS, MAP_META, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, MAP_VIPS, Meta, SERVICE_IN_USE,
+    ServiceSlot, Traffic, VipKey, VipValue,
+};
+
+use super::sys::MappedU32s;
+use crate::error::{Error, Result};
+
+pub struct Maps {
+    vips: HashMap<MapData, VipKey, VipValue>,
+    conns: HashMap<MapData, ConnKey, ConnValue>,
+    backends: Array<MapData, Backend>,
+    services: Array<MapData, ServiceSlot>,
+    vip_stats: PerCpuArray<MapData, Traffic>,
+    backend_stats: PerCpuArray<MapData, Traffic>,
+    counters: PerCpuArray<MapData, u64>,
+    meta: Array<MapData, Meta>,
+    rings: MappedU32s,
+    /// Kept open for as long as `rings` maps it.
+    _rings_map: MapData,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(Error::MissingMap { name })
+}
+
+fn wrap(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |e| Error::Map { name, source: Box::new(e) }
+}
+
+macro_rules! typed {
+    ($ebpf:expr, $name:expr) => {
+        take($ebpf, $name)?.try_into().map_err(wrap($name))?
+    };
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let rings_map = match take(ebpf, MAP_RINGS)? {
+            Map::Array(data) => data,
+            _ => return Err(Error::MissingMap { name: MAP_RINGS }),
+        };
+        // Two u32 slots per element, elements back to back.
+        let slots = 2 * rings_map.info().map_err(wrap(MAP_RINGS))?.max_entries() as usize;
+        let rings = MappedU32s::new(rings_map.fd().as_fd(), slots)
+            .map_err(|source| Error::Io { what: "mapping the Maglev rings", source })?;
+        Ok(Self {
+            vips: typed!(ebpf, MAP_VIPS),
+            conns: typed!(ebpf, MAP_CONNS),
+            backends: typed!(ebpf, MAP_BACKENDS),
+            services: typed!(ebpf, MAP_SERVICES),
+            vip_stats: typed!(ebpf, MAP_VIP_STATS),
+            backend_stats: typed!(ebpf, MAP_BACKEND_STATS),
+            counters: typed!(ebpf, MAP_COUNTERS),
+            meta: typed!(ebpf, MAP_META),
+            rings,
+            _rings_map: rings_map,
+        })
+    }
+
+    pub fn max_services(&self) -> u32 {
+        self.services.len()
+    }
+
+    pub fn max_backends(&self) -> u32 {
+        self.backends.len()
+    }
+
+    pub fn meta(&self) -> Result<Meta> {
+        self.meta.get(&0, 0).map_err(wrap(MAP_META))
+    }
+
+    pub fn set_meta(&mut self, meta: &Meta) -> Result<()> {
+        self.meta.set(0, meta, 0).map_err(wrap(MAP_META))
+    }
+
+    pub fn set_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<()> {
+        self.vips.insert(key, value, 0).map_err(wrap(MAP_VIPS))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        match self.vips.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(wrap(MAP_VIPS)(e)),
+        }
+    }
+
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipValue)>> {
+        self.vips.iter().collect::<Result<_, _>>().map_err(wrap(MAP_VIPS))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends.get(&id, 0).map_err(wrap(MAP_BACKENDS))
+    }
+
+    pub fn set_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
+        self.backends.set(id, value, 0).map_err(wrap(MAP_BACKENDS))
+    }
+
+    /// Marks a backend slot free. Its generation stays, so the next owner
+    /// gets a higher one and old flows naming the slot are recognised stale.
+    pub fn release_backend(&mut self, id: u32) -> Result<()> {
+        let mut b = self.backend(id)?;
+        b.flags = 0;
+        self.set_backend(id, &b)
+    }
+
+    /// The first free backend slot not in `claimed`, with its generation.
+    pub fn free_backend(&self, claimed: &[u32]) -> Option<(u32, u32)> {
+        (0..self.backends.len()).find_map(|id| {
+            let b = self.backends.get(&id, 0).ok()?;
+            (b.flags & BACKEND_IN_USE == 0 && !claimed.contains(&id)).then_some((id, b.generation))
+        })
+    }
+
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut out = Vec::new();
+        for id in 0..self.backends.len() {
+            let b = self.backend(id)?;
+            if b.flags & BACKEND_IN_USE != 0 {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_service(&mut self, id: u32, slot: &ServiceSlot) -> Result<()> {
+        self.services.set(id, slot, 0).map_err(wrap(MAP_SERVICES))
+    }
+
+    pub fn services(&self) -> Result<Vec<(u32, ServiceSlot)>> {
+        let mut out = Vec::new();
+        for id in 0..self.services.len() {
+            let s = self.services.get(&id, 0).map_err(wrap(MAP_SERVICES))?;
+            if s.flags & SERVICE_IN_USE != 0 {
+                out.push((id, s));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies a Maglev table into the ring map at `base`.
+    pub fn write_ring(&mut self, base: u32, table: &[u32]) {
+        let base = base as usize;
+        self.rings.as_mut_slice()[base..base + table.len()].copy_from_slice(table);
+    }
+
+    pub fn vip_traffic(&self, id: u32) -> Result<Traffic> {
+        sum(self.vip_stats.get(&id, 0).map_err(wrap(MAP_VIP_STATS))?)
+    }
+
+    pub fn backend_traffic(&self, id: u32) -> Result<Traffic> {
+        sum(self.backend_stats.get(&id, 0).map_err(wrap(MAP_BACKEND_STATS))?)
+    }
+
+    pub fn reset_vip_stats(&mut self, id: u32) -> Result<()> {
+        let zero = zeroes()?;
+        self.vip_stats.set(id, zero, 0).map_err(wrap(MAP_VIP_STATS))
+    }
+
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<()> {
+        let zero = zeroes()?;
+        self.backend_stats.set(id, zero, 0).map_err(wrap(MAP_BACKEND_STATS))
+    }
+
+    pub fn counter(&self, reason: u32) -> Result<u64> {
+        let v = self.counters.get(&reason, 0).map_err(wrap(MAP_COUNTERS))?;
+        Ok(v.iter().sum())
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn sum(values: PerCpuValues<Traffic>) -> Result<Traffic> {
+    Ok(values.iter().fold(Traffic::default(), |acc, t| Traffic {
+        packets: acc.packets + t.packets,
+        bytes: acc.bytes + t.bytes,
+    }))
+}
+
+fn zeroes() -> Result<PerCpuValues<Traffic>> {
+    let cpus = nr_cpus().map_err(|(_, source)| Error::Io { what: "counting CPUs", source })?;
+    PerCpuValues::try_from(vec![Traffic::default(); cpus])
+        .map_err(|source| Error::Io { what: "per-CPU zeroes", source })
+}

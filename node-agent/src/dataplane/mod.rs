@@ -1,0 +1,610 @@
+//! The XDP dataplane: the only code in kube-dsr that uses aya.
+//!
+//! [`Dataplane::open`] loads the embedded XDP object, or adopts the one it
+//! finds pinned under the bpffs directory, so that an agent restart or
+//! upgrade never leaves a gap in forwarding: maps and the XDP link are pinned
+//! and outlive the process. The domain API upserts and removes services,
+//! drains backends and reads counters; Maglev tables are written into the
+//! idle half of the service's double buffer and swapped in by one VIP-map
+//! update.
+
+mod maps;
+pub mod spec;
+mod sys;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{Ordering, fence},
+};
+
+use aya::{
+    EbpfLoader,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
+};
+use kube_dsr_common::{
+    ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONNS, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, PROGRAM_NAME, RING_ROW,
+    SERVICE_IN_USE, ServiceSlot, Traffic, VipValue, reason,
+};
+use sha2::{Digest, Sha256};
+pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+/// The XDP object, built by `make bpf` and checked in (see bpf/obj/).
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/obj/kube-dsr-xdp.o");
+
+/// Where the agent pins its maps and link unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kube-dsr";
+
+const LINK_PIN: &str = "xdp_link";
+
+/// SHA-256 of the embedded XDP object.
+pub fn object_sha256() -> [u8; 32] {
+    Sha256::digest(OBJECT).into()
+}
+
+/// The embedded XDP object (for tools that load it on their own, such as
+/// packet fixtures).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// Requested attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic when the driver refuses.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// The attach mode that won.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+impl Attached {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+/// What [`Dataplane::open`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Nothing usable was pinned: loaded, attached and pinned anew.
+    Fresh,
+    /// The same program was attached: adopted as it runs, nothing reloaded.
+    Adopted,
+    /// Another build was attached: the new program replaced it atomically on
+    /// the pinned link, keeping the pinned maps (and every flow in them).
+    Upgraded,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Interface to attach to, in the calling thread's network namespace.
+    pub interface: String,
+    /// bpffs directory for the pins (one per attached interface).
+    pub pin_dir: PathBuf,
+    pub attach: AttachMode,
+    /// Connection-table entries (LRU).
+    pub conn_entries: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    /// Reload and swap the program even when the attached one is identical.
+    pub force_reload: bool,
+}
+
+impl Config {
+    pub fn new(interface: impl Into<String>) -> Self {
+        Self {
+            interface: interface.into(),
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            attach: AttachMode::Auto,
+            conn_entries: kube_dsr_common::DEFAULT_CONN_ENTRIES,
+            max_services: kube_dsr_common::DEFAULT_MAX_SERVICES,
+            max_backends: kube_dsr_common::DEFAULT_MAX_BACKENDS,
+            force_reload: false,
+        }
+    }
+}
+
+/// A service as programmed: its spec and the ids it holds.
+#[derive(Clone, Debug)]
+struct Installed {
+    svc_id: u32,
+    spec: ServiceSpec,
+    /// Backend ids, parallel to `spec.backends`.
+    ids: Vec<u32>,
+    active_row: u32,
+}
+
+pub struct Dataplane {
+    maps: maps::Maps,
+    ifindex: u32,
+    /// The attach interface's MAC: the source of frames sent with XDP_TX.
+    mac: [u8; 6],
+    attached: Attached,
+    start: Start,
+    services: BTreeMap<String, Installed>,
+}
+
+impl Dataplane {
+    /// Loads or adopts the dataplane on `cfg.interface`. Must run on a
+    /// thread inside the interface's network namespace; later calls may
+    /// come from any thread.
+    pub fn open(cfg: &Config) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .map_err(|source| Error::Pin { path: cfg.pin_dir.clone(), source })?;
+        let bpffs = sys::is_bpffs(&cfg.pin_dir)
+            .map_err(|source| Error::Pin { path: cfg.pin_dir.clone(), source })?;
+        if !bpffs {
+            return Err(Error::NotBpffs { path: cfg.pin_dir.clone() });
+        }
+        let ifindex = sys::ifindex(&cfg.interface)
+            .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
+        let mac = sys::mac(&cfg.interface)
+            .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
+
+        // Two rows per service, two slots per element.
+        let ring_entries = cfg.max_services.saturating_mul(RING_ROW);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .map_max_entries(MAP_CONNS, cfg.conn_entries)
+            .map_max_entries(MAP_SERVICES, cfg.max_services)
+            .map_max_entries(MAP_VIP_STATS, cfg.max_services)
+            .map_max_entries(MAP_RINGS, ring_entries)
+            .map_max_entries(MAP_BACKENDS, cfg.max_backends)
+            .map_max_entries(MAP_BACKEND_STATS, cfg.max_backends)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let mut maps = maps::Maps::take(&mut ebpf)?;
+
+        let sha = object_sha256();
+        let meta = maps.meta()?;
+        let link_path = cfg.pin_dir.join(LINK_PIN);
+        let pinned_ifindex = if link_path.exists() {
+            match sys::pinned_xdp_link_ifindex(&link_path) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    warn!(path = %link_path.display(), error = %e, "unreadable pinned link");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let (start, attached) = match pinned_ifindex {
+            Some(i) if i == ifindex && meta.object_sha256 == sha && !cfg.force_reload => {
+                (Start::Adopted, attached_from(meta.attach_mode))
+            }
+            Some(i) if i == ifindex => {
+                let prog = program_of(&mut ebpf)?;
+                prog.load().map_err(|e| Error::Program { action: "load", source: Box::new(e) })?;
+                let pinned = PinnedLink::from_pin(&link_path).map_err(|e| Error::Link {
+                    path: link_path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| Error::Link {
+                    path: link_path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                prog.attach_to_link(link)
+                    .map_err(|e| Error::Program { action: "replace", source: Box::new(e) })?;
+                (Start::Upgraded, attached_from(meta.attach_mode))
+            }
+            stale => {
+                if stale.is_some() {
+                    // Pinned for an interface that is gone or renumbered.
+                    warn!(path = %link_path.display(), "replacing a stale pinned link");
+                    std::fs::remove_file(&link_path)
+                        .map_err(|source| Error::Pin { path: link_path.clone(), source })?;
+                }
+                let prog = program_of(&mut ebpf)?;
+                prog.load().map_err(|e| Error::Program { action: "load", source: Box::new(e) })?;
+                let (attached, link_id) = attach(prog, ifindex, cfg.attach)?;
+                let link = prog
+                    .take_link(link_id)
+                    .map_err(|e| Error::Program { action: "link", source: Box::new(e) })?;
+                let link = FdLink::try_from(link).map_err(|e| Error::Link {
+                    path: link_path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                link.pin(&link_path).map_err(|e| Error::Pin {
+                    path: link_path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                (Start::Fresh, attached)
+            }
+        };
+        maps.set_meta(&Meta {
+            object_sha256: sha,
+            ifindex,
+            attach_mode: match attached {
+                Attached::Native => ATTACH_NATIVE,
+                Attached::Generic => ATTACH_GENERIC,
+            },
+            mac: [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0],
+        })?;
+
+        let services = read_back(&maps)?;
+        info!(
+            interface = %cfg.interface,
+            mode = attached.as_str(),
+            start = ?start,
+            services = services.len(),
+            "dataplane ready"
+        );
+        Ok(Self { maps, ifindex, mac, attached, start, services })
+    }
+
+    pub fn attached(&self) -> Attached {
+        self.attached
+    }
+
+    pub fn start(&self) -> Start {
+        self.start
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The services as programmed (after a restart: as read back from the
+    /// pinned maps), so a caller can diff them against what it wants.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> {
+        self.services.values().map(|s| &s.spec)
+    }
+
+    /// Programs a service, or changes one in place. Backends that stay keep
+    /// their flows; the new Maglev table becomes live in one step.
+    pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        spec.validate()?;
+        let mut spec = spec.clone();
+        spec.ports.sort();
+        spec.backends.sort_by_key(|b| b.addr);
+        self.check_conflicts(&spec)?;
+
+        let old = self.services.get(&spec.name).cloned();
+        let svc_id = match &old {
+            Some(o) => o.svc_id,
+            None => {
+                let id = self.free_service_id(&spec.name)?;
+                self.maps.reset_vip_stats(id)?;
+                id
+            }
+        };
+
+        // Backend slots: reuse the ones of backends that stay.
+        let mut ids = Vec::with_capacity(spec.backends.len());
+        let mut claimed = Vec::new();
+        for b in &spec.backends {
+            let reuse = old.as_ref().and_then(|o| {
+                o.spec.backends.iter().position(|ob| ob.addr == b.addr).map(|i| o.ids[i])
+            });
+            let (id, generation) = match reuse {
+                Some(id) => (id, self.maps.backend(id)?.generation),
+                None => match self.maps.free_backend(&claimed) {
+                    Some((id, previous)) => {
+                        self.maps.reset_backend_stats(id)?;
+                        (id, next_generation(previous))
+                    }
+                    None => {
+                        return Err(Error::BackendsFull {
+                            service: spec.name.clone(),
+                            addr: b.addr,
+                            max: self.maps.max_backends(),
+                        });
+                    }
+                },
+            };
+            claimed.push(id);
+            let value = backend_value(b, svc_id, generation, self.ifindex, self.mac);
+            self.maps.set_backend(id, &value)?;
+            ids.push(id);
+        }
+
+        // The new table goes into the row packets are not reading.
+        let table = spec.table(&ids)?;
+        let row = old.as_ref().map_or(0, |o| 1 - o.active_row);
+        let ring_base = (2 * svc_id + row) * RING_ROW;
+        let ring_size = match &table {
+            Some(t) => {
+                self.maps.write_ring(ring_base, t);
+                // The table must be complete before any VIP entry names it;
+                // the map-update syscall below is also a full barrier.
+                fence(Ordering::SeqCst);
+                spec.table_size
+            }
+            None => 0,
+        };
+        let value = VipValue { svc_id, ring_base, ring_size, _pad: 0 };
+        for p in &spec.ports {
+            self.maps.set_vip(&spec::vip_key(spec.vip, *p), &value)?;
+        }
+        if let Some(o) = &old {
+            for p in &o.spec.ports {
+                if o.spec.vip != spec.vip || !spec.ports.contains(p) {
+                    self.maps.remove_vip(&spec::vip_key(o.spec.vip, *p))?;
+                }
+            }
+        }
+        self.maps.set_service(svc_id, &service_slot(&spec.name, row, spec.table_size))?;
+
+        // Only now that no table names them: release backends that left.
+        if let Some(o) = &old {
+            for (b, id) in o.spec.backends.iter().zip(&o.ids) {
+                if !spec.backends.iter().any(|nb| nb.addr == b.addr) {
+                    self.maps.release_backend(*id)?;
+                }
+            }
+        }
+        self.services.insert(spec.name.clone(), Installed { svc_id, spec, ids, active_row: row });
+        Ok(())
+    }
+
+    /// Stops forwarding a service's VIP ports; their packets pass to the
+    /// kernel again.
+    pub fn remove_service(&mut self, name: &str) -> Result<()> {
+        let Some(old) = self.services.remove(name) else {
+            return Err(Error::UnknownService(name.to_string()));
+        };
+        for p in &old.spec.ports {
+            self.maps.remove_vip(&spec::vip_key(old.spec.vip, *p))?;
+        }
+        for id in &old.ids {
+            self.maps.release_backend(*id)?;
+        }
+        self.maps.set_service(old.svc_id, &ServiceSlot { flags: 0, ..service_slot("", 0, 0) })?;
+        Ok(())
+    }
+
+    /// Marks one backend draining (no new flows, existing ones continue) or
+    /// back in service.
+    pub fn set_draining(&mut self, name: &str, addr: IpAddr, draining: bool) -> Result<()> {
+        let installed =
+            self.services.get(name).ok_or_else(|| Error::UnknownService(name.to_string()))?;
+        let mut spec = installed.spec.clone();
+        let b = spec
+            .backends
+            .iter_mut()
+            .find(|b| b.addr == addr)
+            .ok_or_else(|| Error::UnknownBackend { service: name.to_string(), addr })?;
+        b.draining = draining;
+        self.upsert_service(&spec)
+    }
+
+    /// Packets and bytes forwarded for a service (summed over CPUs).
+    pub fn service_traffic(&self, name: &str) -> Result<Traffic> {
+        let s = self.services.get(name).ok_or_else(|| Error::UnknownService(name.to_string()))?;
+        self.maps.vip_traffic(s.svc_id)
+    }
+
+    /// Packets and bytes forwarded to one backend of a service.
+    pub fn backend_traffic(&self, name: &str, addr: IpAddr) -> Result<Traffic> {
+        let s = self.services.get(name).ok_or_else(|| Error::UnknownService(name.to_string()))?;
+        let i = s
+            .spec
+            .backends
+            .iter()
+            .position(|b| b.addr == addr)
+            .ok_or_else(|| Error::UnknownBackend { service: name.to_string(), addr })?;
+        self.maps.backend_traffic(s.ids[i])
+    }
+
+    /// Packets per verdict reason, summed over CPUs, labelled with the fixed
+    /// names of [`kube_dsr_common::reason::NAMES`].
+    pub fn reason_counts(&self) -> Result<Vec<(&'static str, u64)>> {
+        (0..reason::COUNT).map(|r| Ok((reason::NAMES[r as usize], self.maps.counter(r)?))).collect()
+    }
+
+    /// Entries currently in the connection table (walks the table: for
+    /// tests and diagnostics, not for a hot loop).
+    pub fn connection_count(&self) -> usize {
+        self.maps.connection_count()
+    }
+
+    fn check_conflicts(&self, spec: &ServiceSpec) -> Result<()> {
+        for other in self.services.values().filter(|o| o.spec.name != spec.name) {
+            if other.spec.vip != spec.vip {
+                continue;
+            }
+            if let Some(p) = spec.ports.iter().find(|p| other.spec.ports.contains(p)) {
+                return Err(Error::InvalidService {
+                    service: spec.name.clone(),
+                    reason: format!(
+                        "{}:{}/{:?} is already programmed for {:?}",
+                        spec.vip, p.port, p.protocol, other.spec.name
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn free_service_id(&self, name: &str) -> Result<u32> {
+        let max = self.maps.max_services();
+        (0..max)
+            .find(|id| !self.services.values().any(|s| s.svc_id == *id))
+            .ok_or_else(|| Error::ServicesFull { service: name.to_string(), max })
+    }
+
+    /// Removes every pin under `pin_dir`: the link (which detaches the
+    /// program) and the maps. Forwarding stops. For `dsr-agent cleanup`.
+    pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+        let link = pin_dir.join(LINK_PIN);
+        if link.exists() {
+            match PinnedLink::from_pin(&link) {
+                Ok(l) => {
+                    l.unpin().map_err(|source| Error::Pin { path: link.clone(), source })?;
+                }
+                Err(_) => std::fs::remove_file(&link)
+                    .map_err(|source| Error::Pin { path: link.clone(), source })?,
+            }
+        }
+        let entries = match std::fs::read_dir(pin_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(Error::Pin { path: pin_dir.to_path_buf(), source }),
+        };
+        for entry in entries {
+            let path = entry.map_err(|source| Error::Pin { path: pin_dir.into(), source })?.path();
+            std::fs::remove_file(&path).map_err(|source| Error::Pin { path, source })?;
+        }
+        std::fs::remove_dir(pin_dir)
+            .map_err(|source| Error::Pin { path: pin_dir.to_path_buf(), source })
+    }
+}
+
+fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or(Error::MissingMap { name: PROGRAM_NAME })?
+        .try_into()
+        .map_err(|e| Error::Program { action: "lookup", source: Box::new(e) })
+}
+
+/// Native first (unless generic is asked for), generic when the driver
+/// refuses and the caller allowed it.
+fn attach(prog: &mut Xdp, ifindex: u32, mode: AttachMode) -> Result<(Attached, XdpLinkId)> {
+    match mode {
+        AttachMode::Native => Ok((Attached::Native, prog_attach(prog, ifindex, XdpMode::Driver)?)),
+        AttachMode::Generic => Ok((Attached::Generic, prog_attach(prog, ifindex, XdpMode::Skb)?)),
+        AttachMode::Auto => match prog_attach(prog, ifindex, XdpMode::Driver) {
+            Ok(id) => Ok((Attached::Native, id)),
+            Err(e) => {
+                warn!(error = %e, "native XDP refused, falling back to generic mode");
+                Ok((Attached::Generic, prog_attach(prog, ifindex, XdpMode::Skb)?))
+            }
+        },
+    }
+}
+
+fn prog_attach(prog: &mut Xdp, ifindex: u32, mode: XdpMode) -> Result<XdpLinkId> {
+    prog.attach_to_if_index(ifindex, mode)
+        .map_err(|e| Error::Program { action: "attach", source: Box::new(e) })
+}
+
+fn attached_from(mode: u32) -> Attached {
+    if mode == ATTACH_GENERIC { Attached::Generic } else { Attached::Native }
+}
+
+fn next_generation(previous: u32) -> u32 {
+    match previous.wrapping_add(1) {
+        0 => 1,
+        g => g,
+    }
+}
+
+fn backend_value(
+    b: &BackendSpec,
+    svc_id: u32,
+    generation: u32,
+    attach_ifindex: u32,
+    attach_mac: [u8; 6],
+) -> Backend {
+    let (addr, family) = spec::addr_words(b.addr);
+    let (ifindex, src) = match b.egress {
+        Some(e) if e.ifindex != attach_ifindex => (e.ifindex, e.mac),
+        _ => (0, attach_mac),
+    };
+    Backend {
+        macs: Backend::macs_from(b.mac, src),
+        ifindex,
+        generation,
+        flags: BACKEND_IN_USE | if b.draining { BACKEND_DRAINING } else { 0 },
+        svc_id,
+        weight: b.weight,
+        addr,
+        family,
+        _pad: [0; 7],
+    }
+}
+
+fn service_slot(name: &str, active_row: u32, ring_size: u32) -> ServiceSlot {
+    let mut n = [0u8; 64];
+    n[..name.len()].copy_from_slice(name.as_bytes());
+    ServiceSlot { name: n, flags: SERVICE_IN_USE, active_row, ring_size, _pad: 0 }
+}
+
+/// Rebuilds the programmed services from the pinned maps.
+fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
+    let mut by_id: BTreeMap<u32, Installed> = BTreeMap::new();
+    for (svc_id, slot) in maps.services()? {
+        let len = slot.name.iter().position(|&c| c == 0).unwrap_or(slot.name.len());
+        let name = String::from_utf8_lossy(&slot.name[..len]).into_owned();
+        by_id.insert(
+            svc_id,
+            Installed {
+                svc_id,
+                spec: ServiceSpec {
+                    name,
+                    vip: IpAddr::from([0, 0, 0, 0]),
+                    ports: Vec::new(),
+                    table_size: slot.ring_size,
+                    backends: Vec::new(),
+                },
+                ids: Vec::new(),
+                active_row: slot.active_row,
+            },
+        );
+    }
+    for (key, value) in maps.vips()? {
+        if let Some(s) = by_id.get_mut(&value.svc_id) {
+            s.spec.vip = spec::words_addr(key.addr, key.family);
+            if let Some(protocol) = Protocol::from_number(key.proto) {
+                s.spec.ports.push(PortSpec { port: u16::from_be(key.port), protocol });
+            }
+        }
+    }
+    for (id, b) in maps.backends()? {
+        if let Some(s) = by_id.get_mut(&b.svc_id) {
+            let src = b.macs;
+            let src_bytes: [u8; 12] = {
+                let mut out = [0u8; 12];
+                for (i, w) in src.iter().enumerate() {
+                    out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+                out
+            };
+            // ifindex 0 means "out of the attach interface" (XDP_TX).
+            let egress = (b.ifindex != 0).then(|| Egress {
+                ifindex: b.ifindex,
+                mac: src_bytes[6..12].try_into().unwrap_or([0; 6]),
+            });
+            s.spec.backends.push(BackendSpec {
+                addr: spec::words_addr(b.addr, b.family),
+                mac: b.dst_mac(),
+                weight: b.weight,
+                draining: b.flags & BACKEND_DRAINING != 0,
+                egress,
+            });
+            s.ids.push(id);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (_, mut s) in by_id {
+        // Keep the invariants upsert relies on: sorted, ids parallel.
+        let mut pairs: Vec<_> = s.spec.backends.drain(..).zip(s.ids.drain(..)).collect();
+        pairs.sort_by_key(|(b, _)| b.addr);
+        (s.spec.backends, s.ids) = pairs.into_iter().unzip();
+        s.spec.ports.sort();
+        out.insert(s.spec.name.clone(), s);
+    }
+    Ok(out)
+}

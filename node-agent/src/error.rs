@@ -1,0 +1,96 @@
+//! The agent's one error type. Every variant maps to a fixed metric label.
+
+use std::{io, net::IpAddr, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { path: PathBuf },
+
+    #[error("interface {name:?} not found in this network namespace")]
+    UnknownInterface {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("loading the XDP object")]
+    Load(#[source] Box<aya::EbpfError>),
+
+    #[error("the XDP program {action}")]
+    Program {
+        action: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+
+    #[error("pinned link at {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("map {name} is missing from the XDP object")]
+    MissingMap { name: &'static str },
+
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+
+    #[error("pinning {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("invalid service {service:?}: {reason}")]
+    InvalidService { service: String, reason: String },
+
+    #[error("no room for service {service:?}: all {max} service slots are in use")]
+    ServicesFull { service: String, max: u32 },
+
+    #[error("no room for backend {addr} of {service:?}: all {max} backend slots are in use")]
+    BackendsFull { service: String, addr: IpAddr, max: u32 },
+
+    #[error("service {0:?} is not programmed")]
+    UnknownService(String),
+
+    #[error("backend {addr} is not part of service {service:?}")]
+    UnknownBackend { service: String, addr: IpAddr },
+
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Fixed, bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotBpffs { .. } => "not_bpffs",
+            Self::UnknownInterface { .. } => "unknown_interface",
+            Self::Load(_) => "load",
+            Self::Program { .. } => "program",
+            Self::Link { .. } => "link",
+            Self::MissingMap { .. } => "missing_map",
+            Self::Map { .. } => "map",
+            Self::Pin { .. } => "pin",
+            Self::InvalidService { .. } => "invalid_service",
+            Self::ServicesFull { .. } => "services_full",
+            Self::BackendsFull { .. } => "backends_full",
+            Self::UnknownService(_) => "unknown_service",
+            Self::UnknownBackend { .. } => "unknown_backend",
+            Self::Io { .. } => "io",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
