@@ -1,0 +1,112 @@
+//! `DsrNodeReport`: what one node's agent has actually programmed.
+//!
+//! One object per node, cluster-scoped, named after the node, written only by
+//! the `dsr-agent` on that node (server-side apply, field manager
+//! `dsr-agent`) and read by `dsr-operator`. The whole object is the report, so
+//! it lives in `spec` and is written in one apply, the way `CSINode` and
+//! `Lease` work; there is no separate desired state to keep apart from it.
+//! The agent sets an owner reference to its `Node`, so the report goes away
+//! with the node.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Report of one node's agent.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kubedsr.io",
+    version = "v1alpha1",
+    kind = "DsrNodeReport",
+    plural = "dsrnodereports",
+    shortname = "dsrnode",
+    category = "kubedsr",
+    derive = "PartialEq",
+    doc = "What the dsr-agent on one node has programmed: ingress services, VIP announcements and backend pods.",
+    validation = Rule::new("self.metadata.name == self.spec.nodeName").message("a DsrNodeReport is named after its node: metadata.name must equal spec.nodeName"),
+    printcolumn(json_path = ".spec.updateTime", name = "Updated", type_ = "date"),
+    printcolumn(json_path = ".metadata.creationTimestamp", name = "Age", type_ = "date")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DsrNodeReportSpec {
+    /// The node this report describes (equal to `metadata.name`).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("nodeName is immutable"))]
+    pub node_name: String,
+
+    /// Version of the agent that wrote the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+
+    /// When the agent last changed the report. For humans; the operator does
+    /// not time reports out (node readiness covers a dead node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<Time>,
+
+    /// Services this node serves as an ingress node.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["namespace".into(), "name".into()]))]
+    pub ingress: Vec<IngressReport>,
+
+    /// Backend pods on this node and the VIPs configured inside them.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["podUID".into()]))]
+    pub backends: Vec<BackendReport>,
+}
+
+/// One DsrService as programmed into this node's dataplane.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressReport {
+    /// DsrService namespace.
+    pub namespace: String,
+    /// DsrService name.
+    pub name: String,
+    /// The DsrService `metadata.generation` whose spec is in the dataplane.
+    pub observed_generation: i64,
+    /// VIPs whose (VIP, port, protocol) entries are in the dataplane.
+    #[serde(default)]
+    pub programmed_vips: Vec<String>,
+    /// VIPs this node currently answers ARP / neighbour discovery for.
+    #[serde(default)]
+    pub announced_vips: Vec<String>,
+    /// Backends in the Maglev table (ready ones only).
+    #[serde(default)]
+    pub backends: i32,
+    /// Why programming failed, when it did (the last error, for humans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One backend pod on this node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendReport {
+    /// Pod UID: a pod re-created under the same name is a different backend.
+    #[serde(rename = "podUID")]
+    pub pod_uid: String,
+    /// Pod namespace (for humans).
+    pub namespace: String,
+    /// Pod name (for humans).
+    pub name: String,
+    /// VIPs present on the pod's loopback with the ARP sysctls in place.
+    #[serde(default)]
+    pub configured_vips: Vec<String>,
+    /// Why configuring failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl DsrNodeReportSpec {
+    /// Whether the pod with `pod_uid` has `vip` configured, per this report.
+    pub fn vip_configured(&self, pod_uid: &str, vip: &str) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.pod_uid == pod_uid && b.configured_vips.iter().any(|v| v == vip))
+    }
+
+    /// This node's report for one service, if it programs it.
+    pub fn ingress_for(&self, namespace: &str, name: &str) -> Option<&IngressReport> {
+        self.ingress.iter().find(|i| i.namespace == namespace && i.name == name)
+    }
+}
