@@ -1,0 +1,194 @@
+//! The part of apiserver validation that comes from the OpenAPI schema of a
+//! structural CRD, with the apiserver's wording: types, required fields,
+//! unknown fields (strict field validation), enums, numeric bounds, string
+//! and list lengths, and `x-kubernetes-list-type` uniqueness. CEL rules are
+//! evaluated separately, by the CEL library.
+
+use serde_json::Value;
+
+/// Whether the apiserver skips CEL evaluation because of `errs`: it does so
+/// for values of the wrong type and values outside an enum, which CEL could
+/// not evaluate meaningfully; other schema errors are reported together with
+/// the CEL ones.
+pub fn blocks_cel(errs: &[String]) -> bool {
+    errs.iter().any(|e| e.contains("must be of type") || e.contains("Unsupported value"))
+}
+
+/// Schema errors for a whole object; `apiVersion`, `kind` and `metadata` are
+/// the apiserver's own business and skipped.
+pub fn validate(schema: &Value, obj: &Value) -> Vec<String> {
+    let mut errs = Vec::new();
+    let Some(fields) = obj.as_object() else {
+        return vec!["object expected".into()];
+    };
+    let props = &schema["properties"];
+    for (k, v) in fields {
+        if matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+            continue;
+        }
+        match props.get(k) {
+            Some(s) => check(s, v, k, &mut errs),
+            None => errs.push(format!("unknown field \"{k}\"")),
+        }
+    }
+    required(schema, fields, "", &mut errs);
+    errs
+}
+
+fn required(
+    schema: &Value,
+    fields: &serde_json::Map<String, Value>,
+    path: &str,
+    errs: &mut Vec<String>,
+) {
+    for r in schema["required"].as_array().into_iter().flatten() {
+        let r = r.as_str().unwrap();
+        if !fields.contains_key(r) {
+            let p = if path.is_empty() { r.to_string() } else { format!("{path}.{r}") };
+            errs.push(format!("{p}: Required value"));
+        }
+    }
+}
+
+fn check(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
+    if v.is_null() {
+        if schema["nullable"] != Value::Bool(true) {
+            errs.push(format!(
+                "{path}: Invalid value: \"null\": {path} in body must be of type {}",
+                schema["type"]
+            ));
+        }
+        return;
+    }
+    let ty = schema["type"].as_str().unwrap_or("");
+    let ok = match ty {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        errs.push(format!(
+            "{path}: Invalid value: {v}: {path} in body must be of type {ty}: {}",
+            json_type(v)
+        ));
+        return;
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(v)
+    {
+        let list: Vec<String> = allowed.iter().map(|a| a.to_string()).collect();
+        errs.push(format!("{path}: Unsupported value: {v}: supported values: {}", list.join(", ")));
+    }
+    if let Some(n) = v.as_f64() {
+        if let Some(min) = schema["minimum"].as_f64()
+            && n < min
+        {
+            errs.push(format!("{path}: Invalid value: {v}: {path} in body should be greater than or equal to {min}"));
+        }
+        if let Some(max) = schema["maximum"].as_f64()
+            && n > max
+        {
+            errs.push(format!(
+                "{path}: Invalid value: {v}: {path} in body should be less than or equal to {max}"
+            ));
+        }
+    }
+    if let Some(s) = v.as_str() {
+        let len = s.chars().count() as u64;
+        if let Some(min) = schema["minLength"].as_u64()
+            && len < min
+        {
+            errs.push(format!(
+                "{path}: Invalid value: {v}: {path} in body should be at least {min} chars long"
+            ));
+        }
+        if let Some(max) = schema["maxLength"].as_u64()
+            && len > max
+        {
+            errs.push(format!("{path}: Too long: may not be longer than {max}"));
+        }
+    }
+    if let Some(items) = v.as_array() {
+        let n = items.len() as u64;
+        if let Some(min) = schema["minItems"].as_u64()
+            && n < min
+        {
+            errs.push(format!(
+                "{path}: Invalid value: {n}: {path} in body should have at least {min} items"
+            ));
+        }
+        if let Some(max) = schema["maxItems"].as_u64()
+            && n > max
+        {
+            errs.push(format!("{path}: Too many: {n}: must have at most {max} items"));
+        }
+        for (i, item) in items.iter().enumerate() {
+            check(&schema["items"], item, &format!("{path}[{i}]"), errs);
+        }
+        list_uniqueness(schema, items, path, errs);
+    }
+    if let Some(fields) = v.as_object() {
+        if let Some(props) = schema["properties"].as_object() {
+            for (k, fv) in fields {
+                match props.get(k) {
+                    Some(s) => check(s, fv, &format!("{path}.{k}"), errs),
+                    None => errs.push(format!("unknown field \"{path}.{k}\"")),
+                }
+            }
+            required(schema, fields, path, errs);
+        } else if let Some(values) = schema.get("additionalProperties") {
+            for (k, fv) in fields {
+                check(values, fv, &format!("{path}.{k}"), errs);
+            }
+        }
+    }
+}
+
+fn list_uniqueness(schema: &Value, items: &[Value], path: &str, errs: &mut Vec<String>) {
+    let key_of = |item: &Value| -> Option<Value> {
+        match schema["x-kubernetes-list-type"].as_str()? {
+            "set" => Some(item.clone()),
+            "map" => {
+                let keys = schema["x-kubernetes-list-map-keys"].as_array()?;
+                Some(Value::Array(
+                    keys.iter()
+                        .map(|k| {
+                            let k = k.as_str().unwrap();
+                            // Absent keys take their schema default, as on the apiserver.
+                            item.get(k)
+                                .cloned()
+                                .or_else(|| {
+                                    schema["items"]["properties"][k].get("default").cloned()
+                                })
+                                .unwrap_or(Value::Null)
+                        })
+                        .collect(),
+                ))
+            }
+            _ => None,
+        }
+    };
+    let mut seen = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(key) = key_of(item) else { return };
+        if seen.contains(&key) {
+            errs.push(format!("{path}[{i}]: Duplicate value: {key}"));
+        }
+        seen.push(key);
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
