@@ -115,6 +115,7 @@ fn service(
             .iter()
             .map(|&(a, m)| BackendSpec::new(a.parse().unwrap(), mac_of(m)))
             .collect(),
+        pin_all_flows: false,
     }
 }
 
@@ -343,23 +344,12 @@ fn packet_fixtures() {
     };
 
     let mut cases = vec![
-        tx("tcp4 SYN to VIP: new flow by Maglev", tcp4.clone(), "fwd_new_flow", tcp4_to),
-        tx("tcp4 same flow again: connection table", tcp4.clone(), "fwd_conn_hit", tcp4_to),
-        tx(
-            "udp4 to VIP",
-            udp4.clone(),
-            "fwd_new_flow",
-            predict(&web, client, 40001, 53, PROTO_UDP),
-        ),
-        tx(
-            "udp4 same flow again",
-            udp4,
-            "fwd_conn_hit",
-            predict(&web, client, 40001, 53, PROTO_UDP),
-        ),
-        tx("tcp6 to VIP", tcp6.clone(), "fwd_new_flow", tcp6_to),
-        tx("udp6 to VIP", udp6, "fwd_new_flow", predict(&web6, client6, 40003, 443, PROTO_UDP)),
-        tx("802.1Q-tagged VIP packet keeps its tag", tagged, "fwd_conn_hit", tcp4_to),
+        tx("tcp4 SYN to VIP: Maglev slot", tcp4.clone(), "fwd_maglev", tcp4_to),
+        tx("tcp4 same flow again: same backend", tcp4.clone(), "fwd_maglev", tcp4_to),
+        tx("udp4 to VIP", udp4, "fwd_maglev", predict(&web, client, 40001, 53, PROTO_UDP)),
+        tx("tcp6 to VIP", tcp6.clone(), "fwd_maglev", tcp6_to),
+        tx("udp6 to VIP", udp6, "fwd_maglev", predict(&web6, client6, 40003, 443, PROTO_UDP)),
+        tx("802.1Q-tagged VIP packet keeps its tag", tagged, "fwd_maglev", tcp4_to),
         pass("QinQ (two tags) passes", qinq, "pass_vlan_stack"),
         pass(
             "VIP address, port not in the service",
@@ -453,7 +443,27 @@ fn packet_fixtures() {
     ];
     let mut total = check(&env, std::mem::take(&mut cases));
 
-    // Draining: a flow pinned to a backend keeps it; new flows avoid it.
+    // Pin-all mode (Katran's behaviour): every new flow gets an entry.
+    let mut pinned = service(
+        "default/pinned/v4",
+        "192.0.2.50",
+        &[(53, Protocol::Udp)],
+        &[("10.0.3.1", 0x41), ("10.0.3.2", 0x42)],
+    );
+    pinned.pin_all_flows = true;
+    env.dp.upsert_service(&pinned).unwrap();
+    let q = udp_frame(dut, CLIENT_MAC, (client, 5353), (v4("192.0.2.50"), 53), b"q");
+    let q_to = predict(&pinned, client, 5353, 53, PROTO_UDP);
+    total += check(
+        &env,
+        vec![
+            tx("pin-all: first packet creates an entry", q.clone(), "fwd_pinned_current", q_to),
+            tx("pin-all: next packet hits it", q, "fwd_conn_hit", q_to),
+        ],
+    );
+
+    // Draining: an established flow keeps its backend; new connections
+    // avoid it.
     let mut drain = service(
         "default/drain/v4",
         "192.0.2.30",
@@ -463,9 +473,10 @@ fn packet_fixtures() {
     env.dp.upsert_service(&drain).unwrap();
     let dvip = v4("192.0.2.30");
     let first = tcp_frame(dut, CLIENT_MAC, (client, 41000), (dvip, 8080), syn);
+    let established = tcp_frame(dut, CLIENT_MAC, (client, 41000), (dvip, 8080), 0x10);
     let pinned_to = predict(&drain, client, 41000, 8080, PROTO_TCP);
-    total +=
-        check(&env, vec![tx("flow before draining", first.clone(), "fwd_new_flow", pinned_to)]);
+    total += check(&env, vec![tx("flow before draining", first.clone(), "fwd_maglev", pinned_to)]);
+    let before_drain = drain.clone();
     let drained = drain.backends.iter().find(|b| b.mac == pinned_to).unwrap().addr;
     env.dp.set_draining("default/drain/v4", drained, true).unwrap();
     for b in &mut drain.backends {
@@ -473,33 +484,54 @@ fn packet_fixtures() {
     }
     total += check(
         &env,
-        vec![tx(
-            "draining backend keeps its existing flow",
-            first.clone(),
-            "fwd_conn_hit",
-            pinned_to,
-        )],
+        vec![
+            tx(
+                "draining backend keeps its established flow",
+                established.clone(),
+                "fwd_pinned_previous",
+                pinned_to,
+            ),
+            tx("the kept flow is now pinned", established.clone(), "fwd_conn_hit", pinned_to),
+        ],
     );
     let mut new_flows = Vec::new();
     for port in 42000..42040 {
         let f = tcp_frame(dut, CLIENT_MAC, (client, port), (dvip, 8080), syn);
         let to = predict(&drain, client, port, 8080, PROTO_TCP);
         assert_ne!(to, pinned_to, "the prediction itself must avoid the draining backend");
-        new_flows.push(tx("new flow while a backend drains", f, "fwd_new_flow", to));
+        let moved = predict(&before_drain, client, port, 8080, PROTO_TCP) != to;
+        let why = if moved { "fwd_pinned_current" } else { "fwd_maglev" };
+        new_flows.push(tx("new connection while a backend drains", f, why, to));
     }
     total += check(&env, new_flows);
 
-    // Removing the backend: its flows move (stale entry detected by the
-    // slot generation), to the backend Maglev now picks.
+    // Removing the backend: its pinned flow is stale (the slot's generation
+    // moved on) and goes where the current table says.
     drain.backends.retain(|b| b.addr != drained);
     env.dp.upsert_service(&drain).unwrap();
+    let now_to = predict(&drain, client, 41000, 8080, PROTO_TCP);
+    total += check(
+        &env,
+        vec![
+            tx(
+                "flow of a removed backend is re-balanced",
+                established.clone(),
+                "fwd_pinned_current",
+                now_to,
+            ),
+            tx("and pinned there", established.clone(), "fwd_conn_hit", now_to),
+        ],
+    );
+    // Once settled, flows that never needed pinning follow Maglev alone.
+    assert_eq!(env.dp.settle(std::time::Duration::ZERO).unwrap(), 1);
+    let late = tcp_frame(dut, CLIENT_MAC, (client, 43000), (dvip, 8080), 0x10);
     total += check(
         &env,
         vec![tx(
-            "flow of a removed backend is re-balanced",
-            first,
-            "fwd_stale_conn",
-            predict(&drain, client, 41000, 8080, PROTO_TCP),
+            "settled: no previous table",
+            late,
+            "fwd_maglev",
+            predict(&drain, client, 43000, 8080, PROTO_TCP),
         )],
     );
 
@@ -511,11 +543,7 @@ fn packet_fixtures() {
     env.dp.upsert_service(&far).unwrap();
     let f = tcp_frame(dut, CLIENT_MAC, (client, 40000), (v4("192.0.2.40"), 80), syn);
     let (verdict, out, reason) = env.run(&f);
-    assert_eq!(
-        (verdict, reason),
-        (XDP_REDIRECT, "fwd_new_flow"),
-        "backend behind another interface"
-    );
+    assert_eq!((verdict, reason), (XDP_REDIRECT, "fwd_maglev"), "backend behind another interface");
     assert_eq!(out, rewritten(&f, mac_of(0x31), env.egress.mac));
     total += 1;
 
@@ -527,7 +555,8 @@ fn packet_fixtures() {
     let t = env.dp.service_traffic("default/web/v4").unwrap();
     assert!(t.packets >= 5 && t.bytes > 0, "{t:?}");
     let b = web.backends.iter().find(|b| b.mac == tcp4_to).unwrap().addr;
-    assert!(env.dp.backend_traffic("default/web/v4", b).unwrap().packets >= 3);
+    // Two SYNs, the tagged packet and the ICMP error went to this backend.
+    assert!(env.dp.backend_traffic("default/web/v4", b).unwrap().packets >= 4);
     assert!(total >= 25, "only {total} fixtures ran");
     eprintln!("{total} packet fixtures passed");
 }

@@ -68,21 +68,33 @@ pub struct VipKey {
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 
 /// Value of the VIP map. Replaced as a whole (never edited in place), so a
-/// packet sees either the old or the new ring row, never a mix.
+/// packet sees either the old or the new rows, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipValue {
     /// Dense service id: index of the per-VIP counters and part of the
     /// connection key.
     pub svc_id: u32,
-    /// First slot of the active Maglev row in the ring map (a multiple of
+    /// First slot of the current Maglev row in the ring map (a multiple of
     /// [`RING_ROW`]).
     pub ring_base: u32,
-    /// Maglev table size M (prime); 0 means the service has no backend.
+    /// Current Maglev table size M (prime); 0 means no backend takes new
+    /// flows.
     pub ring_size: u32,
-    pub _pad: u32,
+    /// The table before the last change, kept so flows it placed can be
+    /// told apart from new ones (see the XDP program's `pick`).
+    pub prev_base: u32,
+    /// 0: no previous table (settled), every flow follows the current one.
+    pub prev_size: u32,
+    /// `VIP_PIN_ALL`, or 0.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<VipValue>() == 16);
+
+/// Pin every new flow in the connection table, not only those whose slot
+/// changed (Katran's behaviour): UDP flows then keep their backend exactly
+/// through drains, at the price of a table insert per new flow.
+pub const VIP_PIN_ALL: u32 = 1;
+const _: () = assert!(core::mem::size_of::<VipValue>() == 24);
 
 /// Key of the connection table: the client side of a flow plus the service.
 /// The service id stands for the VIP address, so the key stays small.
@@ -151,12 +163,19 @@ pub struct ServiceSlot {
     /// Caller's name for the service (UTF-8, zero padded).
     pub name: [u8; 64],
     pub flags: u32,
-    /// Index (0 or 1) of the live ring row.
-    pub active_row: u32,
-    pub ring_size: u32,
-    pub _pad: u32,
+    /// Index (0..3) of the current ring row.
+    pub current_row: u32,
+    /// Index (0..3) of the previous ring row, or [`NO_ROW`].
+    pub previous_row: u32,
+    /// The service's Maglev table size.
+    pub table_size: u32,
+    pub _pad: [u32; 2],
 }
-const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 80);
+const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 88);
+
+/// Ring rows per service: current, previous, and the one being written.
+pub const ROWS_PER_SERVICE: u32 = 3;
+pub const NO_ROW: u32 = u32::MAX;
 
 pub const SERVICE_IN_USE: u32 = 1;
 
@@ -193,43 +212,47 @@ const _: () = assert!(core::mem::size_of::<Traffic>() == 16);
 pub mod reason {
     /// Forwarded through an existing connection-table entry.
     pub const FWD_CONN_HIT: u32 = 0;
-    /// Forwarded as a new flow chosen by the Maglev table.
-    pub const FWD_NEW_FLOW: u32 = 1;
-    /// Forwarded by the Maglev table after the connection entry named a
-    /// backend that is gone.
-    pub const FWD_STALE_CONN: u32 = 2;
+    /// Forwarded by the Maglev table alone (no previous table, or it agrees).
+    pub const FWD_MAGLEV: u32 = 1;
+    /// The flow's slot changed with the last table change and it is a new
+    /// TCP connection (or its old backend is gone): current backend, pinned.
+    pub const FWD_PINNED_CURRENT: u32 = 2;
+    /// The flow's slot changed with the last table change and it is
+    /// established: kept on its previous backend, pinned.
+    pub const FWD_PINNED_PREVIOUS: u32 = 3;
     /// ICMP error about a VIP flow forwarded to that flow's backend.
-    pub const FWD_ICMP: u32 = 3;
-    /// Forwarded, but the new connection entry could not be stored.
-    pub const FWD_CONN_INSERT_FAILED: u32 = 4;
+    pub const FWD_ICMP: u32 = 4;
+    /// Forwarded, but the pinning entry could not be stored.
+    pub const FWD_CONN_INSERT_FAILED: u32 = 5;
     /// VIP packet dropped: the service has no usable backend.
-    pub const DROP_NO_BACKEND: u32 = 5;
+    pub const DROP_NO_BACKEND: u32 = 6;
     /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched.
-    pub const PASS_NOT_IP: u32 = 6;
+    pub const PASS_NOT_IP: u32 = 7;
     /// IP, but not to a VIP port: passed untouched.
-    pub const PASS_NOT_VIP: u32 = 7;
+    pub const PASS_NOT_VIP: u32 = 8;
     /// Neither TCP, UDP nor an ICMP error about a VIP flow: passed.
-    pub const PASS_OTHER_L4: u32 = 8;
+    pub const PASS_OTHER_L4: u32 = 9;
     /// A header ends past the end of the frame, or is malformed: passed.
-    pub const PASS_TRUNCATED: u32 = 9;
+    pub const PASS_TRUNCATED: u32 = 10;
     /// IPv4 with options: passed to the kernel, never forwarded.
-    pub const PASS_IP_OPTIONS: u32 = 10;
+    pub const PASS_IP_OPTIONS: u32 = 11;
     /// IPv4 or IPv6 fragment: passed to the kernel, never forwarded.
-    pub const PASS_FRAGMENT: u32 = 11;
+    pub const PASS_FRAGMENT: u32 = 12;
     /// IPv6 with extension headers: passed to the kernel, never forwarded.
-    pub const PASS_IPV6_EXT: u32 = 12;
+    pub const PASS_IPV6_EXT: u32 = 13;
     /// ICMP error whose inner packet is not a VIP flow: passed.
-    pub const PASS_ICMP_NOT_VIP: u32 = 13;
+    pub const PASS_ICMP_NOT_VIP: u32 = 14;
     /// More than one VLAN tag: passed.
-    pub const PASS_VLAN_STACK: u32 = 14;
+    pub const PASS_VLAN_STACK: u32 = 15;
 
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Fixed metric label for each reason, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "fwd_conn_hit",
-        "fwd_new_flow",
-        "fwd_stale_conn",
+        "fwd_maglev",
+        "fwd_pinned_current",
+        "fwd_pinned_previous",
         "fwd_icmp",
         "fwd_conn_insert_failed",
         "drop_no_backend",

@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use kube_dsr_common::{
     BACKEND_IN_USE, Backend, ConnKey, ConnValue, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW, ServiceSlot, Traffic,
-    VipKey, VipValue, flow_hash, reason,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW, ROWS_PER_SERVICE,
+    ServiceSlot, Traffic, VIP_PIN_ALL, VipKey, VipValue, flow_hash, reason,
 };
 use parse::{Flow, Parsed};
 
@@ -34,12 +34,12 @@ use parse::{Flow, Parsed};
 static VIPS: HashMap<VipKey, VipValue> =
     HashMap::pinned(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC as u32);
 
-/// The connection table. One LRU hash shared by all CPUs, with per-CPU LRU
-/// lists (`BPF_F_NO_COMMON_LRU`): a lookup finds a flow whichever CPU first
-/// saw it (RSS or ECMP changes, a restarted agent reading it back), while
-/// eviction bookkeeping never takes a cross-CPU lock on the insert path. A
-/// per-CPU map (Katran's choice) would lose every flow that RSS moves to
-/// another queue.
+/// The connection table: flows pinned across table changes (see `pick`).
+/// One LRU hash shared by all CPUs, with per-CPU LRU lists
+/// (`BPF_F_NO_COMMON_LRU`): a lookup finds a flow whichever CPU pinned it
+/// (RSS or ECMP changes, a restarted agent reading it back), while eviction
+/// bookkeeping never takes a cross-CPU lock on the insert path. Per-CPU maps
+/// (Katran's choice) would lose every flow that RSS moves to another queue.
 #[map(name = "DSR_CONNS_V1")]
 static CONNS: LruHashMap<ConnKey, ConnValue> =
     LruHashMap::pinned(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU as u32);
@@ -47,12 +47,13 @@ static CONNS: LruHashMap<ConnKey, ConnValue> =
 #[map(name = "DSR_BACKENDS_V1")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-/// Maglev tables: two rows of `RING_ROW` slots per service (double buffer),
-/// two slots per element (see `RING_ROW`). Memory-mappable, so user space
-/// writes a whole table with one copy instead of one syscall per slot.
+/// Maglev tables: `ROWS_PER_SERVICE` rows of `RING_ROW` slots per service
+/// (current, previous, and one being written), two slots per element (see
+/// `RING_ROW`). Memory-mappable, so user space writes a whole table with one
+/// copy instead of one syscall per slot.
 #[map(name = "DSR_RINGS_V1")]
 static RINGS: Array<[u32; 2]> =
-    Array::pinned(DEFAULT_MAX_SERVICES * RING_ROW, BPF_F_MMAPABLE as u32);
+    Array::pinned(DEFAULT_MAX_SERVICES * ROWS_PER_SERVICE * RING_ROW / 2, BPF_F_MMAPABLE as u32);
 
 /// User-space bookkeeping only; declared here so it is created and pinned
 /// with the others.
@@ -95,7 +96,7 @@ fn forward(ctx: &XdpContext, flow: &Flow) -> (u32, u32) {
     let mut key = flow.conn;
     key.svc_id = vip.svc_id;
 
-    let (backend_id, backend, why) = match pick(&vip, &key, flow.icmp) {
+    let (backend_id, backend, why) = match pick(&vip, &key, flow) {
         Some(found) => found,
         None => return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND),
     };
@@ -126,45 +127,75 @@ fn forward(ctx: &XdpContext, flow: &Flow) -> (u32, u32) {
     }
 }
 
-/// Connection table first; Maglev on a miss or when the remembered backend
-/// is gone. ICMP errors only read the table, they never create flows.
+/// The connection table pins only flows whose backend changed with the
+/// service's last table change; every other flow follows Maglev alone, which
+/// is deterministic, so most new flows cost two array reads and no insert.
+///
+/// A flow whose slot differs between the previous and the current table is
+/// ambiguous: a TCP SYN is a new connection and takes the current backend;
+/// anything else is taken to be established and stays on the previous
+/// backend while that one still exists. Either way the choice is pinned, so
+/// the next table change cannot move it. ICMP errors only read.
 #[inline(always)]
-fn pick(vip: &VipValue, key: &ConnKey, icmp: bool) -> Option<(u32, Backend, u32)> {
-    let mut why = if icmp { reason::FWD_ICMP } else { reason::FWD_NEW_FLOW };
+fn pick(vip: &VipValue, key: &ConnKey, flow: &Flow) -> Option<(u32, Backend, u32)> {
     if let Some(conn) = unsafe { CONNS.get(key) } {
         let conn = *conn;
         if let Some(b) = BACKENDS.get(conn.backend_id) {
             if b.generation == conn.backend_gen && b.flags & BACKEND_IN_USE != 0 {
-                let hit = if icmp { reason::FWD_ICMP } else { reason::FWD_CONN_HIT };
-                return Some((conn.backend_id, *b, hit));
+                let why = if flow.icmp { reason::FWD_ICMP } else { reason::FWD_CONN_HIT };
+                return Some((conn.backend_id, *b, why));
             }
         }
-        if !icmp {
-            why = reason::FWD_STALE_CONN;
-        }
+        // Stale: the backend left. Decide again below.
     }
 
-    if vip.ring_size == 0 {
-        return None;
-    }
-    let slot = flow_hash(&key.saddr, key.sport, key.dport, key.proto as u8) % vip.ring_size;
-    let slot = vip.ring_base.wrapping_add(slot);
-    let pair = RINGS.get(slot >> 1)?;
-    let backend_id = if slot & 1 == 0 { pair[0] } else { pair[1] };
-    if backend_id == NO_BACKEND {
-        return None;
-    }
-    let b = *BACKENDS.get(backend_id)?;
-    if b.flags & BACKEND_IN_USE == 0 {
-        return None;
-    }
-    if !icmp {
-        let value = ConnValue { backend_id, backend_gen: b.generation };
-        if CONNS.insert(key, &value, 0).is_err() {
-            why = reason::FWD_CONN_INSERT_FAILED;
+    let h = flow_hash(&key.saddr, key.sport, key.dport, key.proto as u8);
+    let current = slot(vip.ring_base, vip.ring_size, h);
+    let previous = slot(vip.prev_base, vip.prev_size, h);
+    let (id, b, why) = if vip.prev_size == 0 || previous == current {
+        let b = in_use(current)?;
+        if flow.icmp {
+            return Some((current, b, reason::FWD_ICMP));
         }
+        if vip.flags & VIP_PIN_ALL == 0 {
+            return Some((current, b, reason::FWD_MAGLEV));
+        }
+        (current, b, reason::FWD_PINNED_CURRENT)
+    } else {
+        match in_use(previous) {
+            Some(b) if !flow.syn => (previous, b, reason::FWD_PINNED_PREVIOUS),
+            _ => (current, in_use(current)?, reason::FWD_PINNED_CURRENT),
+        }
+    };
+    if flow.icmp {
+        return Some((id, b, reason::FWD_ICMP));
     }
-    Some((backend_id, b, why))
+    let value = ConnValue { backend_id: id, backend_gen: b.generation };
+    if CONNS.insert(key, &value, 0).is_err() {
+        return Some((id, b, reason::FWD_CONN_INSERT_FAILED));
+    }
+    Some((id, b, why))
+}
+
+/// The backend id in a ring row's slot for hash `h`; `NO_BACKEND` for an
+/// empty row.
+#[inline(always)]
+fn slot(base: u32, size: u32, h: u32) -> u32 {
+    if size == 0 {
+        return NO_BACKEND;
+    }
+    let slot = base.wrapping_add(h % size);
+    match RINGS.get(slot >> 1) {
+        Some(pair) => pair[(slot & 1) as usize],
+        None => NO_BACKEND,
+    }
+}
+
+/// The backend with this id, if it is a live one.
+#[inline(always)]
+fn in_use(id: u32) -> Option<Backend> {
+    let b = *BACKENDS.get(id)?;
+    (b.flags & BACKEND_IN_USE != 0).then_some(b)
 }
 
 #[inline(always)]

@@ -38,6 +38,8 @@ pub struct Flow {
     /// `svc_id` is filled in once the VIP is known.
     pub conn: ConnKey,
     pub icmp: bool,
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    pub syn: bool,
 }
 
 // Header layouts. Multi-byte fields are words holding wire bytes; the
@@ -77,6 +79,20 @@ struct Ports {
     src: u16,
     dst: u16,
 }
+
+/// The TCP fields up to the flags byte.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHead {
+    ports: Ports,
+    seq: u32,
+    ack: u32,
+    off: u8,
+    flags: u8,
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -144,10 +160,10 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     let l4 = l3 + IPV4_LEN;
     match ip.proto {
         PROTO_TCP | PROTO_UDP => {
-            let Some(ports) = l4_ports(ctx, l4, ip.proto) else {
+            let Some((ports, syn)) = l4_ports(ctx, l4, ip.proto) else {
                 return Parsed::Pass(reason::PASS_TRUNCATED);
             };
-            Parsed::Flow(flow4(ip.daddr, ip.saddr, ports.dst, ports.src, ip.proto, false))
+            Parsed::Flow(flow4(ip.daddr, ip.saddr, ports.dst, ports.src, ip.proto, false, syn))
         }
         PROTO_ICMP => icmp4(ctx, &ip, l4),
         _ => Parsed::Pass(reason::PASS_OTHER_L4),
@@ -174,7 +190,7 @@ fn icmp4(ctx: &XdpContext, outer: &Ipv4Hdr, l4: usize) -> Parsed {
     // RFC 792 quotes 8 bytes of the inner L4 header: the ports are there.
     let ports = get!(ctx, Ports, inner_off + IPV4_LEN);
     // The inner packet went VIP -> client; the flow key is client -> VIP.
-    Parsed::Flow(flow4(inner.saddr, inner.daddr, ports.src, ports.dst, inner.proto, true))
+    Parsed::Flow(flow4(inner.saddr, inner.daddr, ports.src, ports.dst, inner.proto, true, false))
 }
 
 #[inline(always)]
@@ -186,10 +202,10 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     let l4 = l3 + IPV6_LEN;
     match ip.nexthdr {
         PROTO_TCP | PROTO_UDP => {
-            let Some(ports) = l4_ports(ctx, l4, ip.nexthdr) else {
+            let Some((ports, syn)) = l4_ports(ctx, l4, ip.nexthdr) else {
                 return Parsed::Pass(reason::PASS_TRUNCATED);
             };
-            Parsed::Flow(flow6(&ip.daddr, &ip.saddr, ports.dst, ports.src, ip.nexthdr, false))
+            Parsed::Flow(flow6(&ip.daddr, &ip.saddr, ports.dst, ports.src, ip.nexthdr, false, syn))
         }
         PROTO_ICMPV6 => icmp6(ctx, &ip, l4),
         44 => Parsed::Pass(reason::PASS_FRAGMENT),
@@ -211,29 +227,54 @@ fn icmp6(ctx: &XdpContext, outer: &Ipv6Hdr, l4: usize) -> Parsed {
         return Parsed::Pass(reason::PASS_ICMP_NOT_VIP);
     }
     let ports = get!(ctx, Ports, inner_off + IPV6_LEN);
-    Parsed::Flow(flow6(&inner.saddr, &inner.daddr, ports.src, ports.dst, inner.nexthdr, true))
+    Parsed::Flow(flow6(
+        &inner.saddr,
+        &inner.daddr,
+        ports.src,
+        ports.dst,
+        inner.nexthdr,
+        true,
+        false,
+    ))
 }
 
-/// The ports of a TCP or UDP packet whose whole fixed header is present.
+/// The ports of a TCP or UDP packet whose whole fixed header is present,
+/// and whether it opens a TCP connection.
 #[inline(always)]
-fn l4_ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<Ports> {
-    let need = if proto == PROTO_TCP { TCP_LEN } else { UDP_LEN };
-    if ctx.data() + l4 + need > ctx.data_end() {
-        return None;
+fn l4_ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<(Ports, bool)> {
+    if proto == PROTO_TCP {
+        if ctx.data() + l4 + TCP_LEN > ctx.data_end() {
+            return None;
+        }
+        let t = read::<TcpHead>(ctx, l4)?;
+        Some((t.ports, t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN))
+    } else {
+        if ctx.data() + l4 + UDP_LEN > ctx.data_end() {
+            return None;
+        }
+        Some((read::<Ports>(ctx, l4)?, false))
     }
-    read::<Ports>(ctx, l4)
 }
 
 #[inline(always)]
-fn flow4(vip: u32, client: u32, vport: u16, cport: u16, proto: u8, icmp: bool) -> Flow {
-    flow([vip, 0, 0, 0], [client, 0, 0, 0], vport, cport, proto, FAMILY_V4, icmp)
+fn flow4(vip: u32, client: u32, vport: u16, cport: u16, proto: u8, icmp: bool, syn: bool) -> Flow {
+    flow([vip, 0, 0, 0], [client, 0, 0, 0], vport, cport, proto, FAMILY_V4, icmp, syn)
 }
 
 #[inline(always)]
-fn flow6(vip: &[u32; 4], client: &[u32; 4], vport: u16, cport: u16, proto: u8, icmp: bool) -> Flow {
-    flow(*vip, *client, vport, cport, proto, FAMILY_V6, icmp)
+fn flow6(
+    vip: &[u32; 4],
+    client: &[u32; 4],
+    vport: u16,
+    cport: u16,
+    proto: u8,
+    icmp: bool,
+    syn: bool,
+) -> Flow {
+    flow(*vip, *client, vport, cport, proto, FAMILY_V6, icmp, syn)
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn flow(
     vip: [u32; 4],
@@ -243,10 +284,12 @@ fn flow(
     proto: u8,
     family: u8,
     icmp: bool,
+    syn: bool,
 ) -> Flow {
     Flow {
         vip: VipKey { addr: vip, port: vport, proto, family },
         conn: ConnKey { saddr: client, sport: cport, dport: vport, svc_id: 0, proto: proto as u32 },
         icmp,
+        syn,
     }
 }

@@ -152,6 +152,12 @@ impl Maps {
         Ok(out)
     }
 
+    /// The `len` slots at `base`.
+    pub fn ring(&mut self, base: u32, len: usize) -> &[u32] {
+        let base = base as usize;
+        &self.rings.as_mut_slice()[base..base + len]
+    }
+
     /// Copies a Maglev table into the ring map at `base`.
     pub fn write_ring(&mut self, base: u32, table: &[u32]) {
         let base = base as usize;

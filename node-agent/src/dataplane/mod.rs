@@ -17,6 +17,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{Ordering, fence},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -29,8 +30,9 @@ use aya::{
 };
 use kube_dsr_common::{
     ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONNS, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, PROGRAM_NAME, RING_ROW,
-    SERVICE_IN_USE, ServiceSlot, Traffic, VipValue, reason,
+    MAP_BACKENDS, MAP_CONNS, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, NO_ROW, PROGRAM_NAME,
+    RING_ROW, ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_PIN_ALL, VipValue,
+    reason,
 };
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
@@ -131,7 +133,43 @@ struct Installed {
     spec: ServiceSpec,
     /// Backend ids, parallel to `spec.backends`.
     ids: Vec<u32>,
-    active_row: u32,
+    /// Ring row (0..ROWS_PER_SERVICE) of the current table; its size is
+    /// `spec.table_size`, or 0 when `has_table` is false.
+    current_row: u32,
+    has_table: bool,
+    /// Ring row and size of the table before the last change.
+    previous: Option<(u32, u32)>,
+    /// When the table last changed (a restart counts as a change: the age
+    /// of what it found is unknown).
+    changed_at: Instant,
+}
+
+impl Installed {
+    fn vip_value(&self) -> VipValue {
+        let base = |row: u32| (self.svc_id * ROWS_PER_SERVICE + row) * RING_ROW;
+        let (prev_base, prev_size) = self.previous.map_or((0, 0), |(row, size)| (base(row), size));
+        VipValue {
+            svc_id: self.svc_id,
+            ring_base: base(self.current_row),
+            ring_size: if self.has_table { self.spec.table_size } else { 0 },
+            prev_base,
+            prev_size,
+            flags: if self.spec.pin_all_flows { VIP_PIN_ALL } else { 0 },
+        }
+    }
+
+    fn slot(&self) -> ServiceSlot {
+        let mut name = [0u8; 64];
+        name[..self.spec.name.len()].copy_from_slice(self.spec.name.as_bytes());
+        ServiceSlot {
+            name,
+            flags: SERVICE_IN_USE,
+            current_row: self.current_row,
+            previous_row: self.previous.map_or(NO_ROW, |(row, _)| row),
+            table_size: self.spec.table_size,
+            _pad: [0; 2],
+        }
+    }
 }
 
 pub struct Dataplane {
@@ -161,8 +199,9 @@ impl Dataplane {
         let mac = sys::mac(&cfg.interface)
             .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
 
-        // Two rows per service, two slots per element.
-        let ring_entries = cfg.max_services.saturating_mul(RING_ROW);
+        // ROWS_PER_SERVICE rows per service, two slots per element.
+        let ring_entries =
+            cfg.max_services.saturating_mul(ROWS_PER_SERVICE).saturating_mul(RING_ROW / 2);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .map_max_entries(MAP_CONNS, cfg.conn_entries)
@@ -320,21 +359,48 @@ impl Dataplane {
             ids.push(id);
         }
 
-        // The new table goes into the row packets are not reading.
+        // A changed table goes into the row packets are not reading; the
+        // one it replaces stays as the previous table (see the XDP
+        // program's `pick`). An unchanged table changes nothing, so a
+        // periodic resync never disturbs flows.
         let table = spec.table(&ids)?;
-        let row = old.as_ref().map_or(0, |o| 1 - o.active_row);
-        let ring_base = (2 * svc_id + row) * RING_ROW;
-        let ring_size = match &table {
-            Some(t) => {
-                self.maps.write_ring(ring_base, t);
-                // The table must be complete before any VIP entry names it;
-                // the map-update syscall below is also a full barrier.
-                fence(Ordering::SeqCst);
-                spec.table_size
+        let base = |row: u32| (svc_id * ROWS_PER_SERVICE + row) * RING_ROW;
+        let unchanged = old.as_ref().is_some_and(|o| match &table {
+            Some(t) => o.has_table && self.maps.ring(base(o.current_row), t.len()) == &t[..],
+            None => !o.has_table,
+        });
+        let installed = match &old {
+            Some(o) if unchanged => Installed { spec, ids, ..o.clone() },
+            _ => {
+                let current_row = match &old {
+                    None => 0,
+                    Some(o) => (0..ROWS_PER_SERVICE)
+                        .find(|r| *r != o.current_row && o.previous.map(|p| p.0) != Some(*r))
+                        .unwrap_or(0),
+                };
+                if let Some(t) = &table {
+                    self.maps.write_ring(base(current_row), t);
+                    // The table must be complete before a VIP entry names it;
+                    // the map-update syscall below is also a full barrier.
+                    fence(Ordering::SeqCst);
+                }
+                let previous = old
+                    .as_ref()
+                    .filter(|o| o.has_table)
+                    .map(|o| (o.current_row, o.spec.table_size));
+                Installed {
+                    svc_id,
+                    spec,
+                    ids,
+                    current_row,
+                    has_table: table.is_some(),
+                    previous,
+                    changed_at: Instant::now(),
+                }
             }
-            None => 0,
         };
-        let value = VipValue { svc_id, ring_base, ring_size, _pad: 0 };
+        let value = installed.vip_value();
+        let spec = &installed.spec;
         for p in &spec.ports {
             self.maps.set_vip(&spec::vip_key(spec.vip, *p), &value)?;
         }
@@ -345,7 +411,7 @@ impl Dataplane {
                 }
             }
         }
-        self.maps.set_service(svc_id, &service_slot(&spec.name, row, spec.table_size))?;
+        self.maps.set_service(svc_id, &installed.slot())?;
 
         // Only now that no table names them: release backends that left.
         if let Some(o) = &old {
@@ -355,8 +421,34 @@ impl Dataplane {
                 }
             }
         }
-        self.services.insert(spec.name.clone(), Installed { svc_id, spec, ids, active_row: row });
+        self.services.insert(installed.spec.name.clone(), installed);
         Ok(())
+    }
+
+    /// Forgets the previous table of every service whose table changed at
+    /// least `age` ago. From then on new flows follow the current table
+    /// alone, so a draining backend stops receiving new UDP flows (which
+    /// cannot be told from established ones while the previous table is
+    /// kept); established flows that were seen since the change are pinned
+    /// already. Returns how many services settled.
+    pub fn settle(&mut self, age: Duration) -> Result<usize> {
+        let due: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.previous.is_some() && s.changed_at.elapsed() >= age)
+            .map(|s| s.spec.name.clone())
+            .collect();
+        for name in &due {
+            let Some(s) = self.services.get_mut(name) else { continue };
+            s.previous = None;
+            let (value, slot) = (s.vip_value(), s.slot());
+            let (svc_id, vip, ports) = (s.svc_id, s.spec.vip, s.spec.ports.clone());
+            for p in ports {
+                self.maps.set_vip(&spec::vip_key(vip, p), &value)?;
+            }
+            self.maps.set_service(svc_id, &slot)?;
+        }
+        Ok(due.len())
     }
 
     /// Stops forwarding a service's VIP ports; their packets pass to the
@@ -371,7 +463,7 @@ impl Dataplane {
         for id in &old.ids {
             self.maps.release_backend(*id)?;
         }
-        self.maps.set_service(old.svc_id, &ServiceSlot { flags: 0, ..service_slot("", 0, 0) })?;
+        self.maps.set_service(old.svc_id, &ServiceSlot { flags: 0, ..old.slot() })?;
         Ok(())
     }
 
@@ -536,12 +628,6 @@ fn backend_value(
     }
 }
 
-fn service_slot(name: &str, active_row: u32, ring_size: u32) -> ServiceSlot {
-    let mut n = [0u8; 64];
-    n[..name.len()].copy_from_slice(name.as_bytes());
-    ServiceSlot { name: n, flags: SERVICE_IN_USE, active_row, ring_size, _pad: 0 }
-}
-
 /// Rebuilds the programmed services from the pinned maps.
 fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
     let mut by_id: BTreeMap<u32, Installed> = BTreeMap::new();
@@ -556,16 +642,25 @@ fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
                     name,
                     vip: IpAddr::from([0, 0, 0, 0]),
                     ports: Vec::new(),
-                    table_size: slot.ring_size,
+                    table_size: slot.table_size,
                     backends: Vec::new(),
+                    pin_all_flows: false,
                 },
                 ids: Vec::new(),
-                active_row: slot.active_row,
+                current_row: slot.current_row,
+                has_table: false,
+                previous: None,
+                changed_at: Instant::now(),
             },
         );
     }
     for (key, value) in maps.vips()? {
         if let Some(s) = by_id.get_mut(&value.svc_id) {
+            s.has_table = value.ring_size != 0;
+            s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
+            s.previous = (value.prev_size != 0).then(|| {
+                (value.prev_base / RING_ROW - s.svc_id * ROWS_PER_SERVICE, value.prev_size)
+            });
             s.spec.vip = spec::words_addr(key.addr, key.family);
             if let Some(protocol) = Protocol::from_number(key.proto) {
                 s.spec.ports.push(PortSpec { port: u16::from_be(key.port), protocol });

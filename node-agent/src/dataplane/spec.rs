@@ -82,6 +82,10 @@ pub struct ServiceSpec {
     /// Maglev table size, one of [`maglev::TABLE_SIZES`].
     pub table_size: u32,
     pub backends: Vec<BackendSpec>,
+    /// Pin every new flow in the connection table (see
+    /// [`kube_dsr_common::VIP_PIN_ALL`]); by default only flows whose
+    /// backend a table change would move are pinned.
+    pub pin_all_flows: bool,
 }
 
 pub const MAX_NAME_LEN: usize = 64;
@@ -216,6 +220,7 @@ mod tests {
             vip: "192.0.2.10".parse().unwrap(),
             ports: vec![PortSpec { port: 80, protocol: Protocol::Tcp }],
             table_size: 251,
+            pin_all_flows: false,
             backends: vec![
                 BackendSpec::new("10.0.0.2".parse().unwrap(), [2, 0, 0, 0, 0, 2]),
                 BackendSpec::new("10.0.0.3".parse().unwrap(), [2, 0, 0, 0, 0, 3]),

@@ -1,0 +1,323 @@
+//! `make bench-dataplane`: kube-dsr's XDP program against the floor (swap
+//! MACs, `XDP_TX`), side by side in one run on one veth pair.
+//!
+//! ```text
+//!   generator (BPF_PROG_TEST_RUN, live frames, ingress gen0)
+//!      | XDP_TX out of gen0
+//!      v
+//!   dut0: device under test (floor, or kube-dsr)  --XDP_TX-->  gen0: sink (count, drop)
+//! ```
+//!
+//! Everything runs in a network namespace the benchmark creates and removes.
+//! Rates are frames that made the whole loop per second of wall time; each
+//! measurement alternates with the others over several rounds and the median
+//! is kept, so machine noise hits all of them alike. It also prints ns/packet
+//! from non-live `BPF_PROG_TEST_RUN`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, PerCpuArray},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use clap::Parser;
+use kube_dsr_agent::dataplane::{
+    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, object,
+};
+use kube_dsr_e2e::{
+    netns::{NetNs, PinDir},
+    packet::{Mac, udp_frame},
+};
+
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/obj/kube-dsr-bench.o");
+
+const MODE_FIXED: u32 = 0;
+const MODE_CYCLE: u32 = 1;
+const MODE_NEW: u32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(about = "XDP dataplane benchmark (needs root)")]
+struct Args {
+    /// Frames per live-frames measurement.
+    #[arg(long, default_value_t = 2_000_000)]
+    frames: u32,
+    /// Rounds; each round measures floor, hit and miss once.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Backends behind the benchmark VIP.
+    #[arg(long, default_value_t = 100)]
+    backends: u32,
+    /// Distinct flows cycled through in the connection-table-hit case.
+    #[arg(long, default_value_t = 4096)]
+    flows: u32,
+    /// Maglev table size of the benchmark service.
+    #[arg(long, default_value_t = 65537)]
+    table_size: u32,
+    /// Connection-table entries (LRU).
+    #[arg(long, default_value_t = kube_dsr_common::DEFAULT_CONN_ENTRIES)]
+    conn_entries: u32,
+    /// Repetitions for the non-live ns/packet figures.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bench-dataplane needs root (BPF, XDP, network namespaces)");
+    }
+    let ns = NetNs::new("kdsrbn")?;
+    ns.exec(
+        "ip link add gen0 type veth peer name dut0 && ip link set gen0 up && ip link set dut0 up",
+    )?;
+    let pins = PinDir::new()?;
+    let pin_dir = pins.path.clone();
+    let gen_mac = ns.mac("gen0")?;
+    let dut_mac = ns.mac("dut0")?;
+    let report = ns.run(move || run(&args, &pin_dir, gen_mac, dut_mac))??;
+    println!("{report}");
+    Ok(())
+}
+
+struct Bench {
+    ebpf: Ebpf,
+    gen_ifindex: u32,
+}
+
+impl Bench {
+    fn xdp(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(name).context("program")?.try_into()?)
+    }
+
+    fn configure(&mut self, mode: u32, flows: u32) -> Result<()> {
+        let mut cfg: Array<_, u32> = Array::try_from(self.ebpf.map_mut("BENCH_CFG").unwrap())?;
+        cfg.set(0, mode, 0)?;
+        cfg.set(1, flows, 0)?;
+        Ok(())
+    }
+
+    fn sunk(&self) -> Result<u64> {
+        let sink: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("BENCH_SINK").unwrap())?;
+        Ok(sink.get(&0, 0)?.iter().sum())
+    }
+
+    /// Sends `frames` live frames; returns frames that came back per second.
+    fn live(&mut self, template: &[u8], frames: u32) -> Result<f64> {
+        let before = self.sunk()?;
+        let ctx = xdp_md(self.gen_ifindex, template.len());
+        let gen_prog: &Xdp = self.ebpf.program("bench_gen").unwrap().try_into()?;
+        let start = Instant::now();
+        gen_prog.test_run(TestRunOptions {
+            data_in: Some(template),
+            ctx_in: Some(&ctx),
+            repeat: frames,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })?;
+        // Let the last batch drain through the veth queues.
+        std::thread::sleep(Duration::from_millis(20));
+        let secs = start.elapsed().as_secs_f64();
+        let back = self.sunk()? - before;
+        Ok(back as f64 / secs)
+    }
+}
+
+/// `struct xdp_md` for a frame of `len` bytes arriving on `ifindex` (the
+/// kernel insists that `data_end` equals the frame length).
+fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+fn template(gen_mac: Mac, dut_mac: Mac) -> Vec<u8> {
+    let client: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+    let f = udp_frame(dut_mac, gen_mac, (client, 1024), (VIP.into(), 80), &[0u8; 22]);
+    assert_eq!(f.len(), 64, "the generator's template is 64 bytes");
+    f
+}
+
+fn ns_per_packet(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<f64> {
+    let r = prog.test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The benchmark service; `set` picks one of two disjoint backend sets.
+fn service(args: &Args, set: u8, pin_all_flows: bool) -> ServiceSpec {
+    let backends = args.backends;
+    ServiceSpec {
+        name: "bench/udp/v4".into(),
+        vip: VIP.into(),
+        ports: vec![PortSpec { port: 80, protocol: Protocol::Udp }],
+        table_size: args.table_size,
+        pin_all_flows,
+        backends: (0..backends)
+            .map(|i| {
+                let addr = Ipv4Addr::new(10, 1 + set, (i >> 8) as u8, i as u8).into();
+                BackendSpec::new(addr, [0x02, 0xbe, set, 0, (i >> 8) as u8, i as u8])
+            })
+            .collect(),
+    }
+}
+
+/// Share of the packets counted under `reason` between two snapshots.
+fn share(before: &[(&str, u64)], after: &[(&str, u64)], reason: &str) -> f64 {
+    let total: u64 = before.iter().zip(after).map(|(b, a)| a.1 - b.1).sum();
+    let hit: u64 =
+        before.iter().zip(after).filter(|(b, _)| b.0 == reason).map(|(b, a)| a.1 - b.1).sum();
+    hit as f64 / total.max(1) as f64
+}
+
+fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Result<String> {
+    let gen_ifindex = ifindex("gen0")?;
+    let mut bench = Bench { ebpf: EbpfLoader::new().load(BENCH_OBJECT)?, gen_ifindex };
+    for p in ["bench_gen", "bench_sink", "bench_floor"] {
+        bench.xdp(p)?.load()?;
+    }
+    // The sink stays on gen0 for the whole run (veth only delivers XDP_TX
+    // frames to a peer that has an XDP program).
+    bench.xdp("bench_sink")?.attach("gen0", XdpMode::Driver)?;
+    let tmpl = template(gen_mac, dut_mac);
+    {
+        let mut t: Array<_, [u8; 64]> =
+            Array::try_from(bench.ebpf.map_mut("BENCH_TEMPLATE").unwrap())?;
+        t.set(0, <[u8; 64]>::try_from(&tmpl[..])?, 0)?;
+    }
+
+    let mut floor = Vec::new();
+    let mut hit = Vec::new();
+    let mut miss = Vec::new();
+    let mut hit_share = Vec::new();
+    let mut miss_share = Vec::new();
+    let mut pin_all = Vec::new();
+    let mut pin_all_share = Vec::new();
+    let mut ns_floor = 0.0;
+    let mut ns_hit = 0.0;
+    let mut ns_maglev = 0.0;
+    let mut ns_miss = 0.0;
+    let mut ns_floor_single = 0.0;
+    let cfg = Config {
+        pin_dir: pin_dir.to_path_buf(),
+        attach: kube_dsr_agent::dataplane::AttachMode::Native,
+        conn_entries: args.conn_entries,
+        ..Config::new("dut0")
+    };
+    for round in 0..args.rounds {
+        // (a) the floor.
+        bench.configure(MODE_FIXED, 1)?;
+        let link = bench.xdp("bench_floor")?.attach("dut0", XdpMode::Driver)?;
+        floor.push(bench.live(&tmpl, args.frames)?);
+        bench.xdp("bench_floor")?.detach(link)?;
+
+        // (b) connection-table hits. Moving the service to a disjoint
+        // backend set makes every flow's slot change, so the warm-up pass
+        // pins all of them; the measured pass then hits the table.
+        let mut dp = Dataplane::open(&cfg)?;
+        dp.upsert_service(&service(args, 0, false))?;
+        dp.upsert_service(&service(args, 1, false))?;
+        bench.configure(MODE_CYCLE, args.flows)?;
+        bench.live(&tmpl, args.flows * 2)?;
+        let c0 = dp.reason_counts()?;
+        hit.push(bench.live(&tmpl, args.frames)?);
+        let c1 = dp.reason_counts()?;
+        hit_share.push(share(&c0, &c1, "fwd_conn_hit"));
+
+        // (c) new flows, settled service: Maglev alone, no insert.
+        dp.settle(Duration::ZERO)?;
+        bench.configure(MODE_NEW, 0)?;
+        miss.push(bench.live(&tmpl, args.frames)?);
+        let c2 = dp.reason_counts()?;
+        miss_share.push(share(&c1, &c2, "fwd_maglev"));
+        if round == 0 {
+            // Non-live: the fixed frame is not pinned, so every repetition
+            // takes the Maglev path (cache-warm: the same slot each time).
+            let mut dsr = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object())?;
+            let prog: &mut Xdp = dsr.program_mut("kube_dsr").unwrap().try_into()?;
+            prog.load()?;
+            ns_maglev = ns_per_packet(prog, &tmpl, args.repeat)?;
+        }
+
+        // (d) new flows with every flow pinned (Katran's behaviour).
+        dp.upsert_service(&service(args, 1, true))?;
+        pin_all.push(bench.live(&tmpl, args.frames)?);
+        let c3 = dp.reason_counts()?;
+        pin_all_share.push(share(&c2, &c3, "fwd_pinned_current"));
+
+        if round == 0 {
+            // ns/packet, non-live: a second load of the object on the same
+            // pinned maps. The service is in pin-all mode now, so the fixed
+            // frame is a connection-table hit after its first run, and each
+            // distinct frame below is a new flow with an insert.
+            let mut dsr = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object())?;
+            let prog: &mut Xdp = dsr.program_mut("kube_dsr").unwrap().try_into()?;
+            prog.load()?;
+            ns_hit = ns_per_packet(prog, &tmpl, args.repeat)?;
+            let floor_prog: &Xdp = bench.ebpf.program("bench_floor").unwrap().try_into()?;
+            ns_floor = ns_per_packet(floor_prog, &tmpl, args.repeat)?;
+            // New flows cannot be repeated in place: time single runs of
+            // distinct frames, and the floor the same way for comparison.
+            let (mut sum_miss, mut sum_floor) = (0.0, 0.0);
+            let n = 20_000u32;
+            for i in 0..n {
+                let client: IpAddr = Ipv4Addr::new(10, 9, (i >> 8) as u8, i as u8).into();
+                let f = udp_frame(dut_mac, gen_mac, (client, 2000), (VIP.into(), 80), &[0u8; 22]);
+                sum_miss += ns_per_packet(prog, &f, 1)?;
+                sum_floor += ns_per_packet(floor_prog, &f, 1)?;
+            }
+            ns_miss = sum_miss / f64::from(n);
+            ns_floor_single = sum_floor / f64::from(n);
+        }
+        drop(dp);
+        Dataplane::remove_pins(pin_dir)?;
+    }
+
+    let (f, h, m, p) = (median(floor), median(hit), median(miss), median(pin_all));
+    let mpps = |x: f64| x / 1e6;
+    Ok(format!(
+        "rounds={} frames_per_measurement={} backends={} hit_flows={}\n\
+         reason shares (must be ~1): hit=fwd_conn_hit {:.4}, miss=fwd_maglev {:.4}, \
+         pin_all=fwd_pinned_current {:.4}\n\
+         ns_per_packet (BPF_PROG_TEST_RUN): floor={ns_floor:.1} hit={ns_hit:.1} \
+         maglev={ns_maglev:.1} (repeat={}); floor_single={ns_floor_single:.1} pin_all_miss_single={ns_miss:.1} \
+         (20000 single runs)\n\
+         pin_all_miss_mpps={:.3} pin_all_miss_ratio={:.3}\n\
+         floor_mpps={:.3} hit_mpps={:.3} miss_mpps={:.3} hit_ratio={:.3} miss_ratio={:.3}",
+        args.rounds,
+        args.frames,
+        args.backends,
+        args.flows,
+        median(hit_share),
+        median(miss_share),
+        median(pin_all_share),
+        args.repeat,
+        mpps(p),
+        p / f,
+        mpps(f),
+        mpps(h),
+        mpps(m),
+        h / f,
+        m / f,
+    ))
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 { bail!("no interface {name}") } else { Ok(i) }
+}
