@@ -13,7 +13,7 @@
 //! read. Kernel map names are limited to 15 characters.
 #![no_std]
 
-/// Address family tags stored in [`VipKey::family`].
+/// Address family tags (stored in [`Backend::family`]).
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
@@ -35,8 +35,10 @@ pub const RING_ROW: u32 = RING_MAX + 1;
 pub const NO_BACKEND: u32 = u32::MAX;
 
 /// Map names (pinned under the agent's bpffs directory by these names).
-pub const MAP_VIPS: &str = "DSR_VIPS_V1";
-pub const MAP_CONNS: &str = "DSR_CONNS_V1";
+pub const MAP_VIPS4: &str = "DSR_VIPS4_V1";
+pub const MAP_VIPS6: &str = "DSR_VIPS6_V1";
+pub const MAP_CONNS4: &str = "DSR_CONNS4_V1";
+pub const MAP_CONNS6: &str = "DSR_CONNS6_V1";
 pub const MAP_BACKENDS: &str = "DSR_BACKENDS_V1";
 pub const MAP_RINGS: &str = "DSR_RINGS_V1";
 pub const MAP_SERVICES: &str = "DSR_SERVICES_V1";
@@ -54,18 +56,36 @@ pub const DEFAULT_MAX_SERVICES: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
 
-/// Key of the VIP map: one entry per (VIP address, port, protocol).
+// IPv4 and IPv6 keep separate VIP and connection maps: the kernel hashes a
+// whole key per lookup (jhash2 over its words), and an IPv4 key of 2 or 3
+// words costs one mixing round where a family-neutral 5 or 7 word key costs
+// two or three, on both lookups of every packet.
+
+/// Key of the IPv4 VIP map: one entry per (VIP address, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct VipKey {
-    /// IPv4 in the first word (rest zero) or IPv6; wire bytes.
+pub struct VipKey4 {
+    /// Wire bytes.
+    pub addr: u32,
+    /// Destination port; wire bytes.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey4>() == 8);
+
+/// Key of the IPv6 VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey6 {
+    /// Wire bytes.
     pub addr: [u32; 4],
     /// Destination port; wire bytes.
     pub port: u16,
     pub proto: u8,
-    pub family: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(core::mem::size_of::<VipKey6>() == 20);
 
 /// Value of the VIP map. Replaced as a whole (never edited in place), so a
 /// packet sees either the old or the new rows, never a mix.
@@ -96,21 +116,39 @@ pub struct VipValue {
 pub const VIP_PIN_ALL: u32 = 1;
 const _: () = assert!(core::mem::size_of::<VipValue>() == 24);
 
-/// Key of the connection table: the client side of a flow plus the service.
-/// The service id stands for the VIP address, so the key stays small.
+/// Key of the IPv4 connection table: the client side of a flow plus the
+/// service (which stands for the VIP address, so the key stays small).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnKey {
-    /// Client address (IPv4 in the first word); wire bytes.
-    pub saddr: [u32; 4],
+pub struct ConnKey4 {
+    /// Client address; wire bytes.
+    pub saddr: u32,
     /// Client and VIP ports; wire bytes.
     pub sport: u16,
     pub dport: u16,
-    pub svc_id: u32,
-    /// IP protocol number, widened to a word so the key has no padding.
-    pub proto: u32,
+    /// `svc_proto(svc_id, proto)`.
+    pub svc_proto: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 28);
+const _: () = assert!(core::mem::size_of::<ConnKey4>() == 12);
+
+/// Key of the IPv6 connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey6 {
+    /// Client address; wire bytes.
+    pub saddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// `svc_proto(svc_id, proto)`.
+    pub svc_proto: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnKey6>() == 24);
+
+/// Service id and IP protocol in one key word.
+#[inline(always)]
+pub const fn svc_proto(svc_id: u32, proto: u8) -> u32 {
+    (svc_id << 8) | proto as u32
+}
 
 /// Value of the connection table.
 #[repr(C)]
@@ -349,9 +387,11 @@ mod user {
     use super::*;
     // SAFETY: all of these are repr(C), made of integers and byte arrays with
     // explicit padding, so every bit pattern is valid and none is uninit.
-    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipKey4 {}
+    unsafe impl aya::Pod for VipKey6 {}
     unsafe impl aya::Pod for VipValue {}
-    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnKey4 {}
+    unsafe impl aya::Pod for ConnKey6 {}
     unsafe impl aya::Pod for ConnValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ServiceSlot {}

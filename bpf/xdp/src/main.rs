@@ -24,14 +24,22 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use kube_dsr_common::{
-    BACKEND_IN_USE, Backend, ConnKey, ConnValue, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW, ROWS_PER_SERVICE,
-    ServiceSlot, Traffic, VIP_PIN_ALL, VipKey, VipValue, flow_hash, reason,
+    BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, DEFAULT_CONN_ENTRIES,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW,
+    ROWS_PER_SERVICE, ServiceSlot, Traffic, VIP_PIN_ALL, VipKey4, VipKey6, VipValue, flow_hash,
+    reason, svc_proto,
 };
-use parse::{Flow, Parsed};
+use parse::{Flow, Parsed, V4, V6};
 
-#[map(name = "DSR_VIPS_V1")]
-static VIPS: HashMap<VipKey, VipValue> =
+/// VIP maps. Values are replaced whole; `BPF_F_NO_PREALLOC` makes the
+/// replacement RCU-safe (a preallocated element can be reused while a packet
+/// still reads it).
+#[map(name = "DSR_VIPS4_V1")]
+static VIPS4: HashMap<VipKey4, VipValue> =
+    HashMap::pinned(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC as u32);
+
+#[map(name = "DSR_VIPS6_V1")]
+static VIPS6: HashMap<VipKey6, VipValue> =
     HashMap::pinned(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC as u32);
 
 /// The connection table: flows pinned across table changes (see `pick`).
@@ -40,9 +48,84 @@ static VIPS: HashMap<VipKey, VipValue> =
 /// (RSS or ECMP changes, a restarted agent reading it back), while eviction
 /// bookkeeping never takes a cross-CPU lock on the insert path. Per-CPU maps
 /// (Katran's choice) would lose every flow that RSS moves to another queue.
-#[map(name = "DSR_CONNS_V1")]
-static CONNS: LruHashMap<ConnKey, ConnValue> =
+#[map(name = "DSR_CONNS4_V1")]
+static CONNS4: LruHashMap<ConnKey4, ConnValue> =
     LruHashMap::pinned(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU as u32);
+
+#[map(name = "DSR_CONNS6_V1")]
+static CONNS6: LruHashMap<ConnKey6, ConnValue> =
+    LruHashMap::pinned(DEFAULT_CONN_ENTRIES, BPF_F_NO_COMMON_LRU as u32);
+
+/// The per-family half of the lookups.
+trait Keys {
+    type Conn;
+    fn vip(&self) -> Option<VipValue>;
+    /// The connection key of this flow for service `svc_id`.
+    fn conn(&self, svc_id: u32) -> Self::Conn;
+    fn pinned(conn: &Self::Conn) -> Option<ConnValue>;
+    fn pin(conn: &Self::Conn, value: &ConnValue) -> bool;
+    fn hash(&self) -> u32;
+}
+
+impl Keys for V4 {
+    type Conn = ConnKey4;
+
+    #[inline(always)]
+    fn vip(&self) -> Option<VipValue> {
+        unsafe { VIPS4.get(&self.vip) }.copied()
+    }
+
+    #[inline(always)]
+    fn conn(&self, svc_id: u32) -> ConnKey4 {
+        ConnKey4 { svc_proto: svc_proto(svc_id, self.vip.proto), ..self.conn }
+    }
+
+    #[inline(always)]
+    fn pinned(conn: &ConnKey4) -> Option<ConnValue> {
+        unsafe { CONNS4.get(conn) }.copied()
+    }
+
+    #[inline(always)]
+    fn pin(conn: &ConnKey4, value: &ConnValue) -> bool {
+        CONNS4.insert(conn, value, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn hash(&self) -> u32 {
+        let c = &self.conn;
+        flow_hash(&[c.saddr, 0, 0, 0], c.sport, c.dport, self.vip.proto)
+    }
+}
+
+impl Keys for V6 {
+    type Conn = ConnKey6;
+
+    #[inline(always)]
+    fn vip(&self) -> Option<VipValue> {
+        unsafe { VIPS6.get(&self.vip) }.copied()
+    }
+
+    #[inline(always)]
+    fn conn(&self, svc_id: u32) -> ConnKey6 {
+        ConnKey6 { svc_proto: svc_proto(svc_id, self.vip.proto), ..self.conn }
+    }
+
+    #[inline(always)]
+    fn pinned(conn: &ConnKey6) -> Option<ConnValue> {
+        unsafe { CONNS6.get(conn) }.copied()
+    }
+
+    #[inline(always)]
+    fn pin(conn: &ConnKey6, value: &ConnValue) -> bool {
+        CONNS6.insert(conn, value, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn hash(&self) -> u32 {
+        let c = &self.conn;
+        flow_hash(&c.saddr, c.sport, c.dport, self.vip.proto)
+    }
+}
 
 #[map(name = "DSR_BACKENDS_V1")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
@@ -77,7 +160,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 pub fn kube_dsr(ctx: XdpContext) -> u32 {
     let (action, why) = match parse::parse(&ctx) {
         Parsed::Pass(why) => (xdp_action::XDP_PASS, why),
-        Parsed::Flow(flow) => forward(&ctx, &flow),
+        Parsed::V4(flow) => forward(&ctx, &flow),
+        Parsed::V6(flow) => forward(&ctx, &flow),
     };
     bump(why);
     action
@@ -85,18 +169,14 @@ pub fn kube_dsr(ctx: XdpContext) -> u32 {
 
 /// Picks the backend of a VIP flow and sends the frame to it.
 #[inline(always)]
-fn forward(ctx: &XdpContext, flow: &Flow) -> (u32, u32) {
-    let Some(vip) = (unsafe { VIPS.get(&flow.vip) }) else {
+fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
+    let Some(vip) = flow.keys.vip() else {
         return (
             xdp_action::XDP_PASS,
             if flow.icmp { reason::PASS_ICMP_NOT_VIP } else { reason::PASS_NOT_VIP },
         );
     };
-    let vip = *vip;
-    let mut key = flow.conn;
-    key.svc_id = vip.svc_id;
-
-    let (backend_id, backend, why) = match pick(&vip, &key, flow) {
+    let (backend_id, backend, why) = match pick(&vip, flow) {
         Some(found) => found,
         None => return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND),
     };
@@ -137,9 +217,9 @@ fn forward(ctx: &XdpContext, flow: &Flow) -> (u32, u32) {
 /// backend while that one still exists. Either way the choice is pinned, so
 /// the next table change cannot move it. ICMP errors only read.
 #[inline(always)]
-fn pick(vip: &VipValue, key: &ConnKey, flow: &Flow) -> Option<(u32, Backend, u32)> {
-    if let Some(conn) = unsafe { CONNS.get(key) } {
-        let conn = *conn;
+fn pick<K: Keys>(vip: &VipValue, flow: &Flow<K>) -> Option<(u32, Backend, u32)> {
+    let key = flow.keys.conn(vip.svc_id);
+    if let Some(conn) = K::pinned(&key) {
         if let Some(b) = BACKENDS.get(conn.backend_id) {
             if b.generation == conn.backend_gen && b.flags & BACKEND_IN_USE != 0 {
                 let why = if flow.icmp { reason::FWD_ICMP } else { reason::FWD_CONN_HIT };
@@ -149,7 +229,7 @@ fn pick(vip: &VipValue, key: &ConnKey, flow: &Flow) -> Option<(u32, Backend, u32
         // Stale: the backend left. Decide again below.
     }
 
-    let h = flow_hash(&key.saddr, key.sport, key.dport, key.proto as u8);
+    let h = flow.keys.hash();
     let current = slot(vip.ring_base, vip.ring_size, h);
     let previous = slot(vip.prev_base, vip.prev_size, h);
     let (id, b, why) = if vip.prev_size == 0 || previous == current {
@@ -171,7 +251,7 @@ fn pick(vip: &VipValue, key: &ConnKey, flow: &Flow) -> Option<(u32, Backend, u32
         return Some((id, b, reason::FWD_ICMP));
     }
     let value = ConnValue { backend_id: id, backend_gen: b.generation };
-    if CONNS.insert(key, &value, 0).is_err() {
+    if !K::pin(&key, &value) {
         return Some((id, b, reason::FWD_CONN_INSERT_FAILED));
     }
     Some((id, b, why))

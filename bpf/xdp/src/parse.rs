@@ -4,7 +4,7 @@
 //! verifier insists, and a truncated frame must never be forwarded).
 
 use aya_ebpf::programs::XdpContext;
-use kube_dsr_common::{ConnKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey, reason};
+use kube_dsr_common::{ConnKey4, ConnKey6, PROTO_TCP, PROTO_UDP, VipKey4, VipKey6, reason};
 
 const ETH_LEN: usize = 14;
 const VLAN_LEN: usize = 4;
@@ -28,18 +28,29 @@ const ICMPV6_PKT_TOOBIG: u8 = 2;
 /// What the rest of the program needs to know about a frame.
 pub enum Parsed {
     Pass(u32),
-    Flow(Flow),
+    V4(Flow<V4>),
+    V6(Flow<V6>),
 }
 
 /// A TCP/UDP flow towards a possible VIP, written the client's way round
 /// (for an ICMP error the inner packet is turned around first).
-pub struct Flow {
-    pub vip: VipKey,
-    /// `svc_id` is filled in once the VIP is known.
-    pub conn: ConnKey,
+pub struct Flow<K> {
+    pub keys: K,
     pub icmp: bool,
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub syn: bool,
+}
+
+/// IPv4 lookup keys; the connection key's service is filled in once the VIP
+/// is known.
+pub struct V4 {
+    pub vip: VipKey4,
+    pub conn: ConnKey4,
+}
+
+pub struct V6 {
+    pub vip: VipKey6,
+    pub conn: ConnKey6,
 }
 
 // Header layouts. Multi-byte fields are words holding wire bytes; the
@@ -163,7 +174,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
             let Some((ports, syn)) = l4_ports(ctx, l4, ip.proto) else {
                 return Parsed::Pass(reason::PASS_TRUNCATED);
             };
-            Parsed::Flow(flow4(ip.daddr, ip.saddr, ports.dst, ports.src, ip.proto, false, syn))
+            Parsed::V4(flow4(ip.daddr, ip.saddr, ports.dst, ports.src, ip.proto, false, syn))
         }
         PROTO_ICMP => icmp4(ctx, &ip, l4),
         _ => Parsed::Pass(reason::PASS_OTHER_L4),
@@ -190,7 +201,7 @@ fn icmp4(ctx: &XdpContext, outer: &Ipv4Hdr, l4: usize) -> Parsed {
     // RFC 792 quotes 8 bytes of the inner L4 header: the ports are there.
     let ports = get!(ctx, Ports, inner_off + IPV4_LEN);
     // The inner packet went VIP -> client; the flow key is client -> VIP.
-    Parsed::Flow(flow4(inner.saddr, inner.daddr, ports.src, ports.dst, inner.proto, true, false))
+    Parsed::V4(flow4(inner.saddr, inner.daddr, ports.src, ports.dst, inner.proto, true, false))
 }
 
 #[inline(always)]
@@ -205,7 +216,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
             let Some((ports, syn)) = l4_ports(ctx, l4, ip.nexthdr) else {
                 return Parsed::Pass(reason::PASS_TRUNCATED);
             };
-            Parsed::Flow(flow6(&ip.daddr, &ip.saddr, ports.dst, ports.src, ip.nexthdr, false, syn))
+            Parsed::V6(flow6(&ip.daddr, &ip.saddr, ports.dst, ports.src, ip.nexthdr, false, syn))
         }
         PROTO_ICMPV6 => icmp6(ctx, &ip, l4),
         44 => Parsed::Pass(reason::PASS_FRAGMENT),
@@ -227,15 +238,7 @@ fn icmp6(ctx: &XdpContext, outer: &Ipv6Hdr, l4: usize) -> Parsed {
         return Parsed::Pass(reason::PASS_ICMP_NOT_VIP);
     }
     let ports = get!(ctx, Ports, inner_off + IPV6_LEN);
-    Parsed::Flow(flow6(
-        &inner.saddr,
-        &inner.daddr,
-        ports.src,
-        ports.dst,
-        inner.nexthdr,
-        true,
-        false,
-    ))
+    Parsed::V6(flow6(&inner.saddr, &inner.daddr, ports.src, ports.dst, inner.nexthdr, true, false))
 }
 
 /// The ports of a TCP or UDP packet whose whole fixed header is present,
@@ -257,8 +260,23 @@ fn l4_ports(ctx: &XdpContext, l4: usize, proto: u8) -> Option<(Ports, bool)> {
 }
 
 #[inline(always)]
-fn flow4(vip: u32, client: u32, vport: u16, cport: u16, proto: u8, icmp: bool, syn: bool) -> Flow {
-    flow([vip, 0, 0, 0], [client, 0, 0, 0], vport, cport, proto, FAMILY_V4, icmp, syn)
+fn flow4(
+    vip: u32,
+    client: u32,
+    vport: u16,
+    cport: u16,
+    proto: u8,
+    icmp: bool,
+    syn: bool,
+) -> Flow<V4> {
+    Flow {
+        keys: V4 {
+            vip: VipKey4 { addr: vip, port: vport, proto, _pad: 0 },
+            conn: ConnKey4 { saddr: client, sport: cport, dport: vport, svc_proto: proto as u32 },
+        },
+        icmp,
+        syn,
+    }
 }
 
 #[inline(always)]
@@ -270,25 +288,12 @@ fn flow6(
     proto: u8,
     icmp: bool,
     syn: bool,
-) -> Flow {
-    flow(*vip, *client, vport, cport, proto, FAMILY_V6, icmp, syn)
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn flow(
-    vip: [u32; 4],
-    client: [u32; 4],
-    vport: u16,
-    cport: u16,
-    proto: u8,
-    family: u8,
-    icmp: bool,
-    syn: bool,
-) -> Flow {
+) -> Flow<V6> {
     Flow {
-        vip: VipKey { addr: vip, port: vport, proto, family },
-        conn: ConnKey { saddr: client, sport: cport, dport: vport, svc_id: 0, proto: proto as u32 },
+        keys: V6 {
+            vip: VipKey6 { addr: *vip, port: vport, proto, _pad: 0 },
+            conn: ConnKey6 { saddr: *client, sport: cport, dport: vport, svc_proto: proto as u32 },
+        },
         icmp,
         syn,
     }

@@ -183,7 +183,30 @@ fn share(before: &[(&str, u64)], after: &[(&str, u64)], reason: &str) -> f64 {
     hit as f64 / total.max(1) as f64
 }
 
+/// Pins the calling thread to the last CPU under `SCHED_FIFO`, so a
+/// compiler or test running beside the benchmark cannot take its CPU away
+/// mid-measurement (veth's NAPI work runs in the same thread's softirq).
+/// Every measurement is bounded, so the thread always yields again.
+fn isolate() -> Result<usize> {
+    // SAFETY: plain libc calls on the calling thread with valid arguments.
+    unsafe {
+        let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize;
+        let cpu = cpus - 1;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+        let param = libc::sched_param { sched_priority: 10 };
+        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0 {
+            bail!("sched_setscheduler: {}", std::io::Error::last_os_error());
+        }
+        Ok(cpu)
+    }
+}
+
 fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Result<String> {
+    let cpu = isolate()?;
     let gen_ifindex = ifindex("gen0")?;
     let mut bench = Bench { ebpf: EbpfLoader::new().load(BENCH_OBJECT)?, gen_ifindex };
     for p in ["bench_gen", "bench_sink", "bench_floor"] {
@@ -289,7 +312,7 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
     let (f, h, m, p) = (median(floor), median(hit), median(miss), median(pin_all));
     let mpps = |x: f64| x / 1e6;
     Ok(format!(
-        "rounds={} frames_per_measurement={} backends={} hit_flows={}\n\
+        "cpu={cpu} (SCHED_FIFO) rounds={} frames_per_measurement={} backends={} hit_flows={}\n\
          reason shares (must be ~1): hit=fwd_conn_hit {:.4}, miss=fwd_maglev {:.4}, \
          pin_all=fwd_pinned_current {:.4}\n\
          ns_per_packet (BPF_PROG_TEST_RUN): floor={ns_floor:.1} hit={ns_hit:.1} \

@@ -8,17 +8,19 @@ use aya::{
     util::nr_cpus,
 };
 use kube_dsr_common::{
-    BACKEND_IN_USE, Backend, ConnKey, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNS,
-    MAP_COUNTERS, MAP_META, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, MAP_VIPS, Meta, SERVICE_IN_USE,
-    ServiceSlot, Traffic, VipKey, VipValue,
+    BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_CONNS4, MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS,
+    MAP_VIPS4, MAP_VIPS6, Meta, SERVICE_IN_USE, ServiceSlot, Traffic, VipKey4, VipKey6, VipValue,
 };
 
-use super::sys::MappedU32s;
+use super::{spec::VipKey, sys::MappedU32s};
 use crate::error::{Error, Result};
 
 pub struct Maps {
-    vips: HashMap<MapData, VipKey, VipValue>,
-    conns: HashMap<MapData, ConnKey, ConnValue>,
+    vips4: HashMap<MapData, VipKey4, VipValue>,
+    vips6: HashMap<MapData, VipKey6, VipValue>,
+    conns4: HashMap<MapData, ConnKey4, ConnValue>,
+    conns6: HashMap<MapData, ConnKey6, ConnValue>,
     backends: Array<MapData, Backend>,
     services: Array<MapData, ServiceSlot>,
     vip_stats: PerCpuArray<MapData, Traffic>,
@@ -55,8 +57,10 @@ impl Maps {
         let rings = MappedU32s::new(rings_map.fd().as_fd(), slots)
             .map_err(|source| Error::Io { what: "mapping the Maglev rings", source })?;
         Ok(Self {
-            vips: typed!(ebpf, MAP_VIPS),
-            conns: typed!(ebpf, MAP_CONNS),
+            vips4: typed!(ebpf, MAP_VIPS4),
+            vips6: typed!(ebpf, MAP_VIPS6),
+            conns4: typed!(ebpf, MAP_CONNS4),
+            conns6: typed!(ebpf, MAP_CONNS6),
             backends: typed!(ebpf, MAP_BACKENDS),
             services: typed!(ebpf, MAP_SERVICES),
             vip_stats: typed!(ebpf, MAP_VIP_STATS),
@@ -85,21 +89,37 @@ impl Maps {
     }
 
     pub fn set_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<()> {
-        self.vips.insert(key, value, 0).map_err(wrap(MAP_VIPS))
+        match key {
+            VipKey::V4(k) => self.vips4.insert(k, value, 0).map_err(wrap(MAP_VIPS4)),
+            VipKey::V6(k) => self.vips6.insert(k, value, 0).map_err(wrap(MAP_VIPS6)),
+        }
     }
 
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        match self.vips.remove(key) {
+        let (result, name) = match key {
+            VipKey::V4(k) => (self.vips4.remove(k), MAP_VIPS4),
+            VipKey::V6(k) => (self.vips6.remove(k), MAP_VIPS6),
+        };
+        match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
-            Err(e) => Err(wrap(MAP_VIPS)(e)),
+            Err(e) => Err(wrap(name)(e)),
         }
     }
 
     pub fn vips(&self) -> Result<Vec<(VipKey, VipValue)>> {
-        self.vips.iter().collect::<Result<_, _>>().map_err(wrap(MAP_VIPS))
+        let mut out = Vec::new();
+        for entry in self.vips4.iter() {
+            let (k, v) = entry.map_err(wrap(MAP_VIPS4))?;
+            out.push((VipKey::V4(k), v));
+        }
+        for entry in self.vips6.iter() {
+            let (k, v) = entry.map_err(wrap(MAP_VIPS6))?;
+            out.push((VipKey::V6(k), v));
+        }
+        Ok(out)
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -188,7 +208,8 @@ impl Maps {
     }
 
     pub fn connection_count(&self) -> usize {
-        self.conns.keys().filter(Result::is_ok).count()
+        self.conns4.keys().filter(Result::is_ok).count()
+            + self.conns6.keys().filter(Result::is_ok).count()
     }
 }
 

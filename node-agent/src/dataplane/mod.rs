@@ -30,9 +30,9 @@ use aya::{
 };
 use kube_dsr_common::{
     ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONNS, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, NO_ROW, PROGRAM_NAME,
-    RING_ROW, ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_PIN_ALL, VipValue,
-    reason,
+    MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, NO_ROW,
+    PROGRAM_NAME, RING_ROW, ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_PIN_ALL,
+    VipValue, reason,
 };
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
@@ -204,7 +204,8 @@ impl Dataplane {
             cfg.max_services.saturating_mul(ROWS_PER_SERVICE).saturating_mul(RING_ROW / 2);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
-            .map_max_entries(MAP_CONNS, cfg.conn_entries)
+            .map_max_entries(MAP_CONNS4, cfg.conn_entries)
+            .map_max_entries(MAP_CONNS6, cfg.conn_entries)
             .map_max_entries(MAP_SERVICES, cfg.max_services)
             .map_max_entries(MAP_VIP_STATS, cfg.max_services)
             .map_max_entries(MAP_RINGS, ring_entries)
@@ -655,17 +656,15 @@ fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
         );
     }
     for (key, value) in maps.vips()? {
-        if let Some(s) = by_id.get_mut(&value.svc_id) {
-            s.has_table = value.ring_size != 0;
-            s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
-            s.previous = (value.prev_size != 0).then(|| {
-                (value.prev_base / RING_ROW - s.svc_id * ROWS_PER_SERVICE, value.prev_size)
-            });
-            s.spec.vip = spec::words_addr(key.addr, key.family);
-            if let Some(protocol) = Protocol::from_number(key.proto) {
-                s.spec.ports.push(PortSpec { port: u16::from_be(key.port), protocol });
-            }
-        }
+        let (Some(s), Some((vip, port))) = (by_id.get_mut(&value.svc_id), key.decode()) else {
+            continue;
+        };
+        s.has_table = value.ring_size != 0;
+        s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
+        s.previous = (value.prev_size != 0)
+            .then(|| (value.prev_base / RING_ROW - s.svc_id * ROWS_PER_SERVICE, value.prev_size));
+        s.spec.vip = vip;
+        s.spec.ports.push(port);
     }
     for (id, b) in maps.backends()? {
         if let Some(s) = by_id.get_mut(&b.svc_id) {

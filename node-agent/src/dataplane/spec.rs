@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-use kube_dsr_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, port_word, v4_words, v6_words};
+use kube_dsr_common::{
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey4, VipKey6, port_word, v4_words, v6_words,
+};
 
 use crate::{
     error::{Error, Result},
@@ -199,14 +201,34 @@ pub fn words_addr(words: [u32; 4], family: u8) -> IpAddr {
     if family == FAMILY_V4 { IpAddr::from([o[0], o[1], o[2], o[3]]) } else { IpAddr::from(o) }
 }
 
-/// A VIP map key.
-pub fn vip_key(vip: IpAddr, port: PortSpec) -> kube_dsr_common::VipKey {
-    let (addr, family) = addr_words(vip);
-    kube_dsr_common::VipKey {
-        addr,
-        port: port_word(port.port),
-        proto: port.protocol.number(),
-        family,
+/// A key of one of the two VIP maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VipKey {
+    V4(VipKey4),
+    V6(VipKey6),
+}
+
+/// The VIP map key of `vip` on `port`.
+pub fn vip_key(vip: IpAddr, port: PortSpec) -> VipKey {
+    let (port, proto) = (port_word(port.port), port.protocol.number());
+    match vip {
+        IpAddr::V4(a) => {
+            VipKey::V4(VipKey4 { addr: v4_words(a.octets())[0], port, proto, _pad: 0 })
+        }
+        IpAddr::V6(a) => VipKey::V6(VipKey6 { addr: v6_words(a.octets()), port, proto, _pad: 0 }),
+    }
+}
+
+impl VipKey {
+    /// The VIP and port the key stands for (`None` for a protocol the
+    /// dataplane does not program).
+    pub fn decode(&self) -> Option<(IpAddr, PortSpec)> {
+        let (addr, port, proto) = match self {
+            Self::V4(k) => (words_addr([k.addr, 0, 0, 0], FAMILY_V4), k.port, k.proto),
+            Self::V6(k) => (words_addr(k.addr, FAMILY_V6), k.port, k.proto),
+        };
+        let protocol = Protocol::from_number(proto)?;
+        Some((addr, PortSpec { port: u16::from_be(port), protocol }))
     }
 }
 
@@ -264,6 +286,15 @@ mod tests {
         assert!(t.iter().all(|&id| id == 8));
         s.backends[1].weight = 0;
         assert_eq!(s.table(&[7, 8]).unwrap(), None);
+    }
+
+    #[test]
+    fn vip_keys_round_trip() {
+        for (vip, port) in [("192.0.2.1", 80), ("2001:db8::1", 443)] {
+            let p = PortSpec { port, protocol: Protocol::Udp };
+            let vip: IpAddr = vip.parse().unwrap();
+            assert_eq!(vip_key(vip, p).decode(), Some((vip, p)));
+        }
     }
 
     #[test]
