@@ -1,6 +1,8 @@
-//! Benchmark equipment, never loaded by the agent: a live-frames packet
-//! generator, a counting sink, and the floor every XDP forwarder is measured
-//! against (swap the two MACs, `XDP_TX`).
+//! Test and benchmark equipment, never loaded by the agent: a live-frames
+//! packet generator, a counting sink, the floor every XDP forwarder is
+//! measured against (swap the two MACs, `XDP_TX`), and a plain `XDP_PASS`
+//! for veth peers (a veth only delivers `XDP_TX` frames to a peer that has
+//! an XDP program).
 #![no_std]
 #![no_main]
 
@@ -98,6 +100,11 @@ pub fn bench_floor(ctx: XdpContext) -> u32 {
         *eth.add(1) = dst;
     }
     xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

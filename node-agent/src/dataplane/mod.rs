@@ -218,14 +218,13 @@ impl Dataplane {
         let sha = object_sha256();
         let meta = maps.meta()?;
         let link_path = cfg.pin_dir.join(LINK_PIN);
+        // A pinned link we cannot read is an error, not a reason to attach
+        // again: the program it holds may still be forwarding.
         let pinned_ifindex = if link_path.exists() {
-            match sys::pinned_xdp_link_ifindex(&link_path) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    warn!(path = %link_path.display(), error = %e, "unreadable pinned link");
-                    None
-                }
-            }
+            Some(
+                sys::pinned_xdp_link_ifindex(&link_path)
+                    .map_err(|source| Error::Link { path: link_path.clone(), source })?,
+            )
         } else {
             None
         };

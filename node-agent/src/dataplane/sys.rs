@@ -61,12 +61,15 @@ pub fn mac(name: &str) -> io::Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// The `BPF_OBJ_GET` part of `union bpf_attr`. The padding is explicit:
+/// the kernel refuses attributes with non-zero bytes it does not know.
 #[repr(C)]
 struct ObjGetAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -80,7 +83,8 @@ struct InfoAttr {
 /// gone (the link then survives, detached, until unpinned).
 pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<u32> {
     let c = cpath(path)?;
-    let attr = ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+    let attr =
+        ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     // SAFETY: BPF_OBJ_GET reads `attr` (a valid path pointer) and returns a new fd.
     let fd = unsafe {
         libc::syscall(

@@ -1,0 +1,307 @@
+//! A DSR lab in network namespaces, torn down on drop:
+//!
+//! ```text
+//!  client 10.20.0.2 ── router ──┐ 10.10.0.1
+//!                     (VIP via   │
+//!                      ingress)  ├── bridge (the L2 segment, netns "lan")
+//!  ingress 10.10.0.2 (XDP) ──────┤
+//!  backend-1 10.10.0.11  ────────┤   each backend: VIP/32 on lo,
+//!  backend-2 10.10.0.12  ────────┤   arp_ignore=1, arp_announce=2,
+//!  backend-N ...         ────────┘   default route via the router
+//! ```
+//!
+//! Client packets to the VIP go router → ingress → (MAC rewrite, XDP_TX) →
+//! backend; replies go backend → router → client and never touch the
+//! ingress node. Servers are real sockets on threads inside the backend
+//! namespaces: a line/HTTP TCP server on port 80 and a UDP sink that counts
+//! sequence numbers on port 9000.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, TcpListener, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Xdp, XdpMode},
+};
+
+use crate::netns::{NetNs, sh};
+
+/// Test equipment object (generator, sink, floor, pass).
+pub static EQUIPMENT: &[u8] = aya::include_bytes_aligned!("../../bpf/obj/kube-dsr-bench.o");
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+pub const INGRESS: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
+pub const TCP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 9000;
+
+pub struct BackendNode {
+    pub name: String,
+    pub ns: NetNs,
+    pub addr: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// UDP sequence numbers received (see [`Lab::udp_stream`]).
+    pub udp_seen: Arc<Mutex<HashSet<u64>>>,
+}
+
+pub struct Lab {
+    pub lan: NetNs,
+    pub router: NetNs,
+    pub client: NetNs,
+    pub ingress: NetNs,
+    pub backends: Vec<BackendNode>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    /// Keeps the pass program attached on the ingress node's bridge port.
+    _equipment: Ebpf,
+}
+
+impl Lab {
+    /// Builds the lab with `n` backends, servers running.
+    pub fn new(n: usize) -> Result<Self> {
+        let lan = NetNs::new("kdl")?;
+        let router = NetNs::new("kdr")?;
+        let client = NetNs::new("kdc")?;
+        let ingress = NetNs::new("kdi")?;
+        lan.exec("ip link add br0 type bridge && ip link set br0 up")?;
+
+        // Router <-> client.
+        sh(&format!(
+            "ip -n {c} link add eth0 type veth peer name eth1 netns {r}",
+            c = client.name,
+            r = router.name
+        ))?;
+        client.exec(&format!(
+            "ip addr add {CLIENT}/24 dev eth0 && ip link set eth0 up && \
+             ip route add default via 10.20.0.1 && ethtool -K eth0 tx off >/dev/null"
+        ))?;
+        router.exec("ip addr add 10.20.0.1/24 dev eth1 && ip link set eth1 up")?;
+
+        let attach_to_lan = |ns: &NetNs, port: &str| -> Result<()> {
+            sh(&format!(
+                "ip -n {n} link add eth0 type veth peer name {port} netns {lan}",
+                n = ns.name,
+                lan = lan.name
+            ))?;
+            lan.exec(&format!("ip link set {port} master br0 && ip link set {port} up"))?;
+            Ok(())
+        };
+        attach_to_lan(&router, "p-router")?;
+        router.exec(&format!(
+            "ip addr add {ROUTER_LAN}/24 dev eth0 && ip link set eth0 up && \
+             ethtool -K eth0 tx off >/dev/null && sysctl -qw net.ipv4.ip_forward=1 && \
+             ip route add {VIP}/32 via {INGRESS}"
+        ))?;
+        attach_to_lan(&ingress, "p-ingress")?;
+        ingress.exec(&format!("ip addr add {INGRESS}/24 dev eth0 && ip link set eth0 up"))?;
+
+        let mut backends = Vec::new();
+        for i in 0..n {
+            let ns = NetNs::new("kdb")?;
+            let port = format!("p-b{i}");
+            attach_to_lan(&ns, &port)?;
+            let addr = Ipv4Addr::new(10, 10, 0, 11 + i as u8);
+            ns.exec(&format!(
+                "ip addr add {addr}/24 dev eth0 && ip link set eth0 up && \
+                 ip route add default via {ROUTER_LAN} && \
+                 ip addr add {VIP}/32 dev lo && \
+                 sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
+            ))?;
+            let mac = ns.mac("eth0")?;
+            backends.push(BackendNode {
+                name: format!("backend-{}", i + 1),
+                ns,
+                addr,
+                mac,
+                udp_seen: Arc::default(),
+            });
+        }
+
+        // XDP_TX on a veth only delivers when the peer runs XDP too.
+        let equipment = lan_attach_pass(&lan, "p-ingress")?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut lab = Self {
+            lan,
+            router,
+            client,
+            ingress,
+            backends,
+            stop,
+            servers: Vec::new(),
+            _equipment: equipment,
+        };
+        lab.start_servers()?;
+        // Teach the bridge every MAC (so it never floods a reply to the
+        // ingress port) and warm the neighbour tables.
+        for b in &lab.backends {
+            b.ns.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
+        }
+        lab.ingress.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
+        lab.client.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
+        Ok(lab)
+    }
+
+    fn start_servers(&mut self) -> Result<()> {
+        for b in &self.backends {
+            let (name, stop) = (b.name.clone(), self.stop.clone());
+            let listener = b.ns.run(|| TcpListener::bind(("0.0.0.0", TCP_PORT)))??;
+            listener.set_nonblocking(true)?;
+            self.servers.push(std::thread::spawn(move || tcp_server(listener, &name, &stop)));
+
+            let udp = b.ns.run(|| UdpSocket::bind(("0.0.0.0", UDP_PORT)))??;
+            udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+            big_receive_buffer(&udp)?;
+            let (seen, stop) = (b.udp_seen.clone(), self.stop.clone());
+            self.servers.push(std::thread::spawn(move || udp_sink(udp, &seen, &stop)));
+        }
+        Ok(())
+    }
+
+    /// Packets received by the ingress node's interface so far.
+    pub fn ingress_rx_packets(&self) -> Result<u64> {
+        Ok(self.ingress.exec("cat /sys/class/net/eth0/statistics/rx_packets")?.trim().parse()?)
+    }
+
+    /// The backend whose server answered with `name`.
+    pub fn backend_named(&self, name: &str) -> Option<&BackendNode> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// UDP datagrams the backends' kernels dropped for a full socket buffer
+    /// (to tell a test's own losses from the dataplane's).
+    pub fn udp_rcvbuf_errors(&self) -> Result<u64> {
+        let mut total = 0;
+        for b in &self.backends {
+            let snmp = b.ns.exec("cat /proc/net/snmp")?;
+            let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+            let (names, values) = (udp.next().unwrap_or(""), udp.next().unwrap_or(""));
+            if let Some((_, v)) = names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(n, _)| *n == "RcvbufErrors")
+            {
+                total += v.parse::<u64>().unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Total UDP sequence numbers received by all backends.
+    pub fn udp_received(&self) -> usize {
+        self.backends.iter().map(|b| b.udp_seen.lock().unwrap().len()).sum()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+    }
+}
+
+/// Loads the equipment object and attaches its `pass` program to `port`
+/// in the lan namespace; the program stays attached while the result lives.
+fn lan_attach_pass(lan: &NetNs, port: &'static str) -> Result<Ebpf> {
+    lan.run(move || -> Result<Ebpf> {
+        let mut equipment = EbpfLoader::new().load(EQUIPMENT)?;
+        let prog: &mut Xdp = equipment.program_mut("pass").context("pass program")?.try_into()?;
+        prog.load()?;
+        prog.attach(port, XdpMode::Driver)?;
+        Ok(equipment)
+    })?
+}
+
+/// One line in, the backend's name out, until the client closes; an HTTP
+/// GET gets one HTTP response naming the backend.
+fn tcp_server(listener: TcpListener, name: &str, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let name = name.to_string();
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    let mut out = match stream.try_clone() {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    let mut lines = BufReader::new(stream);
+                    let mut line = String::new();
+                    while matches!(lines.read_line(&mut line), Ok(n) if n > 0) {
+                        if line.starts_with("GET ") {
+                            // Drain the request head, answer once, close.
+                            let mut h = String::new();
+                            while matches!(lines.read_line(&mut h), Ok(n) if n > 2) {
+                                h.clear();
+                            }
+                            let body = format!("served by {name}\n");
+                            let _ = write!(
+                                out,
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            return;
+                        }
+                        if writeln!(out, "{name}").is_err() {
+                            return;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// 32 MiB of receive buffer (beyond rmem_max, as root may), so a sink
+/// thread that loses its CPU for a moment does not drop datagrams: loss
+/// tests must measure the dataplane, not the test's own socket.
+fn big_receive_buffer(sock: &UdpSocket) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 32 << 20;
+    // SAFETY: setsockopt with a valid fd and a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_RCVBUFFORCE");
+    }
+    Ok(())
+}
+
+/// Records the 8-byte sequence number at the start of each datagram.
+fn udp_sink(sock: UdpSocket, seen: &Mutex<HashSet<u64>>, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 8 {
+                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                seen.lock().unwrap().insert(seq);
+            }
+        }
+    }
+}
