@@ -1,0 +1,380 @@
+//! The backend set of a service: which addresses get traffic, and whether
+//! each is ready, computed from plain inputs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use kube_dsr_crds::validation::{Family, parse_ip};
+use kube_dsr_crds::{DsrNodeReportSpec, DsrService};
+
+/// Node label giving a node's zone (copied onto endpoints for topology-aware consumers).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The pod behind a backend.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// One backend address for one VIP family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Where the ingress node sends the frame (its MAC is resolved from this).
+    pub address: IpAddr,
+    /// The VIP of the same family this backend serves.
+    pub vip: IpAddr,
+    /// Node the pod runs on; `None` for static backends.
+    pub node: Option<String>,
+    /// Zone of that node, when labelled.
+    pub zone: Option<String>,
+    /// `None` for static backends.
+    pub pod: Option<PodRef>,
+    /// Gets new flows: serving and not terminating.
+    pub ready: bool,
+    /// Would answer: pod Ready and VIP configured inside it.
+    pub serving: bool,
+    /// Pod is being deleted; existing flows drain, no new ones.
+    pub terminating: bool,
+}
+
+impl Backend {
+    pub fn family(&self) -> Family {
+        Family::of(&self.address)
+    }
+}
+
+/// Why a matching pod is not a backend (yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skipped {
+    /// Not scheduled or no IP yet.
+    NoAddress,
+    /// Finished (Succeeded or Failed).
+    Finished,
+    /// Shares the node's network namespace: setting the VIP on its loopback
+    /// would put it on the node itself.
+    HostNetwork,
+}
+
+/// Whether `labels` carry every key/value of `selector` (a Service-style
+/// equality selector). An empty selector matches nothing here: the API
+/// refuses it, and selecting every pod by accident is worse than none.
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let mut out: Vec<IpAddr> =
+        status.pod_ips.iter().flatten().filter_map(|p| parse_ip(&p.ip)).collect();
+    if out.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().and_then(parse_ip)
+    {
+        out.push(ip);
+    }
+    out
+}
+
+/// Classifies a pod the selector matched: its addresses, or why it has none.
+fn usable(pod: &Pod) -> Result<(String, Vec<IpAddr>), Skipped> {
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return Err(Skipped::HostNetwork);
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return Err(Skipped::Finished);
+    }
+    let node = spec.and_then(|s| s.node_name.clone()).ok_or(Skipped::NoAddress)?;
+    let addrs = pod_addresses(pod);
+    if addrs.is_empty() {
+        return Err(Skipped::NoAddress);
+    }
+    Ok((node, addrs))
+}
+
+/// Everything the backend set depends on, by reference.
+pub struct Inputs<'a> {
+    pub service: &'a DsrService,
+    /// Pods of any namespace; only those in the service's namespace whose
+    /// labels match the selector count.
+    pub pods: &'a [&'a Pod],
+    /// Nodes by name (for zones).
+    pub nodes: &'a BTreeMap<String, &'a Node>,
+    /// Agent reports by node name.
+    pub reports: &'a BTreeMap<String, &'a DsrNodeReportSpec>,
+}
+
+/// The desired backend set: one entry per (backend, VIP family), sorted by
+/// address. A pod backend is ready only when the pod is Ready and, unless
+/// the service opted out of loopback management, the agent on its node
+/// reports that VIP configured inside the pod. Static backends are ready as
+/// listed: no agent runs on them.
+pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
+    let svc = inputs.service;
+    let vips: BTreeMap<Family, IpAddr> =
+        svc.spec.vips.iter().filter_map(|v| parse_ip(v)).map(|a| (Family::of(&a), a)).collect();
+    let mut out = Vec::new();
+
+    if let Some(statics) = &svc.spec.backends {
+        for b in statics {
+            let Some(address) = parse_ip(&b.address) else { continue };
+            let Some(vip) = vips.get(&Family::of(&address)) else { continue };
+            out.push(Backend {
+                address,
+                vip: *vip,
+                node: None,
+                zone: None,
+                pod: None,
+                ready: true,
+                serving: true,
+                terminating: false,
+            });
+        }
+    }
+
+    if let Some(selector) = &svc.spec.selector {
+        let namespace = svc.namespace().unwrap_or_default();
+        for pod in inputs.pods {
+            if pod.namespace().as_deref() != Some(namespace.as_str())
+                || !selector_matches(selector, pod.labels())
+            {
+                continue;
+            }
+            let Ok((node, addrs)) = usable(pod) else { continue };
+            let Some(uid) = pod.uid() else { continue };
+            let terminating = pod.metadata.deletion_timestamp.is_some();
+            let ready_pod = pod_ready(pod);
+            let report = inputs.reports.get(&node);
+            let zone = inputs.nodes.get(&node).and_then(|n| n.labels().get(ZONE_LABEL).cloned());
+            for address in addrs {
+                let Some(vip) = vips.get(&Family::of(&address)) else { continue };
+                let vip_ok = !svc.spec.backend_setup.manage_loopback
+                    || report.is_some_and(|r| r.vip_configured(&uid, &vip.to_string()));
+                let serving = ready_pod && vip_ok;
+                out.push(Backend {
+                    address,
+                    vip: *vip,
+                    node: Some(node.clone()),
+                    zone: zone.clone(),
+                    pod: Some(PodRef {
+                        namespace: namespace.clone(),
+                        name: pod.name_any(),
+                        uid: uid.clone(),
+                    }),
+                    ready: serving && !terminating,
+                    serving,
+                    terminating,
+                });
+            }
+        }
+    }
+
+    out.sort_by_key(|b| b.address);
+    // Two pods cannot hold one address at once, except briefly when a pod
+    // IP is reused; keep the ready (or first) one so slices stay valid.
+    out.dedup_by(|later, kept| {
+        if later.address != kept.address {
+            return false;
+        }
+        if later.ready && !kept.ready {
+            std::mem::swap(later, kept);
+        }
+        true
+    });
+    out
+}
+
+/// Ready and total backends, counting a pod (or static address) once even
+/// when it serves both families; a dual-stack pod is ready when all its
+/// addresses are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ready: i32,
+    pub total: i32,
+}
+
+pub fn counts(backends: &[Backend]) -> Counts {
+    let mut by_backend: BTreeMap<String, bool> = BTreeMap::new();
+    for b in backends {
+        let key = match &b.pod {
+            Some(p) => format!("pod/{}", p.uid),
+            None => format!("addr/{}", b.address),
+        };
+        let e = by_backend.entry(key).or_insert(true);
+        *e &= b.ready;
+    }
+    let total = by_backend.len() as i32;
+    let ready = by_backend.values().filter(|r| **r).count() as i32;
+    Counts { ready, total }
+}
+
+/// Nodes that run backend pods of this set (agents there configure VIPs).
+pub fn backend_nodes(backends: &[Backend]) -> BTreeSet<&str> {
+    backends.iter().filter_map(|b| b.node.as_deref()).collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use kube_dsr_crds::StaticBackend;
+
+    fn run(svc: &DsrService, pods: &[Pod], reports: &[DsrNodeReportSpec]) -> Vec<Backend> {
+        let pods: Vec<&Pod> = pods.iter().collect();
+        let nodes_owned = [node("n1", true, &[(ZONE_LABEL, "z1")]), node("n2", true, &[])];
+        let nodes = nodes_owned.iter().map(|n| (n.name_any(), n)).collect();
+        let reports = reports.iter().map(|r| (r.node_name.clone(), r)).collect();
+        desired_backends(&Inputs { service: svc, pods: &pods, nodes: &nodes, reports: &reports })
+    }
+
+    #[test]
+    fn ready_needs_pod_ready_and_vip_configured_by_the_agent() {
+        let svc = service("web", &["192.0.2.10"], 1);
+        let pods = [
+            pod("a", "n1", &["10.0.0.1"], true),
+            pod("b", "n1", &["10.0.0.2"], true),
+            pod("c", "n2", &["10.0.0.3"], false),
+        ];
+        // Agent on n1 configured only pod a; n2 has configured c although c is not Ready.
+        let reports = [
+            report("n1", &[("uid-a", &["192.0.2.10"]), ("uid-b", &[])]),
+            report("n2", &[("uid-c", &["192.0.2.10"])]),
+        ];
+        let got = run(&svc, &pods, &reports);
+        let view: Vec<(String, bool, bool, bool)> = got
+            .iter()
+            .map(|b| (b.address.to_string(), b.ready, b.serving, b.terminating))
+            .collect();
+        assert_eq!(
+            view,
+            [
+                ("10.0.0.1".to_string(), true, true, false),
+                ("10.0.0.2".to_string(), false, false, false),
+                ("10.0.0.3".to_string(), false, false, false),
+            ]
+        );
+        assert_eq!(got[0].node.as_deref(), Some("n1"));
+        assert_eq!(got[0].zone.as_deref(), Some("z1"));
+        assert_eq!(got[0].pod.as_ref().unwrap().uid, "uid-a");
+        assert_eq!(counts(&got), Counts { ready: 1, total: 3 });
+    }
+
+    #[test]
+    fn without_a_report_nothing_is_ready_unless_loopback_is_unmanaged() {
+        let mut svc = service("web", &["192.0.2.10"], 1);
+        let pods = [pod("a", "n1", &["10.0.0.1"], true)];
+        assert!(!run(&svc, &pods, &[])[0].ready);
+        svc.spec.backend_setup.manage_loopback = false;
+        assert!(run(&svc, &pods, &[])[0].ready);
+    }
+
+    #[test]
+    fn terminating_pods_keep_serving_but_are_not_ready() {
+        let svc = service("web", &["192.0.2.10"], 1);
+        let mut p = pod("a", "n1", &["10.0.0.1"], true);
+        p.metadata.deletion_timestamp = Some(time(100));
+        let got = run(&svc, &[p], &[report("n1", &[("uid-a", &["192.0.2.10"])])]);
+        assert_eq!((got[0].ready, got[0].serving, got[0].terminating), (false, true, true));
+    }
+
+    #[test]
+    fn selector_namespace_phase_and_host_network_filter_pods() {
+        let svc = service("web", &["192.0.2.10"], 1);
+        let mut other_ns = pod("x", "n1", &["10.0.0.9"], true);
+        other_ns.metadata.namespace = Some("other".into());
+        let mut other_app = pod("y", "n1", &["10.0.0.8"], true);
+        other_app.metadata.labels = Some(BTreeMap::from([("app".into(), "db".into())]));
+        let mut done = pod("z", "n1", &["10.0.0.7"], false);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let mut host = pod("h", "n1", &["172.16.0.1"], true);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let pending = pod("p", "n1", &[], false);
+        let mut unscheduled = pod("u", "n1", &["10.0.0.6"], false);
+        unscheduled.spec.as_mut().unwrap().node_name = None;
+        let got = run(
+            &svc,
+            &[
+                other_ns,
+                other_app,
+                done,
+                host,
+                pending,
+                unscheduled,
+                pod("a", "n1", &["10.0.0.1"], true),
+            ],
+            &[],
+        );
+        assert_eq!(got.iter().map(|b| b.address.to_string()).collect::<Vec<_>>(), ["10.0.0.1"]);
+        assert_eq!(usable(&pod("p", "n1", &[], false)), Err(Skipped::NoAddress));
+    }
+
+    #[test]
+    fn dual_stack_pods_give_one_backend_per_family_and_count_once() {
+        let svc = service("web", &["192.0.2.10", "2001:db8::10"], 1);
+        let pods = [pod("a", "n1", &["10.0.0.1", "fd00::1"], true)];
+        let reports = [report("n1", &[("uid-a", &["192.0.2.10"])])];
+        let got = run(&svc, &pods, &reports);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].vip.to_string(), "192.0.2.10");
+        assert!(got[0].ready);
+        assert_eq!(got[1].vip.to_string(), "2001:db8::10");
+        assert!(!got[1].ready, "IPv6 VIP not configured yet");
+        assert_eq!(counts(&got), Counts { ready: 0, total: 1 });
+    }
+
+    #[test]
+    fn single_stack_service_ignores_other_family_pod_addresses() {
+        let svc = service("web", &["2001:db8::10"], 1);
+        let got = run(&svc, &[pod("a", "n1", &["10.0.0.1", "fd00::1"], true)], &[]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].address.to_string(), "fd00::1");
+    }
+
+    #[test]
+    fn static_backends_are_ready_as_listed() {
+        let mut svc = service("ext", &["192.0.2.10"], 1);
+        svc.spec.selector = None;
+        svc.spec.backends = Some(vec![
+            StaticBackend { address: "192.0.2.22".into() },
+            StaticBackend { address: "192.0.2.21".into() },
+        ]);
+        let got = run(&svc, &[pod("a", "n1", &["10.0.0.1"], true)], &[]);
+        let view: Vec<(String, bool, Option<String>)> =
+            got.iter().map(|b| (b.address.to_string(), b.ready, b.node.clone())).collect();
+        assert_eq!(
+            view,
+            [("192.0.2.21".to_string(), true, None), ("192.0.2.22".to_string(), true, None)]
+        );
+        assert_eq!(counts(&got), Counts { ready: 2, total: 2 });
+    }
+
+    #[test]
+    fn a_reused_address_keeps_the_ready_pod() {
+        let svc = service("web", &["192.0.2.10"], 1);
+        let pods = [pod("old", "n1", &["10.0.0.1"], false), pod("new", "n1", &["10.0.0.1"], true)];
+        let got = run(&svc, &pods, &[report("n1", &[("uid-new", &["192.0.2.10"])])]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].pod.as_ref().unwrap().name, "new");
+    }
+
+    #[test]
+    fn empty_selector_matches_nothing() {
+        let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        assert!(!selector_matches(&BTreeMap::new(), &labels));
+        assert!(selector_matches(&labels, &labels));
+    }
+}

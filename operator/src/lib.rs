@@ -1,0 +1,20 @@
+//! `dsr-operator`: turns DsrServices, the pods they select, Nodes and the
+//! agents' reports into backend sets (EndpointSlices), status and events.
+//!
+//! The decisions are pure functions, each in its own module and tested on
+//! its own: [`backends`] (who serves, who is ready), [`ingress`] (where
+//! traffic enters, who announces each VIP), [`conflicts`] (who owns a
+//! VIP:port), [`slices`] (the EndpointSlices) and [`status`] (conditions and
+//! events). [`controller`] is the thin I/O shell around them.
+
+pub mod backends;
+pub mod conflicts;
+pub mod error;
+pub mod ingress;
+pub mod slices;
+pub mod status;
+
+pub use error::Error;
+
+#[cfg(test)]
+pub(crate) mod testutil;
