@@ -7,10 +7,15 @@
 //! VIP:port), [`slices`] (the EndpointSlices) and [`status`] (conditions and
 //! events). [`controller`] is the thin I/O shell around them.
 
+pub mod app;
 pub mod backends;
 pub mod conflicts;
+pub mod controller;
 pub mod error;
+pub mod http;
 pub mod ingress;
+pub mod leader;
+pub mod metrics;
 pub mod slices;
 pub mod status;
 

@@ -1,6 +1,62 @@
-//! `dsr-operator` is still a stub: the operator issue fills it.
+//! `dsr-operator`: flags and logging; everything else is in the library.
 
-fn main() {
-    eprintln!("dsr-operator is not implemented yet; see the operator issue");
-    std::process::exit(2);
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use kube_dsr_operator::app::{self, Config, LeaseConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Kubernetes operator for kube-dsr (Direct Server Return load balancing).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "DSR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "DSR_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Run without leader election (one replica only).
+    #[arg(long, env = "DSR_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-dsr")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "DSR_LEASE_NAME", default_value = "dsr-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (defaults to the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds the lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Seconds before expiry at which the leader renews.
+    #[arg(long, default_value_t = 5)]
+    lease_grace: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
+    let lease = (!args.no_leader_election).then(|| LeaseConfig {
+        namespace: args.lease_namespace,
+        name: args.lease_name,
+        identity: args.identity.unwrap_or_else(|| format!("dsr-operator-{}", std::process::id())),
+        duration: args.lease_duration,
+        grace: args.lease_grace,
+    });
+    app::run(Config { http_addr: args.http_addr, lease }).await.context("dsr-operator failed")
 }

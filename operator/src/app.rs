@@ -1,0 +1,140 @@
+//! Process wiring: signals, HTTP endpoints, API client, leader election and
+//! the controller. `main` only parses flags and sets up logging.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::controller::{self, FIELD_MANAGER};
+use crate::error::Error;
+use crate::http::{self, Health};
+use crate::leader::{self, Outcome};
+use crate::metrics::Metrics;
+
+/// Leader election settings.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// Unique per replica (the pod name).
+    pub identity: String,
+    /// Seconds a lease is valid without renewal.
+    pub duration: u64,
+    /// Seconds before expiry at which the holder renews.
+    pub grace: u64,
+}
+
+/// What `main` passes in.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub http_addr: SocketAddr,
+    /// `None` runs without leader election (a single replica, or development).
+    pub lease: Option<LeaseConfig>,
+}
+
+/// Resolves once `rx` turns true (or its sender is gone).
+async fn when_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Turns SIGTERM / SIGINT into `true` on the returned channel.
+fn shutdown_signal() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    let (tx, rx) = watch::channel(false);
+    let signal_tx = tx.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = term => info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        }
+        let _ = signal_tx.send(true);
+    });
+    (tx, rx)
+}
+
+/// Runs the operator until SIGTERM (`Ok`) or until the lease is lost
+/// (`Err(LostLease)`, so the process restarts as a follower).
+pub async fn run(config: Config) -> Result<(), Error> {
+    let (shutdown_tx, shutdown_rx) = shutdown_signal();
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health { metrics: Arc::clone(&metrics), ready: false.into() });
+    let server =
+        http::serve(config.http_addr, Arc::clone(&health), when_true(shutdown_rx.clone())).await?;
+    let server = tokio::spawn(server);
+    info!(addr = %config.http_addr, "serving /metrics, /healthz, /readyz");
+
+    let client = Client::try_default().await.map_err(|source| Error::Kube {
+        action: "build client from kubeconfig or service account",
+        source,
+    })?;
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|source| Error::Kube { action: "get API server version", source })?;
+    info!(version = %version.git_version, "connected to the API server");
+    health.ready.store(true, Ordering::Relaxed);
+
+    let outcome = match &config.lease {
+        Some(lease) => {
+            let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
+                .with_namespace(&lease.namespace)
+                .with_identity(&lease.identity)
+                .with_duration(lease.duration)
+                .with_grace(lease.grace)
+                .with_field_manager(format!("{FIELD_MANAGER}-lease"))
+                .build()
+                .await
+                .map_err(Error::Lease)?;
+            info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the leader lease");
+            let (leader_rx, lease_task) = manager.watch().await;
+            let m = Arc::clone(&metrics);
+            let outcome = leader::lead(
+                leader_rx,
+                shutdown_rx.clone(),
+                move |is| m.set_leader(is),
+                |stop| controller::run(client.clone(), Arc::clone(&metrics), stop),
+            )
+            .await;
+            // `lead` dropped the receiver: the lease manager releases the
+            // lease (if held) and ends, so a successor need not wait.
+            match lease_task.await {
+                Ok(Ok(_)) => info!("leader lease released"),
+                Ok(Err(e)) => error!(error = %e, "releasing the leader lease failed"),
+                Err(e) => error!(error = %e, "lease task failed"),
+            }
+            outcome
+        }
+        None => {
+            metrics.set_leader(true);
+            controller::run(client, Arc::clone(&metrics), when_true(shutdown_rx.clone())).await;
+            Outcome::Shutdown
+        }
+    };
+
+    health.ready.store(false, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "HTTP server failed"),
+        Err(e) => error!(error = %e, "HTTP server task failed"),
+    }
+    match outcome {
+        Outcome::LostLease => Err(Error::LostLease),
+        Outcome::Shutdown | Outcome::WorkEnded => Ok(()),
+    }
+}
