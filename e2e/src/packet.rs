@@ -46,7 +46,7 @@ pub struct V4Opts {
 
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8], o: &V4Opts) -> Vec<u8> {
     let mut opts = o.options.clone();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let ihl = 5 + opts.len() / 4;

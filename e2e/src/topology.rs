@@ -297,11 +297,11 @@ fn big_receive_buffer(sock: &UdpSocket) -> Result<()> {
 fn udp_sink(sock: UdpSocket, seen: &Mutex<HashSet<u64>>, stop: &AtomicBool) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if n >= 8 {
-                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
-                seen.lock().unwrap().insert(seq);
-            }
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && n >= 8
+        {
+            let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+            seen.lock().unwrap().insert(seq);
         }
     }
 }

@@ -54,7 +54,7 @@ pub const PROGRAM_NAME: &str = "kube_dsr";
 pub const DEFAULT_MAX_VIPS: u32 = 1024;
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
-pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 20;
+pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 18;
 
 // IPv4 and IPv6 keep separate VIP and connection maps: the kernel hashes a
 // whole key per lookup (jhash2 over its words), and an IPv4 key of 2 or 3

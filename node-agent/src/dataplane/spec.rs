@@ -257,7 +257,8 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused_with_a_reason() {
-        let cases: Vec<(fn(&mut ServiceSpec), &str)> = vec![
+        type Mutation = fn(&mut ServiceSpec);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|s| s.name.clear(), "name"),
             (|s| s.table_size = 1000, "table size"),
             (|s| s.ports.clear(), "no ports"),
