@@ -22,4 +22,6 @@ pub mod status;
 pub use error::Error;
 
 #[cfg(test)]
+mod scenarios;
+#[cfg(test)]
 pub(crate) mod testutil;
