@@ -138,14 +138,6 @@ impl Maps {
         self.set_backend(id, &b)
     }
 
-    /// The first free backend slot not in `claimed`, with its generation.
-    pub fn free_backend(&self, claimed: &[u32]) -> Option<(u32, u32)> {
-        (0..self.backends.len()).find_map(|id| {
-            let b = self.backends.get(&id, 0).ok()?;
-            (b.flags & BACKEND_IN_USE == 0 && !claimed.contains(&id)).then_some((id, b.generation))
-        })
-    }
-
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         let mut out = Vec::new();
         for id in 0..self.backends.len() {

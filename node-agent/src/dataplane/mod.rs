@@ -13,7 +13,7 @@ pub mod spec;
 mod sys;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{Ordering, fence},
@@ -283,6 +283,7 @@ impl Dataplane {
         })?;
 
         let services = read_back(&maps)?;
+        sweep_orphans(&mut maps, &services)?;
         info!(
             interface = %cfg.interface,
             mode = attached.as_str(),
@@ -330,30 +331,57 @@ impl Dataplane {
             }
         };
 
-        // Backend slots: reuse the ones of backends that stay.
-        let mut ids = Vec::with_capacity(spec.backends.len());
-        let mut claimed = Vec::new();
+        // Backend slots: backends that stay keep theirs (and their flows);
+        // new ones get free slots. Everything is allocated before anything
+        // is written, so running out leaves the dataplane as it was.
+        let mut in_use: HashSet<u32> =
+            self.services.values().flat_map(|s| s.ids.iter().copied()).collect();
+        let max_backends = self.maps.max_backends();
+        let mut slots = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
-            let reuse = old.as_ref().and_then(|o| {
+            let kept = old.as_ref().and_then(|o| {
                 o.spec.backends.iter().position(|ob| ob.addr == b.addr).map(|i| o.ids[i])
             });
-            let (id, generation) = match reuse {
-                Some(id) => (id, self.maps.backend(id)?.generation),
-                None => match self.maps.free_backend(&claimed) {
-                    Some((id, previous)) => {
-                        self.maps.reset_backend_stats(id)?;
-                        (id, next_generation(previous))
-                    }
-                    None => {
-                        return Err(Error::BackendsFull {
-                            service: spec.name.clone(),
-                            addr: b.addr,
-                            max: self.maps.max_backends(),
-                        });
-                    }
-                },
+            let slot = match kept {
+                Some(id) => (id, false),
+                None => {
+                    let id =
+                        (0..max_backends).find(|id| !in_use.contains(id)).ok_or_else(|| {
+                            Error::BackendsFull {
+                                service: spec.name.clone(),
+                                addr: b.addr,
+                                max: max_backends,
+                            }
+                        })?;
+                    (id, true)
+                }
             };
-            claimed.push(id);
+            in_use.insert(slot.0);
+            slots.push(slot);
+        }
+        if old.is_none() {
+            // Claim the service first: a crash from here on leaves a named
+            // service that a restart reads back and can finish or remove.
+            let claim = Installed {
+                svc_id,
+                spec: ServiceSpec { ports: Vec::new(), backends: Vec::new(), ..spec.clone() },
+                ids: Vec::new(),
+                current_row: 0,
+                has_table: false,
+                previous: None,
+                changed_at: Instant::now(),
+            };
+            self.maps.set_service(svc_id, &claim.slot())?;
+        }
+        let mut ids = Vec::with_capacity(slots.len());
+        for (b, &(id, new)) in spec.backends.iter().zip(&slots) {
+            let previous = self.maps.backend(id)?.generation;
+            let generation = if new {
+                self.maps.reset_backend_stats(id)?;
+                next_generation(previous)
+            } else {
+                previous
+            };
             let value = backend_value(b, svc_id, generation, self.ifindex, self.mac);
             self.maps.set_backend(id, &value)?;
             ids.push(id);
@@ -480,6 +508,12 @@ impl Dataplane {
             .ok_or_else(|| Error::UnknownBackend { service: name.to_string(), addr })?;
         b.draining = draining;
         self.upsert_service(&spec)
+    }
+
+    /// The ring rows a service uses: current, and previous while it is kept
+    /// (diagnostics: a row changes only when the table changes).
+    pub fn service_rows(&self, name: &str) -> Option<(u32, Option<u32>)> {
+        self.services.get(name).map(|s| (s.current_row, s.previous.map(|p| p.0)))
     }
 
     /// Packets and bytes forwarded for a service (summed over CPUs).
@@ -626,6 +660,25 @@ fn backend_value(
         family,
         _pad: [0; 7],
     }
+}
+
+/// Removes what a crash mid-update can leave behind: VIP entries and
+/// backend slots of a service that is not (or no longer) claimed.
+fn sweep_orphans(maps: &mut maps::Maps, services: &BTreeMap<String, Installed>) -> Result<()> {
+    let live: HashSet<u32> = services.values().map(|s| s.svc_id).collect();
+    for (key, value) in maps.vips()? {
+        if !live.contains(&value.svc_id) {
+            warn!(?key, svc_id = value.svc_id, "removing an orphaned VIP entry");
+            maps.remove_vip(&key)?;
+        }
+    }
+    for (id, b) in maps.backends()? {
+        if !live.contains(&b.svc_id) {
+            warn!(backend = id, svc_id = b.svc_id, "releasing an orphaned backend slot");
+            maps.release_backend(id)?;
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds the programmed services from the pinned maps.
