@@ -6,12 +6,11 @@
 //! must fail with the message the user will see; each manifest is also run
 //! through the Rust validation, which must agree.
 
-use kube::core::cel::Validator;
 use kube_dsr_crds::DsrService;
 use kube_dsr_crds::validation::{validate_name, validate_spec};
 use serde_json::Value;
 
-mod structural;
+mod apiserver;
 
 fn openapi_schema() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dsrservice.yaml");
@@ -30,19 +29,6 @@ fn manifest(name: &str, spec: &str) -> Value {
 
 fn indent(s: &str) -> String {
     s.trim_matches('\n').lines().map(|l| format!("  {l}\n")).collect()
-}
-
-/// Every message the apiserver would return: schema errors, and CEL errors
-/// unless a schema error blocks CEL evaluation.
-fn apiserver_messages(schema: &Value, obj: &Value) -> Vec<String> {
-    let mut errs = structural::validate(schema, obj);
-    if structural::blocks_cel(&errs) {
-        return errs;
-    }
-    if let Err(cel) = Validator::new().validate(schema, obj, None) {
-        errs.extend(cel.iter().map(|e| e.message.clone()));
-    }
-    errs
 }
 
 /// Messages from the Rust validation, for objects that deserialize.
@@ -337,7 +323,7 @@ fn manifest_table_against_generated_crd() {
     let mut failures = Vec::new();
     for (case, name, spec, want) in &cases {
         let obj = manifest(name, spec);
-        let got = apiserver_messages(&schema, &obj);
+        let got = apiserver::messages(&schema, &obj);
         match want {
             None if !got.is_empty() => failures.push(format!("{case}: refused: {got:?}")),
             Some(frag) if !got.iter().any(|m| m.contains(frag)) => {
@@ -357,7 +343,7 @@ fn manifest_table_against_generated_crd() {
                 }
                 Some(_) if rust.is_empty() => failures.push(format!("{case}: Rust accepted")),
                 Some(_) => {
-                    let schema_errs = structural::validate(&schema, &obj);
+                    let schema_errs = apiserver::validate(&schema, &obj);
                     for m in got.iter().filter(|m| !schema_errs.contains(m)) {
                         if !rust.contains(m) {
                             failures.push(format!("{case}: Rust lacks {m:?}, has {rust:?}"));

@@ -1,16 +1,31 @@
-//! The part of apiserver validation that comes from the OpenAPI schema of a
-//! structural CRD, with the apiserver's wording: types, required fields,
-//! unknown fields (strict field validation), enums, numeric bounds, string
-//! and list lengths, and `x-kubernetes-list-type` uniqueness. CEL rules are
-//! evaluated separately, by the CEL library.
+//! What the apiserver checks when a custom resource is created. The OpenAPI
+//! schema part (types, required fields, unknown fields as under strict field
+//! validation, enums, numeric bounds, string and list lengths,
+//! `x-kubernetes-list-type` uniqueness) is checked here with the
+//! apiserver's wording; the CEL rules are evaluated by kube-cel, a CEL
+//! library with the Kubernetes extension functions.
 
+use kube::core::cel::Validator;
 use serde_json::Value;
+
+/// Every message the apiserver would return for creating `obj`: schema
+/// errors, and CEL errors unless a schema error blocks CEL evaluation.
+pub fn messages(schema: &Value, obj: &Value) -> Vec<String> {
+    let mut errs = validate(schema, obj);
+    if blocks_cel(&errs) {
+        return errs;
+    }
+    if let Err(cel) = Validator::new().validate(schema, obj, None) {
+        errs.extend(cel.iter().map(|e| e.message.clone()));
+    }
+    errs
+}
 
 /// Whether the apiserver skips CEL evaluation because of `errs`: it does so
 /// for values of the wrong type and values outside an enum, which CEL could
 /// not evaluate meaningfully; other schema errors are reported together with
 /// the CEL ones.
-pub fn blocks_cel(errs: &[String]) -> bool {
+fn blocks_cel(errs: &[String]) -> bool {
     errs.iter().any(|e| e.contains("must be of type") || e.contains("Unsupported value"))
 }
 
