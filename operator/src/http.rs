@@ -64,3 +64,35 @@ pub async fn serve(
             .map_err(|source| Error::Http { addr, source })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(health: &Arc<Health>, path: &str) -> (StatusCode, String) {
+        let resp = router(Arc::clone(health))
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let health =
+            Arc::new(Health { metrics: Arc::new(Metrics::default()), ready: false.into() });
+        assert_eq!(get(&health, "/healthz").await, (StatusCode::OK, "ok".into()));
+        assert_eq!(get(&health, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        health.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(&health, "/readyz").await, (StatusCode::OK, "ok".into()));
+        let (status, body) = get(&health, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("kubedsr_operator_reconciles_total 0"), "{body}");
+        assert!(body.ends_with("# EOF\n"));
+    }
+}

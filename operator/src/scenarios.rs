@@ -53,6 +53,25 @@ impl World {
     fn handle(&mut self, method: Method, path: String, body: Value) -> (u16, Value) {
         self.calls.push(Call { method: method.clone(), path: path.clone(), body: body.clone() });
         let p = path.split('?').next().unwrap();
+        if method == Method::GET {
+            let items: Vec<Value> = if p.ends_with("/dsrservices") {
+                self.services.values().map(|o| serde_json::to_value(o).unwrap()).collect()
+            } else if p.ends_with("/pods") {
+                self.pods.values().map(|o| serde_json::to_value(o).unwrap()).collect()
+            } else if p.ends_with("/nodes") {
+                self.nodes.iter().map(|o| serde_json::to_value(o).unwrap()).collect()
+            } else if p.ends_with("/dsrnodereports") {
+                self.reports.iter().map(|o| serde_json::to_value(o).unwrap()).collect()
+            } else if p.ends_with("/endpointslices") {
+                self.slices.values().map(|o| serde_json::to_value(o).unwrap()).collect()
+            } else {
+                panic!("unexpected list {path}")
+            };
+            return (
+                200,
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            );
+        }
         match method {
             Method::PATCH if p.contains("/endpointslices/") => {
                 let mut slice: EndpointSlice = serde_json::from_value(body).unwrap();
@@ -268,6 +287,87 @@ impl Harness {
 
 fn s(v: &str) -> String {
     v.to_string()
+}
+
+/// The whole controller: it lists every kind, reconciles the service once
+/// its caches are synced, and stops when told to.
+#[tokio::test]
+async fn controller_lists_reconciles_and_shuts_down() {
+    let h = Harness::new();
+    h.add_service(service("web", &["192.0.2.10"], 100));
+    h.add_pod(pod("a", "n1", &["10.0.0.1"], true));
+    h.agents_report_everything();
+
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let world = Arc::clone(&h.world);
+    let server = tokio::spawn(async move {
+        // Watches get no answer: they stay open and quiet, like a real
+        // watch on an idle cluster.
+        let mut open_watches = Vec::new();
+        while let Some((req, respond)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let path = parts.uri.path_and_query().unwrap().to_string();
+            if path.contains("watch=true") {
+                open_watches.push(respond);
+                continue;
+            }
+            let bytes = body.collect_bytes().await.unwrap();
+            let json: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            let (code, answer) = world.lock().unwrap().handle(parts.method, path, json);
+            respond.send_response(
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let client = Client::new(mock, "default");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let run =
+        tokio::spawn(crate::controller::run(client, Arc::new(Metrics::default()), async move {
+            let _ = stop_rx.wait_for(|v| *v).await;
+        }));
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.with(|w| w.services["web"].status.is_none()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no status written; calls: {:?}",
+            h.with(|w| w.writes())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.slices()["web-v4-0"], [(s("10.0.0.1"), true)]);
+    assert_eq!(h.condition("web", conditions::PROGRAMMED), (s("True"), s(reasons::PROGRAMMED)));
+    let lists: Vec<String> = h.with(|w| {
+        w.calls
+            .iter()
+            .filter(|c| c.method == Method::GET)
+            .map(|c| c.path.split('?').next().unwrap().to_string())
+            .collect()
+    });
+    for kind in ["/pods", "/nodes", "/dsrnodereports", "/endpointslices", "/dsrservices"] {
+        assert!(lists.iter().any(|p| p.ends_with(kind)), "{kind} not listed: {lists:?}");
+    }
+    let slice_list = h.with(|w| {
+        w.calls.iter().find(|c| c.path.contains("/endpointslices?")).unwrap().path.clone()
+    });
+    assert!(
+        slice_list.contains("labelSelector=endpointslice.kubernetes.io%2Fmanaged-by%3Dkubedsr.io"),
+        "{slice_list}"
+    );
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), run)
+        .await
+        .expect("controller stops")
+        .unwrap();
+    server.abort();
 }
 
 #[tokio::test]
