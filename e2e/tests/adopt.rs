@@ -112,7 +112,7 @@ fn restart_reads_back_every_service_and_reapplying_is_a_no_op() {
     assert_eq!(after.1, Some(rows.0), "the replaced table becomes the previous one");
     assert_ne!(after.0, rows.0);
     assert_ne!(Some(after.0), rows.1, "the new table is written into the idle row");
-    assert_eq!(dp.settle(std::time::Duration::ZERO).unwrap(), 1);
+    assert_eq!(dp.settle(std::time::Duration::ZERO).unwrap().previous_dropped, 1);
     assert_eq!(dp.service_rows("a/web/v4").unwrap().1, None);
     dp.remove_service("a/empty/v4").unwrap();
     drop(dp);

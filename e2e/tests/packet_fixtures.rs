@@ -522,18 +522,34 @@ fn packet_fixtures() {
             tx("and pinned there", established.clone(), "fwd_conn_hit", now_to),
         ],
     );
-    // Once settled, flows that never needed pinning follow Maglev alone.
-    assert_eq!(env.dp.settle(std::time::Duration::ZERO).unwrap(), 1);
+    // Settling drops the previous table and collects pins that are stale or
+    // redundant (the current table gives the same backend); the service is
+    // then unpinned and its packets skip the connection table.
+    let settled = env.dp.settle(std::time::Duration::ZERO).unwrap();
+    assert_eq!(settled.previous_dropped, 1, "{settled:?}");
+    assert_eq!(settled.unpinned_services, 1, "{settled:?}");
+    assert!(settled.pins_removed >= 2, "{settled:?}");
     let late = tcp_frame(dut, CLIENT_MAC, (client, 43000), (dvip, 8080), 0x10);
     total += check(
         &env,
-        vec![tx(
-            "settled: no previous table",
-            late,
-            "fwd_maglev",
-            predict(&drain, client, 43000, 8080, PROTO_TCP),
-        )],
+        vec![
+            tx(
+                "settled: a new flow follows Maglev",
+                late,
+                "fwd_maglev",
+                predict(&drain, client, 43000, 8080, PROTO_TCP),
+            ),
+            tx(
+                "settled: the collected pin's flow stays put",
+                established.clone(),
+                "fwd_maglev",
+                now_to,
+            ),
+        ],
     );
+    // The pin-all service keeps its pins through a settle.
+    let q = udp_frame(dut, CLIENT_MAC, (client, 5353), (v4("192.0.2.50"), 53), b"q");
+    total += check(&env, vec![tx("pin-all pins survive settling", q, "fwd_conn_hit", q_to)]);
 
     // A backend behind another interface is redirected there, with that
     // interface's MAC as the source.

@@ -106,7 +106,7 @@ pub struct VipValue {
     pub prev_base: u32,
     /// 0: no previous table (settled), every flow follows the current one.
     pub prev_size: u32,
-    /// `VIP_PIN_ALL`, or 0.
+    /// `VIP_PIN_ALL`, `VIP_PINS`.
     pub flags: u32,
 }
 
@@ -114,6 +114,13 @@ pub struct VipValue {
 /// changed (Katran's behaviour): UDP flows then keep their backend exactly
 /// through drains, at the price of a table insert per new flow.
 pub const VIP_PIN_ALL: u32 = 1;
+
+/// The connection table may hold pins for this service. Without it a packet
+/// skips the connection table: user space clears it only once the service
+/// is settled (no previous table, no pin-all) and a sweep found no pin left
+/// (see the agent's `Dataplane::settle`); in that state the kernel creates
+/// no pins, so nothing can appear behind the sweep's back.
+pub const VIP_PINS: u32 = 2;
 const _: () = assert!(core::mem::size_of::<VipValue>() == 24);
 
 /// Key of the IPv4 connection table: the client side of a flow plus the

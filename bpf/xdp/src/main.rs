@@ -26,8 +26,8 @@ use aya_ebpf::{
 use kube_dsr_common::{
     BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, DEFAULT_CONN_ENTRIES,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW,
-    ROWS_PER_SERVICE, ServiceSlot, Traffic, VIP_PIN_ALL, VipKey4, VipKey6, VipValue, flow_hash,
-    reason, svc_proto,
+    ROWS_PER_SERVICE, ServiceSlot, Traffic, VIP_PIN_ALL, VIP_PINS, VipKey4, VipKey6, VipValue,
+    flow_hash, reason, svc_proto,
 };
 use parse::{Flow, Parsed, V4, V6};
 
@@ -219,12 +219,15 @@ fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
 #[inline(always)]
 fn pick<K: Keys>(vip: &VipValue, flow: &Flow<K>) -> Option<(u32, Backend, u32)> {
     let key = flow.keys.conn(vip.svc_id);
-    if let Some(conn) = K::pinned(&key) {
-        if let Some(b) = BACKENDS.get(conn.backend_id) {
-            if b.generation == conn.backend_gen && b.flags & BACKEND_IN_USE != 0 {
-                let why = if flow.icmp { reason::FWD_ICMP } else { reason::FWD_CONN_HIT };
-                return Some((conn.backend_id, *b, why));
-            }
+    if vip.flags & VIP_PINS != 0
+        && let Some(conn) = K::pinned(&key)
+    {
+        if let Some(b) = BACKENDS.get(conn.backend_id)
+            && b.generation == conn.backend_gen
+            && b.flags & BACKEND_IN_USE != 0
+        {
+            let why = if flow.icmp { reason::FWD_ICMP } else { reason::FWD_CONN_HIT };
+            return Some((conn.backend_id, *b, why));
         }
         // Stale: the backend left. Decide again below.
     }

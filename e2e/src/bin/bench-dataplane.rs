@@ -175,11 +175,16 @@ fn service(args: &Args, set: u8, pin_all_flows: bool) -> ServiceSpec {
     }
 }
 
-/// Share of the packets counted under `reason` between two snapshots.
-fn share(before: &[(&str, u64)], after: &[(&str, u64)], reason: &str) -> f64 {
+/// Share of the packets counted under reasons starting with `prefix`
+/// between two snapshots.
+fn share(before: &[(&str, u64)], after: &[(&str, u64)], prefix: &str) -> f64 {
     let total: u64 = before.iter().zip(after).map(|(b, a)| a.1 - b.1).sum();
-    let hit: u64 =
-        before.iter().zip(after).filter(|(b, _)| b.0 == reason).map(|(b, a)| a.1 - b.1).sum();
+    let hit: u64 = before
+        .iter()
+        .zip(after)
+        .filter(|(b, _)| b.0.starts_with(prefix))
+        .map(|(b, a)| a.1 - b.1)
+        .sum();
     hit as f64 / total.max(1) as f64
 }
 
@@ -228,6 +233,8 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
     let mut hit_share = Vec::new();
     let mut miss_share = Vec::new();
     let mut pin_all = Vec::new();
+    let mut change = Vec::new();
+    let mut change_share = Vec::new();
     let mut pin_all_share = Vec::new();
     let mut ns_floor = 0.0;
     let mut ns_hit = 0.0;
@@ -260,8 +267,10 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         let c1 = dp.reason_counts()?;
         hit_share.push(share(&c0, &c1, "fwd_conn_hit"));
 
-        // (c) new flows, settled service: Maglev alone, no insert.
-        dp.settle(Duration::ZERO)?;
+        // (c) new flows, settled service (no previous table, pins collected):
+        // Maglev alone, no connection-table lookup, no insert.
+        let settled = dp.settle(Duration::ZERO)?;
+        assert_eq!(settled.unpinned_services, 1, "{settled:?}");
         bench.configure(MODE_NEW, 0)?;
         miss.push(bench.live(&tmpl, args.frames)?);
         let c2 = dp.reason_counts()?;
@@ -275,11 +284,22 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
             ns_maglev = ns_per_packet(prog, &tmpl, args.repeat)?;
         }
 
+        // (e) new flows right after one backend of the 100 starts draining:
+        // the previous table is kept, every packet looks in the connection
+        // table, and the ~1 % of flows whose slot moved are pinned.
+        let mut draining = service(args, 1, false);
+        draining.backends[0].draining = true;
+        dp.upsert_service(&draining)?;
+        change.push(bench.live(&tmpl, args.frames)?);
+        let c25 = dp.reason_counts()?;
+        change_share.push(share(&c2, &c25, "fwd_maglev"));
+        let c2 = c25;
+
         // (d) new flows with every flow pinned (Katran's behaviour).
         dp.upsert_service(&service(args, 1, true))?;
         pin_all.push(bench.live(&tmpl, args.frames)?);
         let c3 = dp.reason_counts()?;
-        pin_all_share.push(share(&c2, &c3, "fwd_pinned_current"));
+        pin_all_share.push(share(&c2, &c3, "fwd_pinned_"));
 
         if round == 0 {
             // ns/packet, non-live: a second load of the object on the same
@@ -314,10 +334,11 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
     Ok(format!(
         "cpu={cpu} (SCHED_FIFO) rounds={} frames_per_measurement={} backends={} hit_flows={}\n\
          reason shares (must be ~1): hit=fwd_conn_hit {:.4}, miss=fwd_maglev {:.4}, \
-         pin_all=fwd_pinned_current {:.4}\n\
+         pin_all=fwd_pinned_* {:.4}\n\
          ns_per_packet (BPF_PROG_TEST_RUN): floor={ns_floor:.1} hit={ns_hit:.1} \
          maglev={ns_maglev:.1} (repeat={}); floor_single={ns_floor_single:.1} pin_all_miss_single={ns_miss:.1} \
          (20000 single runs)\n\
+         change_miss_mpps={:.3} change_miss_ratio={:.3} (fwd_maglev share {:.4}, rest pinned)\n\
          pin_all_miss_mpps={:.3} pin_all_miss_ratio={:.3}\n\
          floor_mpps={:.3} hit_mpps={:.3} miss_mpps={:.3} hit_ratio={:.3} miss_ratio={:.3}",
         args.rounds,
@@ -328,6 +349,9 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         median(miss_share),
         median(pin_all_share),
         args.repeat,
+        mpps(median(change.clone())),
+        median(change.clone()) / f,
+        median(change_share),
         mpps(p),
         p / f,
         mpps(f),

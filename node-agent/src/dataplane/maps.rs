@@ -11,10 +11,25 @@ use kube_dsr_common::{
     BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_CONNS4, MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS,
     MAP_VIPS4, MAP_VIPS6, Meta, SERVICE_IN_USE, ServiceSlot, Traffic, VipKey4, VipKey6, VipValue,
+    flow_hash,
 };
 
 use super::{spec::VipKey, sys::MappedU32s};
 use crate::error::{Error, Result};
+
+/// A connection-table entry, with what a sweep needs to judge it.
+pub struct Pin {
+    pub key: PinKey,
+    pub svc_id: u32,
+    /// The flow's Maglev hash (as the XDP program computes it).
+    pub hash: u32,
+    pub value: ConnValue,
+}
+
+pub enum PinKey {
+    V4(ConnKey4),
+    V6(ConnKey6),
+}
 
 pub struct Maps {
     vips4: HashMap<MapData, VipKey4, VipValue>,
@@ -197,6 +212,42 @@ impl Maps {
     pub fn counter(&self, reason: u32) -> Result<u64> {
         let v = self.counters.get(&reason, 0).map_err(wrap(MAP_COUNTERS))?;
         Ok(v.iter().sum())
+    }
+
+    /// Every connection-table entry of both families.
+    pub fn pins(&self) -> Result<Vec<Pin>> {
+        let mut out = Vec::new();
+        for entry in self.conns4.iter() {
+            let (k, value) = entry.map_err(wrap(MAP_CONNS4))?;
+            let hash = flow_hash(&[k.saddr, 0, 0, 0], k.sport, k.dport, k.svc_proto as u8);
+            out.push(Pin { key: PinKey::V4(k), svc_id: k.svc_proto >> 8, hash, value });
+        }
+        for entry in self.conns6.iter() {
+            let (k, value) = entry.map_err(wrap(MAP_CONNS6))?;
+            let hash = flow_hash(&k.saddr, k.sport, k.dport, k.svc_proto as u8);
+            out.push(Pin { key: PinKey::V6(k), svc_id: k.svc_proto >> 8, hash, value });
+        }
+        Ok(out)
+    }
+
+    pub fn remove_pin(&mut self, key: &PinKey) -> Result<()> {
+        let (result, name) = match key {
+            PinKey::V4(k) => (self.conns4.remove(k), MAP_CONNS4),
+            PinKey::V6(k) => (self.conns6.remove(k), MAP_CONNS6),
+        };
+        // The LRU may have evicted it meanwhile.
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(wrap(name)(e)),
+        }
+    }
+
+    /// One ring slot.
+    pub fn ring_slot(&self, index: u32) -> u32 {
+        self.rings.as_slice()[index as usize]
     }
 
     pub fn connection_count(&self) -> usize {

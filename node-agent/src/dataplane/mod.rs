@@ -13,7 +13,7 @@ pub mod spec;
 mod sys;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{Ordering, fence},
@@ -32,7 +32,7 @@ use kube_dsr_common::{
     ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, NO_ROW,
     PROGRAM_NAME, RING_ROW, ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_PIN_ALL,
-    VipValue, reason,
+    VIP_PINS, VipValue, reason,
 };
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
@@ -83,6 +83,17 @@ impl Attached {
             Self::Generic => "generic",
         }
     }
+}
+
+/// What [`Dataplane::settle`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Services whose previous table was dropped.
+    pub previous_dropped: usize,
+    /// Pins deleted (stale or redundant).
+    pub pins_removed: usize,
+    /// Services left without pins: their packets skip the connection table.
+    pub unpinned_services: usize,
 }
 
 /// What [`Dataplane::open`] found.
@@ -142,6 +153,8 @@ struct Installed {
     /// When the table last changed (a restart counts as a change: the age
     /// of what it found is unknown).
     changed_at: Instant,
+    /// The connection table may hold pins of this service (`VIP_PINS`).
+    pins: bool,
 }
 
 impl Installed {
@@ -154,7 +167,8 @@ impl Installed {
             ring_size: if self.has_table { self.spec.table_size } else { 0 },
             prev_base,
             prev_size,
-            flags: if self.spec.pin_all_flows { VIP_PIN_ALL } else { 0 },
+            flags: if self.spec.pin_all_flows { VIP_PIN_ALL } else { 0 }
+                | if self.pins { VIP_PINS } else { 0 },
         }
     }
 
@@ -370,6 +384,7 @@ impl Dataplane {
                 has_table: false,
                 previous: None,
                 changed_at: Instant::now(),
+                pins: false,
             };
             self.maps.set_service(svc_id, &claim.slot())?;
         }
@@ -398,7 +413,10 @@ impl Dataplane {
             None => !o.has_table,
         });
         let installed = match &old {
-            Some(o) if unchanged => Installed { spec, ids, ..o.clone() },
+            Some(o) if unchanged => {
+                let pins = o.pins || spec.pin_all_flows;
+                Installed { spec, ids, pins, ..o.clone() }
+            }
             _ => {
                 let current_row = match &old {
                     None => 0,
@@ -416,6 +434,10 @@ impl Dataplane {
                     .as_ref()
                     .filter(|o| o.has_table)
                     .map(|o| (o.current_row, o.spec.table_size));
+                // Pins appear from the moment two tables can disagree.
+                let pins = previous.is_some()
+                    || spec.pin_all_flows
+                    || old.as_ref().is_some_and(|o| o.pins);
                 Installed {
                     svc_id,
                     spec,
@@ -424,6 +446,7 @@ impl Dataplane {
                     has_table: table.is_some(),
                     previous,
                     changed_at: Instant::now(),
+                    pins,
                 }
             }
         };
@@ -453,13 +476,19 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Forgets the previous table of every service whose table changed at
-    /// least `age` ago. From then on new flows follow the current table
-    /// alone, so a draining backend stops receiving new UDP flows (which
-    /// cannot be told from established ones while the previous table is
-    /// kept); established flows that were seen since the change are pinned
-    /// already. Returns how many services settled.
-    pub fn settle(&mut self, age: Duration) -> Result<usize> {
+    /// Settles services after a table change; call it periodically.
+    ///
+    /// 1. Forgets the previous table of every service whose table changed
+    ///    at least `age` ago. From then on new flows follow the current
+    ///    table alone, so a draining backend stops receiving new UDP flows
+    ///    (which cannot be told from established ones while the previous
+    ///    table is kept); established flows seen since the change are
+    ///    pinned already.
+    /// 2. For settled services, sweeps the connection table: pins naming a
+    ///    backend that is gone, or the backend the current table gives the
+    ///    flow anyway, are deleted. A service left without pins gets its
+    ///    `VIP_PINS` flag cleared, and its packets skip the table.
+    pub fn settle(&mut self, age: Duration) -> Result<Settled> {
         let due: Vec<String> = self
             .services
             .values()
@@ -467,16 +496,63 @@ impl Dataplane {
             .map(|s| s.spec.name.clone())
             .collect();
         for name in &due {
-            let Some(s) = self.services.get_mut(name) else { continue };
-            s.previous = None;
-            let (value, slot) = (s.vip_value(), s.slot());
-            let (svc_id, vip, ports) = (s.svc_id, s.spec.vip, s.spec.ports.clone());
-            for p in ports {
-                self.maps.set_vip(&spec::vip_key(vip, p), &value)?;
+            if let Some(s) = self.services.get_mut(name) {
+                s.previous = None;
             }
-            self.maps.set_service(svc_id, &slot)?;
         }
-        Ok(due.len())
+
+        // Services whose pins can be collected: no previous table and no
+        // pin-all, so the kernel creates no new pins for them meanwhile.
+        let sweep: HashMap<u32, &Installed> = self
+            .services
+            .values()
+            .filter(|s| s.pins && s.previous.is_none() && !s.spec.pin_all_flows)
+            .map(|s| (s.svc_id, s))
+            .collect();
+        let mut pins_removed = 0;
+        let mut still_pinned = HashSet::new();
+        if !sweep.is_empty() {
+            let backends: HashMap<u32, Backend> = self.maps.backends()?.into_iter().collect();
+            for pin in self.maps.pins()? {
+                let Some(s) = sweep.get(&pin.svc_id) else { continue };
+                let live = backends.get(&pin.value.backend_id).is_some_and(|b| {
+                    b.generation == pin.value.backend_gen && b.svc_id == pin.svc_id
+                });
+                let current = s.has_table.then(|| {
+                    let base = (s.svc_id * ROWS_PER_SERVICE + s.current_row) * RING_ROW;
+                    let slot = pin.hash % s.spec.table_size;
+                    self.maps.ring_slot(base + slot)
+                });
+                if live && current != Some(pin.value.backend_id) {
+                    still_pinned.insert(pin.svc_id);
+                } else {
+                    self.maps.remove_pin(&pin.key)?;
+                    pins_removed += 1;
+                }
+            }
+        }
+        let cleared: Vec<u32> =
+            sweep.keys().copied().filter(|id| !still_pinned.contains(id)).collect();
+
+        let previous_dropped = due.len();
+        let mut touched: Vec<String> = due;
+        for s in self.services.values_mut() {
+            if cleared.contains(&s.svc_id) {
+                s.pins = false;
+                touched.push(s.spec.name.clone());
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for name in &touched {
+            let Some(s) = self.services.get(name) else { continue };
+            let value = s.vip_value();
+            for p in &s.spec.ports {
+                self.maps.set_vip(&spec::vip_key(s.spec.vip, *p), &value)?;
+            }
+            self.maps.set_service(s.svc_id, &s.slot())?;
+        }
+        Ok(Settled { previous_dropped, pins_removed, unpinned_services: cleared.len() })
     }
 
     /// Stops forwarding a service's VIP ports; their packets pass to the
@@ -704,6 +780,7 @@ fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
                 has_table: false,
                 previous: None,
                 changed_at: Instant::now(),
+                pins: false,
             },
         );
     }
@@ -713,6 +790,7 @@ fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
         };
         s.has_table = value.ring_size != 0;
         s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
+        s.pins = value.flags & VIP_PINS != 0;
         s.previous = (value.prev_size != 0)
             .then(|| (value.prev_base / RING_ROW - s.svc_id * ROWS_PER_SERVICE, value.prev_size));
         s.spec.vip = vip;

@@ -157,6 +157,11 @@ impl MappedU32s {
         Ok(Self { ptr, len })
     }
 
+    pub fn as_slice(&self) -> &[u32] {
+        // SAFETY: the mapping is `len` u32s long and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u32] {
         // SAFETY: the mapping is `len` u32s long and lives as long as self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
