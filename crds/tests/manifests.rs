@@ -356,3 +356,27 @@ fn manifest_table_against_generated_crd() {
     }
     assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));
 }
+
+#[test]
+fn node_reports_are_named_after_their_node() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dsrnodereport.yaml");
+    let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let report = |name: &str, node: &str| -> Value {
+        serde_yaml::from_str(&format!(
+            "apiVersion: kubedsr.io/v1alpha1\nkind: DsrNodeReport\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {node}\n  ingress:\n  - {{namespace: default, name: web, observedGeneration: 2, programmedVips: [192.0.2.10], announcedVips: [192.0.2.10], backends: 3}}\n  backends:\n  - {{podUID: u1, namespace: default, name: web-1, configuredVips: [192.0.2.10]}}\n"
+        ))
+        .unwrap()
+    };
+    assert_eq!(apiserver::messages(schema, &report("node-a", "node-a")), Vec::<String>::new());
+    let wrong = apiserver::messages(schema, &report("node-a", "node-b"));
+    assert!(
+        wrong.iter().any(|m| m.contains("metadata.name must equal spec.nodeName")),
+        "{wrong:?}"
+    );
+    let parsed: kube_dsr_crds::DsrNodeReport =
+        serde_json::from_value(report("node-a", "node-a")).unwrap();
+    assert!(parsed.spec.vip_configured("u1", "192.0.2.10"));
+    assert!(!parsed.spec.vip_configured("u2", "192.0.2.10"));
+    assert_eq!(parsed.spec.ingress_for("default", "web").unwrap().observed_generation, 2);
+}

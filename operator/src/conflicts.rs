@@ -58,7 +58,7 @@ fn key(svc: &DsrService) -> (Option<&Time>, String, String) {
 
 /// Total order of precedence: earlier creation first (objects without a
 /// timestamp, which the apiserver never returns, last), then namespace, name.
-fn precedes(a: &DsrService, b: &DsrService) -> bool {
+fn order(a: &DsrService, b: &DsrService) -> Ordering {
     let (ta, na, ma) = key(a);
     let (tb, nb, mb) = key(b);
     let by_time = match (ta, tb) {
@@ -67,7 +67,11 @@ fn precedes(a: &DsrService, b: &DsrService) -> bool {
         (None, Some(_)) => Ordering::Greater,
         (None, None) => Ordering::Equal,
     };
-    by_time.then_with(|| (na, ma).cmp(&(nb, mb))) == Ordering::Less
+    by_time.then_with(|| (na, ma).cmp(&(nb, mb)))
+}
+
+fn precedes(a: &DsrService, b: &DsrService) -> bool {
+    order(a, b) == Ordering::Less
 }
 
 /// Claims of `svc` held by earlier services among `all` (which may include
@@ -78,25 +82,25 @@ pub fn conflicts_of(svc: &DsrService, all: &[&DsrService]) -> Vec<Conflict> {
     if mine.is_empty() {
         return Vec::new();
     }
-    let mut out = Vec::new();
-    for claim in &mine {
-        let holder = all
-            .iter()
-            .filter(|o| !(o.namespace() == svc.namespace() && o.name_any() == svc.name_any()))
-            .filter(|o| precedes(o, svc))
-            .filter(|o| claims(o).contains(claim) && validate_spec(&o.spec).is_empty())
-            .fold(None::<&DsrService>, |best, o| match best {
-                Some(b) if precedes(b, o) => Some(b),
-                _ => Some(o),
-            });
-        if let Some(h) = holder {
-            out.push(Conflict {
+    // Earlier, valid services that overlap at all, earliest first; each
+    // contested claim goes to the first of them that makes it.
+    let mut earlier: Vec<(&DsrService, BTreeSet<Claim>)> = all
+        .iter()
+        .copied()
+        .filter(|o| !(o.namespace() == svc.namespace() && o.name_any() == svc.name_any()))
+        .filter(|o| precedes(o, svc))
+        .map(|o| (o, claims(o)))
+        .filter(|(o, c)| !c.is_disjoint(&mine) && validate_spec(&o.spec).is_empty())
+        .collect();
+    earlier.sort_by(|(a, _), (b, _)| order(a, b));
+    mine.iter()
+        .filter_map(|claim| {
+            earlier.iter().find(|(_, c)| c.contains(claim)).map(|(h, _)| Conflict {
                 claim: *claim,
                 holder: format!("{}/{}", h.namespace().unwrap_or_default(), h.name_any()),
-            });
-        }
-    }
-    out
+            })
+        })
+        .collect()
 }
 
 /// Services in `all` that share at least one VIP with `svc` (excluding it):

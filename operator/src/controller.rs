@@ -295,6 +295,11 @@ pub async fn run(
     let for_reports = services.clone();
     let for_siblings = services.clone();
     controller
+        // Pod churn (a rollout) fires many triggers per service; let them
+        // settle into one reconcile.
+        .with_config(
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+        )
         .owns_stream(slice_stream)
         .watches_stream(pod_stream, move |pod| services_for_pod(&for_pods, &pod))
         // Node readiness and labels move ingress nodes, announcers and zones.
