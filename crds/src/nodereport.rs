@@ -8,7 +8,7 @@
 //! The agent sets an owner reference to its `Node`, so the report goes away
 //! with the node.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -97,6 +97,32 @@ pub struct BackendReport {
     pub error: Option<String>,
 }
 
+impl DsrNodeReport {
+    /// An empty report for the node `node_name` (uid `node_uid`), owned by
+    /// that Node so it is garbage-collected with it. The agent fills in
+    /// `spec` and applies it.
+    pub fn for_node(node_name: &str, node_uid: &str) -> Self {
+        let mut report = DsrNodeReport::new(
+            node_name,
+            DsrNodeReportSpec {
+                node_name: node_name.to_string(),
+                agent_version: None,
+                update_time: None,
+                ingress: Vec::new(),
+                backends: Vec::new(),
+            },
+        );
+        report.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: node_name.to_string(),
+            uid: node_uid.to_string(),
+            ..Default::default()
+        }]);
+        report
+    }
+}
+
 impl DsrNodeReportSpec {
     /// Whether the pod with `pod_uid` has `vip` configured, per this report.
     pub fn vip_configured(&self, pod_uid: &str, vip: &str) -> bool {
@@ -108,5 +134,25 @@ impl DsrNodeReportSpec {
     /// This node's report for one service, if it programs it.
     pub fn ingress_for(&self, namespace: &str, name: &str) -> Option<&IngressReport> {
         self.ingress.iter().find(|i| i.namespace == namespace && i.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_for_a_node_is_named_and_owned_by_it() {
+        let r = DsrNodeReport::for_node("node-a", "uid-1");
+        assert_eq!(r.metadata.name.as_deref(), Some("node-a"));
+        assert_eq!(r.spec.node_name, "node-a");
+        let owner = &r.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Node", "node-a", "uid-1")
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["apiVersion"], "kubedsr.io/v1alpha1");
+        assert_eq!(json["kind"], "DsrNodeReport");
     }
 }
