@@ -23,9 +23,9 @@ pub struct LeaseConfig {
     pub name: String,
     /// Unique per replica (the pod name).
     pub identity: String,
-    /// Seconds a lease is valid without renewal.
+    /// Seconds a lease is valid without renewal (> `grace`).
     pub duration: u64,
-    /// Seconds before expiry at which the holder renews.
+    /// Seconds before expiry at which the holder renews (> 0).
     pub grace: u64,
 }
 
@@ -96,7 +96,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 .with_identity(&lease.identity)
                 .with_duration(lease.duration)
                 .with_grace(lease.grace)
-                .with_field_manager(format!("{FIELD_MANAGER}-lease"))
+                // Unique per replica: server-side apply detects two
+                // candidates racing for the lease only between distinct
+                // field managers.
+                .with_field_manager(format!("{FIELD_MANAGER}-lease-{}", lease.identity))
                 .build()
                 .await
                 .map_err(Error::Lease)?;

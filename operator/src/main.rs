@@ -51,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
+    anyhow::ensure!(
+        args.lease_grace > 0 && args.lease_grace < args.lease_duration,
+        "--lease-grace must be greater than 0 and less than --lease-duration"
+    );
     let lease = (!args.no_leader_election).then(|| LeaseConfig {
         namespace: args.lease_namespace,
         name: args.lease_name,
