@@ -582,3 +582,42 @@ async fn static_backends_need_no_agent() {
         (s("False"), s(reasons::NO_INGRESS_NODES))
     );
 }
+
+#[tokio::test]
+async fn announcer_fails_over_when_its_node_goes_not_ready() {
+    let h = Harness::new();
+    h.add_service(service("web", &["192.0.2.10"], 100));
+    h.add_pod(pod("a", "n1", &["10.0.0.1"], true));
+    h.add_pod(pod("b", "n2", &["10.0.0.2"], true));
+    h.agents_report_everything();
+    h.reconcile("web").await;
+    let first = h.status("web").vips[0].announcing_node.clone().unwrap();
+    let other = if first == "n1" { "n2" } else { "n1" };
+
+    // The announcing node fails; its agent's report still claims the VIP.
+    h.with(|w| {
+        for n in &mut w.nodes {
+            if n.name_any() == first {
+                n.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "False".into();
+            }
+        }
+        // Only the announcer answers ARP: the survivor has not announced yet.
+        for r in &mut w.reports {
+            if r.name_any() == other {
+                r.spec.ingress[0].announced_vips.clear();
+            }
+        }
+    });
+    h.reconcile("web").await;
+    let st = h.status("web");
+    assert_eq!(st.ingress_nodes, [other]);
+    assert_eq!(st.vips[0].announcing_node.as_deref(), Some(other));
+    assert!(!st.vips[0].announced);
+    assert_eq!(h.condition("web", conditions::PROGRAMMED), (s("False"), s(reasons::PENDING)));
+
+    // The survivor's agent announces: programmed again.
+    h.agents_report_everything();
+    h.reconcile("web").await;
+    assert!(h.status("web").vips[0].announced);
+    assert_eq!(h.condition("web", conditions::PROGRAMMED), (s("True"), s(reasons::PROGRAMMED)));
+}
