@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use kube::Client;
+use std::time::Duration;
+
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -104,7 +106,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 .await
                 .map_err(Error::Lease)?;
             info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the leader lease");
-            let (leader_rx, lease_task) = manager.watch().await;
+            let (manager_rx, lease_task) = manager.watch().await;
+            // Checked every `grace` seconds; when the Lease cannot be read,
+            // step down `grace` seconds before the expiry last seen.
+            let leader_rx = leader::guarded(
+                manager_rx,
+                Api::namespaced(client.clone(), &lease.namespace),
+                lease.name.clone(),
+                leader::Guard::new(&lease.identity, Duration::from_secs(lease.grace)),
+                Duration::from_secs(lease.grace),
+            );
             let m = Arc::clone(&metrics);
             let outcome = leader::lead(
                 leader_rx,
@@ -113,8 +124,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 |stop| controller::run(client.clone(), Arc::clone(&metrics), stop),
             )
             .await;
-            // `lead` dropped the receiver: the lease manager releases the
-            // lease (if held) and ends, so a successor need not wait.
+            // `lead` dropped the receiver, so the guard ended and dropped
+            // the manager's: the lease manager releases the lease (if
+            // held) and ends, so a successor need not wait.
             match lease_task.await {
                 Ok(Ok(_)) => info!("leader lease released"),
                 Ok(Err(e)) => error!(error = %e, "releasing the leader lease failed"),
