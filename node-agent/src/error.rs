@@ -57,6 +57,9 @@ pub enum Error {
     #[error("no room for backend {addr} of {service:?}: all {max} backend slots are in use")]
     BackendsFull { service: String, addr: IpAddr, max: u32 },
 
+    #[error("no free VIP table slot near {key} (too many VIPs hash together; the table holds {slots})", slots = kube_dsr_common::VIP_SLOTS)]
+    VipTableFull { key: String },
+
     #[error("service {0:?} is not programmed")]
     UnknownService(String),
 
@@ -86,6 +89,7 @@ impl Error {
             Self::InvalidService { .. } => "invalid_service",
             Self::ServicesFull { .. } => "services_full",
             Self::BackendsFull { .. } => "backends_full",
+            Self::VipTableFull { .. } => "vip_table_full",
             Self::UnknownService(_) => "unknown_service",
             Self::UnknownBackend { .. } => "unknown_backend",
             Self::Io { .. } => "io",

@@ -51,17 +51,83 @@ pub const MAP_META: &str = "DSR_META_V1";
 pub const PROGRAM_NAME: &str = "kube_dsr";
 
 /// Default map sizes (user space may override them at load time).
-pub const DEFAULT_MAX_VIPS: u32 = 1024;
+/// Slots of each VIP table (a power of two; at most a quarter are meant to
+/// be used, so probe chains stay short).
+pub const VIP_SLOTS: u32 = 4096;
+/// Slots a lookup probes before it gives up.
+pub const VIP_PROBES: u32 = 8;
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 18;
 
-// IPv4 and IPv6 keep separate VIP and connection maps: the kernel hashes a
-// whole key per lookup (jhash2 over its words), and an IPv4 key of 2 or 3
-// words costs one mixing round where a family-neutral 5 or 7 word key costs
-// two or three, on both lookups of every packet.
+// IPv4 and IPv6 keep separate VIP and connection maps, with keys as short as
+// the family allows.
+//
+// The VIP maps are open-addressed tables in memory-mappable arrays rather
+// than BPF hash maps: the verifier inlines array lookups, so finding (or
+// ruling out) a VIP costs no function call. Every packet, VIP or not, makes
+// this lookup; on CPUs whose speculation mitigations tax each call and
+// return (Safe RET here), a hash-map lookup costs as much as the rest of the
+// packet's work. User space places each key within `VIP_PROBES` slots of its
+// hash and publishes entries and values with the ordering described at
+// `VipSlot4`.
 
-/// Key of the IPv4 VIP map: one entry per (VIP address, port, protocol).
+/// Slot states.
+pub const SLOT_EMPTY: u8 = 0;
+pub const SLOT_USED: u8 = 1;
+/// Deleted: probing continues past it; it can be reused.
+pub const SLOT_DELETED: u8 = 2;
+
+/// One slot of the IPv4 VIP table.
+///
+/// Publication: user space fills the key and `values[0]`, then stores
+/// `state = SLOT_USED` last. A value change writes `values[1 - active]`,
+/// then stores the new `active`, so a packet reads one whole value, never a
+/// half-written one. Deletion stores `SLOT_DELETED`. (Ordering: x86_64 keeps
+/// stores and loads in order; on weaker CPUs a packet racing a brand-new
+/// entry may miss it, which is the same as arriving a moment earlier.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSlot4 {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+    pub active: u32,
+    pub _pad: u32,
+    pub values: [VipValue; 2],
+}
+const _: () = assert!(core::mem::size_of::<VipSlot4>() == 64);
+
+/// One slot of the IPv6 VIP table (see [`VipSlot4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSlot6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+    pub active: u32,
+    pub values: [VipValue; 2],
+}
+const _: () = assert!(core::mem::size_of::<VipSlot6>() == 72);
+
+/// First slot probed for an IPv4 VIP key.
+#[inline(always)]
+pub fn vip_slot4(addr: u32, port: u16, proto: u8) -> u32 {
+    let h = addr ^ (u32::from(port) << 8 | u32::from(proto)).rotate_left(19);
+    fmix(h) & (VIP_SLOTS - 1)
+}
+
+/// First slot probed for an IPv6 VIP key.
+#[inline(always)]
+pub fn vip_slot6(addr: &[u32; 4], port: u16, proto: u8) -> u32 {
+    let folded =
+        addr[0] ^ addr[1].rotate_left(7) ^ addr[2].rotate_left(14) ^ addr[3].rotate_left(21);
+    vip_slot4(folded, port, proto)
+}
+
+/// An IPv4 VIP: (VIP address, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VipKey4 {
@@ -74,7 +140,7 @@ pub struct VipKey4 {
 }
 const _: () = assert!(core::mem::size_of::<VipKey4>() == 8);
 
-/// Key of the IPv6 VIP map.
+/// An IPv6 VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VipKey6 {
@@ -396,6 +462,8 @@ mod user {
     // explicit padding, so every bit pattern is valid and none is uninit.
     unsafe impl aya::Pod for VipKey4 {}
     unsafe impl aya::Pod for VipKey6 {}
+    unsafe impl aya::Pod for VipSlot4 {}
+    unsafe impl aya::Pod for VipSlot6 {}
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for ConnKey4 {}
     unsafe impl aya::Pod for ConnKey6 {}

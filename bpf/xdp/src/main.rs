@@ -17,30 +17,26 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, xdp_action},
     helpers::generated::bpf_redirect,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use kube_dsr_common::{
     BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, DEFAULT_CONN_ENTRIES,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_VIPS, Meta, NO_BACKEND, RING_ROW,
-    ROWS_PER_SERVICE, ServiceSlot, Traffic, VIP_PIN_ALL, VIP_PINS, VipKey4, VipKey6, VipValue,
-    flow_hash, reason, svc_proto,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, Meta, NO_BACKEND, RING_ROW, ROWS_PER_SERVICE,
+    SLOT_EMPTY, SLOT_USED, ServiceSlot, Traffic, VIP_PIN_ALL, VIP_PINS, VIP_PROBES, VIP_SLOTS,
+    VipSlot4, VipSlot6, VipValue, flow_hash, reason, svc_proto, vip_slot4, vip_slot6,
 };
 use parse::{Flow, Parsed, V4, V6};
 
-/// VIP maps. Values are replaced whole; `BPF_F_NO_PREALLOC` makes the
-/// replacement RCU-safe (a preallocated element can be reused while a packet
-/// still reads it).
+/// VIP tables: open addressing in arrays (see `kube_dsr_common::VipSlot4`).
 #[map(name = "DSR_VIPS4_V1")]
-static VIPS4: HashMap<VipKey4, VipValue> =
-    HashMap::pinned(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC as u32);
+static VIPS4: Array<VipSlot4> = Array::pinned(VIP_SLOTS, BPF_F_MMAPABLE as u32);
 
 #[map(name = "DSR_VIPS6_V1")]
-static VIPS6: HashMap<VipKey6, VipValue> =
-    HashMap::pinned(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC as u32);
+static VIPS6: Array<VipSlot6> = Array::pinned(VIP_SLOTS, BPF_F_MMAPABLE as u32);
 
 /// The connection table: flows pinned across table changes (see `pick`).
 /// One LRU hash shared by all CPUs, with per-CPU LRU lists
@@ -72,7 +68,18 @@ impl Keys for V4 {
 
     #[inline(always)]
     fn vip(&self) -> Option<VipValue> {
-        unsafe { VIPS4.get(&self.vip) }.copied()
+        let k = &self.vip;
+        let first = vip_slot4(k.addr, k.port, k.proto);
+        for i in 0..VIP_PROBES {
+            let s = VIPS4.get((first + i) & (VIP_SLOTS - 1))?;
+            if s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.state == SLOT_USED {
+                return Some(s.values[(s.active & 1) as usize]);
+            }
+            if s.state == SLOT_EMPTY {
+                return None;
+            }
+        }
+        None
     }
 
     #[inline(always)]
@@ -102,7 +109,18 @@ impl Keys for V6 {
 
     #[inline(always)]
     fn vip(&self) -> Option<VipValue> {
-        unsafe { VIPS6.get(&self.vip) }.copied()
+        let k = &self.vip;
+        let first = vip_slot6(&k.addr, k.port, k.proto);
+        for i in 0..VIP_PROBES {
+            let s = VIPS6.get((first + i) & (VIP_SLOTS - 1))?;
+            if s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.state == SLOT_USED {
+                return Some(s.values[(s.active & 1) as usize]);
+            }
+            if s.state == SLOT_EMPTY {
+                return None;
+            }
+        }
+        None
     }
 
     #[inline(always)]

@@ -10,11 +10,11 @@ use aya::{
 use kube_dsr_common::{
     BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_CONNS4, MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS,
-    MAP_VIPS4, MAP_VIPS6, Meta, SERVICE_IN_USE, ServiceSlot, Traffic, VipKey4, VipKey6, VipValue,
+    MAP_VIPS4, MAP_VIPS6, Meta, SERVICE_IN_USE, ServiceSlot, Traffic, VipSlot4, VipSlot6, VipValue,
     flow_hash,
 };
 
-use super::{spec::VipKey, sys::MappedU32s};
+use super::{spec::VipKey, sys::Mapped, viptable};
 use crate::error::{Error, Result};
 
 /// A connection-table entry, with what a sweep needs to judge it.
@@ -32,8 +32,8 @@ pub enum PinKey {
 }
 
 pub struct Maps {
-    vips4: HashMap<MapData, VipKey4, VipValue>,
-    vips6: HashMap<MapData, VipKey6, VipValue>,
+    vips4: Mapped<VipSlot4>,
+    vips6: Mapped<VipSlot6>,
     conns4: HashMap<MapData, ConnKey4, ConnValue>,
     conns6: HashMap<MapData, ConnKey6, ConnValue>,
     backends: Array<MapData, Backend>,
@@ -42,9 +42,9 @@ pub struct Maps {
     backend_stats: PerCpuArray<MapData, Traffic>,
     counters: PerCpuArray<MapData, u64>,
     meta: Array<MapData, Meta>,
-    rings: MappedU32s,
-    /// Kept open for as long as `rings` maps it.
-    _rings_map: MapData,
+    rings: Mapped<u32>,
+    /// Kept open for as long as they are mapped.
+    _mapped: [MapData; 3],
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -63,17 +63,13 @@ macro_rules! typed {
 
 impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let rings_map = match take(ebpf, MAP_RINGS)? {
-            Map::Array(data) => data,
-            _ => return Err(Error::MissingMap { name: MAP_RINGS }),
-        };
-        // Two u32 slots per element, elements back to back.
-        let slots = 2 * rings_map.info().map_err(wrap(MAP_RINGS))?.max_entries() as usize;
-        let rings = MappedU32s::new(rings_map.fd().as_fd(), slots)
-            .map_err(|source| Error::Io { what: "mapping the Maglev rings", source })?;
+        // The ring map holds two u32 slots per element, back to back.
+        let (rings_map, rings) = mapped::<u32>(ebpf, MAP_RINGS, 2)?;
+        let (vips4_map, vips4) = mapped::<VipSlot4>(ebpf, MAP_VIPS4, 1)?;
+        let (vips6_map, vips6) = mapped::<VipSlot6>(ebpf, MAP_VIPS6, 1)?;
         Ok(Self {
-            vips4: typed!(ebpf, MAP_VIPS4),
-            vips6: typed!(ebpf, MAP_VIPS6),
+            vips4,
+            vips6,
             conns4: typed!(ebpf, MAP_CONNS4),
             conns6: typed!(ebpf, MAP_CONNS6),
             backends: typed!(ebpf, MAP_BACKENDS),
@@ -83,7 +79,7 @@ impl Maps {
             counters: typed!(ebpf, MAP_COUNTERS),
             meta: typed!(ebpf, MAP_META),
             rings,
-            _rings_map: rings_map,
+            _mapped: [rings_map, vips4_map, vips6_map],
         })
     }
 
@@ -104,37 +100,32 @@ impl Maps {
     }
 
     pub fn set_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<()> {
-        match key {
-            VipKey::V4(k) => self.vips4.insert(k, value, 0).map_err(wrap(MAP_VIPS4)),
-            VipKey::V6(k) => self.vips6.insert(k, value, 0).map_err(wrap(MAP_VIPS6)),
+        let placed = match key {
+            VipKey::V4(k) => viptable::set(&mut self.vips4, k, value),
+            VipKey::V6(k) => viptable::set(&mut self.vips6, k, value),
+        };
+        if placed {
+            return Ok(());
         }
+        let key = key.decode().map_or_else(
+            || format!("{key:?}"),
+            |(a, p)| format!("{a}:{}/{:?}", p.port, p.protocol),
+        );
+        Err(Error::VipTableFull { key })
     }
 
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        let (result, name) = match key {
-            VipKey::V4(k) => (self.vips4.remove(k), MAP_VIPS4),
-            VipKey::V6(k) => (self.vips6.remove(k), MAP_VIPS6),
-        };
-        match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(e) => Err(wrap(name)(e)),
+        match key {
+            VipKey::V4(k) => viptable::remove(&mut self.vips4, k),
+            VipKey::V6(k) => viptable::remove(&mut self.vips6, k),
         }
+        Ok(())
     }
 
     pub fn vips(&self) -> Result<Vec<(VipKey, VipValue)>> {
-        let mut out = Vec::new();
-        for entry in self.vips4.iter() {
-            let (k, v) = entry.map_err(wrap(MAP_VIPS4))?;
-            out.push((VipKey::V4(k), v));
-        }
-        for entry in self.vips6.iter() {
-            let (k, v) = entry.map_err(wrap(MAP_VIPS6))?;
-            out.push((VipKey::V6(k), v));
-        }
-        Ok(out)
+        let v4 = viptable::entries(&self.vips4).into_iter().map(|(k, v)| (VipKey::V4(k), v));
+        let v6 = viptable::entries(&self.vips6).into_iter().map(|(k, v)| (VipKey::V6(k), v));
+        Ok(v4.chain(v6).collect())
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -254,6 +245,23 @@ impl Maps {
         self.conns4.keys().filter(Result::is_ok).count()
             + self.conns6.keys().filter(Result::is_ok).count()
     }
+}
+
+/// Takes a `BPF_F_MMAPABLE` array out of the object and maps it as
+/// `per_element` values of `T` per map element.
+fn mapped<T: Copy>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    per_element: usize,
+) -> Result<(MapData, Mapped<T>)> {
+    let data = match take(ebpf, name)? {
+        Map::Array(data) => data,
+        _ => return Err(Error::MissingMap { name }),
+    };
+    let len = per_element * data.info().map_err(wrap(name))?.max_entries() as usize;
+    let mapped = Mapped::new(data.fd().as_fd(), len)
+        .map_err(|source| Error::Io { what: "mapping a map", source })?;
+    Ok((data, mapped))
 }
 
 fn sum(values: PerCpuValues<Traffic>) -> Result<Traffic> {

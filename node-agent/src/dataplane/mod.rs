@@ -11,6 +11,7 @@
 mod maps;
 pub mod spec;
 mod sys;
+mod viptable;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

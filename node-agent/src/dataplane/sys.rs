@@ -127,18 +127,21 @@ pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<u32> {
     Ok(info[2] as u32)
 }
 
-/// A shared, writable mapping of a `BPF_F_MMAPABLE` array of `u32`.
-pub struct MappedU32s {
-    ptr: NonNull<u32>,
+/// A shared, writable mapping of a `BPF_F_MMAPABLE` array. The kernel lays
+/// elements out in 8-byte strides, so `T` must be a multiple of 8 bytes
+/// long, or a `u32` when the map's value is a pair of them (the ring map).
+pub struct Mapped<T> {
+    ptr: NonNull<T>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory; access goes through &mut self.
-unsafe impl Send for MappedU32s {}
+// SAFETY: the mapping is plain shared memory; mutation goes through &mut self.
+unsafe impl<T: Send> Send for Mapped<T> {}
 
-impl MappedU32s {
+impl<T: Copy> Mapped<T> {
+    /// Maps `len` elements of `T`.
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        let bytes = len * 4;
+        let bytes = len * std::mem::size_of::<T>();
         // SAFETY: mapping a map fd of at least `bytes` bytes; checked below.
         let p = unsafe {
             libc::mmap(
@@ -153,25 +156,55 @@ impl MappedU32s {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(p.cast::<u32>()).ok_or_else(io::Error::last_os_error)?;
+        let ptr = NonNull::new(p.cast::<T>()).ok_or_else(io::Error::last_os_error)?;
         Ok(Self { ptr, len })
     }
 
-    pub fn as_slice(&self) -> &[u32] {
-        // SAFETY: the mapping is `len` u32s long and lives as long as self.
+    /// Anonymous zeroed memory shaped like a map (for tests).
+    #[cfg(test)]
+    pub fn anonymous(len: usize) -> io::Result<Self> {
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<T>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: the mapping is `len` elements long and lives as long as self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u32] {
-        // SAFETY: the mapping is `len` u32s long and lives as long as self.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as above; &mut self makes this the only user-space writer.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// A pointer to element `i` for volatile stores that the kernel side
+    /// must see in program order.
+    pub fn element(&mut self, i: usize) -> *mut T {
+        assert!(i < self.len);
+        // SAFETY: in bounds, checked above.
+        unsafe { self.ptr.as_ptr().add(i) }
     }
 }
 
-impl Drop for MappedU32s {
+impl<T> Drop for Mapped<T> {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * 4) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * std::mem::size_of::<T>()) };
     }
 }
 
