@@ -24,8 +24,9 @@ bpf: setup
 bpf-check:
 	bash scripts/bpf.sh check
 
-## generate: regenerate every checked-in generated file
+## generate: regenerate every checked-in generated file (XDP objects, CRDs)
 generate: bpf
+	$(CARGO) run --locked -q -p kube-dsr-crds --bin crdgen -- --write crds
 
 lint:
 	$(CARGO) fmt --all --check

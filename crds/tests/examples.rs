@@ -1,4 +1,4 @@
-//! Every manifest under `crds/examples/` is a valid DsrService: it passes
+//! Every manifest under the repository's `examples/` is a valid DsrService: it passes
 //! the CRD's OpenAPI schema, its CEL rules and the Rust validation.
 
 use kube_dsr_crds::DsrService;
@@ -14,7 +14,7 @@ fn examples_validate_against_the_crd() {
         serde_yaml::from_str(&std::fs::read_to_string(dir.join("dsrservice.yaml")).unwrap())
             .unwrap();
     let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
-    let mut names: Vec<_> = std::fs::read_dir(dir.join("examples"))
+    let mut names: Vec<_> = std::fs::read_dir(dir.join("../examples"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))

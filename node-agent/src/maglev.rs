@@ -233,6 +233,12 @@ mod tests {
     }
 
     #[test]
+    fn the_api_offers_exactly_the_sizes_the_dataplane_supports() {
+        assert_eq!(TABLE_SIZES, kube_dsr_crds::dsrservice::TABLE_SIZES);
+        assert_eq!(DEFAULT_TABLE_SIZE, 65537);
+    }
+
+    #[test]
     fn every_listed_size_is_prime_and_fits_a_ring_row() {
         for m in TABLE_SIZES {
             assert!(m <= kube_dsr_common::RING_MAX);

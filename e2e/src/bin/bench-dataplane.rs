@@ -44,10 +44,11 @@ const MODE_NEW: u32 = 2;
 #[command(about = "XDP dataplane benchmark (needs root)")]
 struct Args {
     /// Frames per live-frames measurement.
-    #[arg(long, default_value_t = 2_000_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     frames: u32,
-    /// Rounds; each round measures floor, hit and miss once.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds; each round measures every case once, back to back, and
+    /// ratios are taken within a round before the median across rounds.
+    #[arg(long, default_value_t = 11)]
     rounds: usize,
     /// Backends behind the benchmark VIP.
     #[arg(long, default_value_t = 100)]
@@ -329,7 +330,19 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         Dataplane::remove_pins(pin_dir)?;
     }
 
-    let (f, h, m, p) = (median(floor), median(hit), median(miss), median(pin_all));
+    // Ratios within each round (same minute, same machine state), then the
+    // median across rounds.
+    let ratio = |xs: &[f64]| median(xs.iter().zip(&floor).map(|(x, f)| x / f).collect());
+    let (hit_ratio, miss_ratio, change_ratio, pin_all_ratio) =
+        (ratio(&hit), ratio(&miss), ratio(&change), ratio(&pin_all));
+    let spread = |xs: &[f64]| {
+        let r: Vec<f64> = xs.iter().zip(&floor).map(|(x, f)| x / f).collect();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.3}..{hi:.3}")
+    };
+    let (hit_spread, miss_spread) = (spread(&hit), spread(&miss));
+    let (f, h, m, p) = (median(floor.clone()), median(hit), median(miss), median(pin_all));
     let mpps = |x: f64| x / 1e6;
     Ok(format!(
         "cpu={cpu} (SCHED_FIFO) rounds={} frames_per_measurement={} backends={} hit_flows={}\n\
@@ -340,6 +353,7 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
          (20000 single runs)\n\
          change_miss_mpps={:.3} change_miss_ratio={:.3} (fwd_maglev share {:.4}, rest pinned)\n\
          pin_all_miss_mpps={:.3} pin_all_miss_ratio={:.3}\n\
+         per-round ratio range: hit {hit_spread}, miss {miss_spread}\n\
          floor_mpps={:.3} hit_mpps={:.3} miss_mpps={:.3} hit_ratio={:.3} miss_ratio={:.3}",
         args.rounds,
         args.frames,
@@ -350,15 +364,15 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         median(pin_all_share),
         args.repeat,
         mpps(median(change.clone())),
-        median(change.clone()) / f,
+        change_ratio,
         median(change_share),
         mpps(p),
-        p / f,
+        pin_all_ratio,
         mpps(f),
         mpps(h),
         mpps(m),
-        h / f,
-        m / f,
+        hit_ratio,
+        miss_ratio,
     ))
 }
 
