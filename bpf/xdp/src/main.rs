@@ -63,87 +63,92 @@ trait Keys {
     fn hash(&self) -> u32;
 }
 
-impl Keys for V4 {
-    type Conn = ConnKey4;
+/// The two families differ only in their maps, how a VIP key picks its
+/// first slot, and how the client address enters the flow hash.
+macro_rules! keys_impl {
+    ($keys:ty, $conn:ty, $vips:ident, $conns:ident, $first:expr, $words:expr) => {
+        impl Keys for $keys {
+            type Conn = $conn;
 
-    #[inline(always)]
-    fn vip(&self) -> Option<VipValue> {
-        let k = &self.vip;
-        let first = vip_slot4(k.addr, k.port, k.proto);
-        for i in 0..VIP_PROBES {
-            let s = VIPS4.get((first + i) & (VIP_SLOTS - 1))?;
-            if s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.state == SLOT_USED {
-                return Some(s.values[(s.active & 1) as usize]);
+            #[inline(always)]
+            fn vip(&self) -> Option<VipValue> {
+                let k = &self.vip;
+                let first: u32 = $first(k);
+                for i in 0..VIP_PROBES {
+                    let s = $vips.get((first + i) & (VIP_SLOTS - 1))?;
+                    if s.addr == k.addr
+                        && s.port == k.port
+                        && s.proto == k.proto
+                        && s.state == SLOT_USED
+                    {
+                        return Some(s.values[(s.active & 1) as usize]);
+                    }
+                    if s.state == SLOT_EMPTY {
+                        return None;
+                    }
+                }
+                None
             }
-            if s.state == SLOT_EMPTY {
-                return None;
+
+            #[inline(always)]
+            fn conn(&self, svc_id: u32) -> $conn {
+                <$conn>::with_svc(&self.conn, svc_proto(svc_id, self.vip.proto))
+            }
+
+            #[inline(always)]
+            fn pinned(conn: &$conn) -> Option<ConnValue> {
+                unsafe { $conns.get(conn) }.copied()
+            }
+
+            #[inline(always)]
+            fn pin(conn: &$conn, value: &ConnValue) -> bool {
+                $conns.insert(conn, value, 0).is_ok()
+            }
+
+            #[inline(always)]
+            fn hash(&self) -> u32 {
+                let c = &self.conn;
+                flow_hash(&$words(c), c.sport, c.dport, self.vip.proto)
             }
         }
-        None
-    }
+    };
+}
 
-    #[inline(always)]
-    fn conn(&self, svc_id: u32) -> ConnKey4 {
-        ConnKey4 { svc_proto: svc_proto(svc_id, self.vip.proto), ..self.conn }
-    }
+/// Connection keys with the service filled in.
+trait WithSvc {
+    fn with_svc(&self, svc_proto: u32) -> Self;
+}
 
+impl WithSvc for ConnKey4 {
     #[inline(always)]
-    fn pinned(conn: &ConnKey4) -> Option<ConnValue> {
-        unsafe { CONNS4.get(conn) }.copied()
-    }
-
-    #[inline(always)]
-    fn pin(conn: &ConnKey4, value: &ConnValue) -> bool {
-        CONNS4.insert(conn, value, 0).is_ok()
-    }
-
-    #[inline(always)]
-    fn hash(&self) -> u32 {
-        let c = &self.conn;
-        flow_hash(&[c.saddr, 0, 0, 0], c.sport, c.dport, self.vip.proto)
+    fn with_svc(&self, svc_proto: u32) -> Self {
+        Self { svc_proto, ..*self }
     }
 }
 
-impl Keys for V6 {
-    type Conn = ConnKey6;
-
+impl WithSvc for ConnKey6 {
     #[inline(always)]
-    fn vip(&self) -> Option<VipValue> {
-        let k = &self.vip;
-        let first = vip_slot6(&k.addr, k.port, k.proto);
-        for i in 0..VIP_PROBES {
-            let s = VIPS6.get((first + i) & (VIP_SLOTS - 1))?;
-            if s.addr == k.addr && s.port == k.port && s.proto == k.proto && s.state == SLOT_USED {
-                return Some(s.values[(s.active & 1) as usize]);
-            }
-            if s.state == SLOT_EMPTY {
-                return None;
-            }
-        }
-        None
-    }
-
-    #[inline(always)]
-    fn conn(&self, svc_id: u32) -> ConnKey6 {
-        ConnKey6 { svc_proto: svc_proto(svc_id, self.vip.proto), ..self.conn }
-    }
-
-    #[inline(always)]
-    fn pinned(conn: &ConnKey6) -> Option<ConnValue> {
-        unsafe { CONNS6.get(conn) }.copied()
-    }
-
-    #[inline(always)]
-    fn pin(conn: &ConnKey6, value: &ConnValue) -> bool {
-        CONNS6.insert(conn, value, 0).is_ok()
-    }
-
-    #[inline(always)]
-    fn hash(&self) -> u32 {
-        let c = &self.conn;
-        flow_hash(&c.saddr, c.sport, c.dport, self.vip.proto)
+    fn with_svc(&self, svc_proto: u32) -> Self {
+        Self { svc_proto, ..*self }
     }
 }
+
+keys_impl!(
+    V4,
+    ConnKey4,
+    VIPS4,
+    CONNS4,
+    |k: &kube_dsr_common::VipKey4| vip_slot4(k.addr, k.port, k.proto),
+    |c: &ConnKey4| [c.saddr, 0, 0, 0]
+);
+keys_impl!(
+    V6,
+    ConnKey6,
+    VIPS6,
+    CONNS6,
+    |k: &kube_dsr_common::VipKey6| vip_slot6(&k.addr, k.port, k.proto),
+    |c: &ConnKey6| c.saddr
+);
 
 #[map(name = "DSR_BACKENDS_V1")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);

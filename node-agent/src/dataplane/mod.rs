@@ -427,8 +427,8 @@ impl Dataplane {
                 };
                 if let Some(t) = &table {
                     self.maps.write_ring(base(current_row), t);
-                    // The table must be complete before a VIP entry names it;
-                    // the map-update syscall below is also a full barrier.
+                    // The table must be complete before a VIP entry names it
+                    // (the VIP tables are written through a memory map too).
                     fence(Ordering::SeqCst);
                 }
                 let previous = old

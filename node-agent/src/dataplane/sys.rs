@@ -139,39 +139,27 @@ pub struct Mapped<T> {
 unsafe impl<T: Send> Send for Mapped<T> {}
 
 impl<T: Copy> Mapped<T> {
-    /// Maps `len` elements of `T`.
+    /// Maps `len` elements of `T` from a map's fd.
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        let bytes = len * std::mem::size_of::<T>();
-        // SAFETY: mapping a map fd of at least `bytes` bytes; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<T>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self { ptr, len })
+        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd())
     }
 
     /// Anonymous zeroed memory shaped like a map (for tests).
     #[cfg(test)]
     pub fn anonymous(len: usize) -> io::Result<Self> {
+        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    fn map(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<Self> {
         let bytes = len * std::mem::size_of::<T>();
-        // SAFETY: a fresh private anonymous mapping.
+        // SAFETY: a fresh mapping of `bytes`; the result is checked below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                fd,
                 0,
             )
         };
