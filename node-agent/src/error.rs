@@ -66,6 +66,41 @@ pub enum Error {
     #[error("backend {addr} is not part of service {service:?}")]
     UnknownBackend { service: String, addr: IpAddr },
 
+    #[error("no running process of pod {uid}: its network namespace cannot be found")]
+    PodNetnsNotFound { uid: String },
+
+    #[error("scanning /proc stopped after {limit} entries")]
+    ProcScanLimit { limit: usize },
+
+    #[error("entering the network namespace of {what}")]
+    Netns {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("netlink: {what}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("sysctl {path}")]
+    Sysctl {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("lo is down in the namespace; VIPs on it would not receive traffic")]
+    LoopbackDown,
+
+    #[error(
+        "the kernel dropped the IFA_PROTO mark on {vip} (needs Linux 6.3 or later); the address was taken back"
+    )]
+    AddressMarkUnsupported { vip: IpAddr },
+
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -92,6 +127,13 @@ impl Error {
             Self::VipTableFull { .. } => "vip_table_full",
             Self::UnknownService(_) => "unknown_service",
             Self::UnknownBackend { .. } => "unknown_backend",
+            Self::PodNetnsNotFound { .. } => "pod_netns_not_found",
+            Self::ProcScanLimit { .. } => "proc_scan_limit",
+            Self::Netns { .. } => "netns",
+            Self::Netlink { .. } => "netlink",
+            Self::Sysctl { .. } => "sysctl",
+            Self::LoopbackDown => "loopback_down",
+            Self::AddressMarkUnsupported { .. } => "address_mark_unsupported",
             Self::Io { .. } => "io",
         }
     }

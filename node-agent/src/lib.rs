@@ -2,9 +2,11 @@
 //!
 //! - [`dataplane`]: the XDP program's user-space side (the only aya user).
 //! - [`maglev`]: consistent hashing, pure.
+//! - [`netns`]: backend preparation inside pod network namespaces.
 
 pub mod dataplane;
 pub mod error;
 pub mod maglev;
+pub mod netns;
 
 pub use error::{Error, Result};
