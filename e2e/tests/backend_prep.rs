@@ -369,3 +369,77 @@ fn fake_pods_are_torn_down() -> Result<()> {
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
     Ok(())
 }
+
+/// Whole rounds over several pods: one missing pod does not stop the
+/// others, and a pod that stops being a backend loses only our VIPs.
+#[test]
+fn converge_rounds_over_pods() -> Result<()> {
+    if !privileged("converge_rounds_over_pods") {
+        return Ok(());
+    }
+    let host_before = host_arp()?;
+    let (ns1, ns2) = (NetNs::new("kdsrR")?, NetNs::new("kdsrR")?);
+    ns2.exec("ip addr add 192.0.2.30/32 dev lo")?;
+    let (before1, before2) = (lo_addrs(&ns1)?, lo_addrs(&ns2)?);
+    let pod1 = FakePod::start(&ns1, &fake_uid(30), Layout::Systemd, &v2_root())?;
+    let pod2 =
+        FakePod::start(&ns2, &fake_uid(31), Layout::Cgroupfs, &v1_root().unwrap_or_else(v2_root))?;
+    let missing = fake_uid(32);
+    let backend = |uid: &str, vips: &[&str]| Backend {
+        uid: uid.into(),
+        host_network: false,
+        vips: vips.iter().map(|v| ip(v)).collect(),
+    };
+    let proc = Path::new("/proc");
+    let configured = |round: &netns::Round| -> Vec<(String, String, bool)> {
+        round.reports.iter().map(|r| (r.uid.clone(), r.vip.to_string(), r.configured)).collect()
+    };
+
+    // Round 1: both pods are backends; a third has no process.
+    let backends = [
+        backend(&pod1.uid, &["192.0.2.30", "2001:db8::30"]),
+        backend(&pod2.uid, &["192.0.2.30"]),
+        backend(&missing, &["192.0.2.30"]),
+    ];
+    let round = netns::converge(proc, &backends, &[]);
+    assert!(round.scan.is_none());
+    assert_eq!(round.errors.len(), 1, "{:?}", round.errors);
+    assert!(matches!(
+        round.errors.get(&Target::Pod(missing.clone())),
+        Some(kube_dsr_agent::Error::PodNetnsNotFound { .. })
+    ));
+    let mut want = vec![
+        (pod1.uid.clone(), "192.0.2.30".to_string(), true),
+        (pod1.uid.clone(), "2001:db8::30".to_string(), true),
+        (pod2.uid.clone(), "192.0.2.30".to_string(), true),
+        (missing.clone(), "192.0.2.30".to_string(), false),
+    ];
+    assert_eq!(configured(&round), want);
+    assert!(lo_addrs(&ns1)?.contains("192.0.2.30/32 lo:kdsr"));
+    assert!(lo_addrs(&ns1)?.contains("2001:db8::30/128 "));
+    // pod2 already had the VIP (someone else's): reported, not duplicated.
+    assert_eq!(lo_addrs(&ns2)?, before2);
+
+    // Round 2: same input, nothing changes.
+    let again = netns::converge(proc, &backends, &[]);
+    assert_eq!(configured(&again), want);
+
+    // Round 3: pod1 keeps only its IPv6 VIP; pod2 is no longer a backend.
+    let backends = [backend(&pod1.uid, &["2001:db8::30"])];
+    let round = netns::converge(proc, &backends, std::slice::from_ref(&pod2.uid));
+    assert!(round.errors.is_empty(), "{:?}", round.errors);
+    want = vec![(pod1.uid.clone(), "2001:db8::30".to_string(), true)];
+    assert_eq!(configured(&round), want);
+    let mut want1 = before1.clone();
+    want1.insert("2001:db8::30/128 ".into());
+    assert_eq!(lo_addrs(&ns1)?, want1);
+    assert_eq!(lo_addrs(&ns2)?, before2, "the unmarked VIP on pod2 stays");
+
+    // Round 4: no backends left.
+    let round = netns::converge(proc, &[], &[pod1.uid.clone(), pod2.uid.clone()]);
+    assert!(round.errors.is_empty() && round.reports.is_empty(), "{round:?}");
+    assert_eq!(lo_addrs(&ns1)?, before1);
+    assert_eq!(lo_addrs(&ns2)?, before2);
+    assert_eq!(host_arp()?, host_before, "the node's namespace was only read");
+    Ok(())
+}

@@ -118,6 +118,8 @@ impl Netns {
             if !lo.1 {
                 return Err(Error::LoopbackDown);
             }
+            // Sysctls first: the pod must never answer ARP for a VIP, not
+            // even between the address appearing and the sysctls.
             for w in &plan.sysctls {
                 write_sysctl(w)?;
             }

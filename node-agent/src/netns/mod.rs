@@ -10,7 +10,14 @@
 //!
 //! One round: [`find_pods`] for the backends' UIDs, [`Netns::observe`]
 //! each, [`plan()`], [`Netns::apply`] the plans that are not no-ops (it
-//! reads back), [`report`] from the read-back.
+//! reads back), [`report`] from the read-back; [`converge`] is that round.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use crate::Error;
 
 pub mod cgroup;
 pub mod loopback;
@@ -22,3 +29,78 @@ pub use plan::{
     ArpSysctls, Backend, LoAddress, NsPlan, Observed, SysctlWrite, Target, VipReport, desired,
     plan, report,
 };
+
+/// The outcome of one [`converge`] round.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Per backend and VIP, from what was read back at the end.
+    pub reports: Vec<VipReport>,
+    /// The scan of `/proc` failed: no pod namespace was handled this round.
+    pub scan: Option<Error>,
+    /// Namespaces that could not be found, read or changed. One failing
+    /// namespace never stops the others.
+    pub errors: BTreeMap<Target, Error>,
+}
+
+/// One level-triggered round: finds the namespaces, reads each back,
+/// changes what differs, reads it back again, and reports.
+///
+/// `others` are UIDs of local pods that are not backends (any more): their
+/// namespaces are looked at so that what kube-dsr added there is removed.
+/// The node's namespace is always looked at, for the same reason. A pod
+/// that is gone needs nothing: its namespace went with it.
+pub fn converge(proc: &Path, backends: &[Backend], others: &[String]) -> Round {
+    let desired = desired(backends);
+    let mut targets: BTreeSet<Target> = desired.keys().cloned().collect();
+    targets.insert(Target::Host);
+    targets.extend(others.iter().map(|u| Target::Pod(u.to_ascii_lowercase())));
+    let uids: BTreeSet<String> = targets
+        .iter()
+        .filter_map(|t| match t {
+            Target::Pod(u) => Some(u.clone()),
+            Target::Host => None,
+        })
+        .collect();
+
+    let mut round = Round::default();
+    let mut pods = match find_pods(proc, &uids) {
+        Ok(p) => p,
+        Err(e) => {
+            // Without a scan only the node's own namespace can be handled.
+            round.scan = Some(e);
+            targets.retain(|t| *t == Target::Host);
+            BTreeMap::new()
+        }
+    };
+    let mut observed = BTreeMap::new();
+    for target in targets {
+        let ns = match &target {
+            Target::Host => Netns::host(),
+            Target::Pod(uid) => match pods.remove(uid) {
+                Some(p) => Ok(Netns::from_pod(uid, p)),
+                None if desired.contains_key(&target) => {
+                    Err(Error::PodNetnsNotFound { uid: uid.clone() })
+                }
+                None => continue,
+            },
+        };
+        let step = ns.and_then(|ns| {
+            let obs = ns.observe()?;
+            let one = BTreeMap::from([(target.clone(), obs)]);
+            match plan(&desired, &one).pop() {
+                Some(p) if !p.is_noop() => ns.apply(&p),
+                _ => Ok(one.into_values().next().expect("one namespace observed")),
+            }
+        });
+        match step {
+            Ok(obs) => {
+                observed.insert(target, obs);
+            }
+            Err(e) => {
+                round.errors.insert(target, e);
+            }
+        }
+    }
+    round.reports = report(backends, &observed);
+    round
+}
