@@ -35,7 +35,7 @@ pub fn pod_uid_of_path(path: &str) -> Option<String> {
                 && parents.split('-').any(|p| p == "kubepods")
                 && let Some(uid) = last.strip_prefix("pod")
             {
-                let uid = uid.replace('_', "-");
+                let uid = uid.replace('_', "-").to_ascii_lowercase();
                 if is_uid(&uid) {
                     return Some(uid);
                 }
@@ -46,7 +46,7 @@ pub fn pod_uid_of_path(path: &str) -> Option<String> {
             && let Some(uid) = comp.strip_prefix("pod")
             && is_uid(uid)
         {
-            return Some(uid.to_owned());
+            return Some(uid.to_ascii_lowercase());
         }
     }
     None
