@@ -443,3 +443,30 @@ fn converge_rounds_over_pods() -> Result<()> {
     assert_eq!(host_arp()?, host_before, "the node's namespace was only read");
     Ok(())
 }
+
+/// A VIP on a `lo` that is down would receive nothing: the namespace is
+/// reported not configured and nothing is added.
+#[test]
+fn loopback_down_is_refused() -> Result<()> {
+    if !privileged("loopback_down_is_refused") {
+        return Ok(());
+    }
+    let ns = NetNs::new("kdsrD")?;
+    ns.exec("ip link set lo down")?;
+    let handle = Netns::open(Path::new(&format!("/var/run/netns/{}", ns.name)), ns.name.clone())?;
+    let backends = [Backend {
+        uid: "u".into(),
+        host_network: false,
+        vips: BTreeSet::from([ip("192.0.2.40")]),
+    }];
+    let target = backends[0].target();
+    let observed = observe(&handle, &target)?;
+    assert!(!observed[&target].lo_up);
+    let plans = netns::plan(&netns::desired(&backends), &observed);
+    assert!(matches!(handle.apply(&plans[0]), Err(kube_dsr_agent::Error::LoopbackDown)));
+    assert!(!lo_addrs(&ns)?.iter().any(|a| a.starts_with("192.0.2.40")));
+    assert_eq!(sysctl(Some(&ns), "net.ipv4.conf.all.arp_ignore")?, 0, "nothing was written");
+    let observed = observe(&handle, &target)?;
+    assert!(!netns::report(&backends, &observed)[0].configured);
+    Ok(())
+}
