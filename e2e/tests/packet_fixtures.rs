@@ -551,6 +551,41 @@ fn packet_fixtures() {
     let q = udp_frame(dut, CLIENT_MAC, (client, 5353), (v4("192.0.2.50"), 53), b"q");
     total += check(&env, vec![tx("pin-all pins survive settling", q, "fwd_conn_hit", q_to)]);
 
+    // A slot released by one service and reused by another: the first
+    // service's previous table still names it, but its established flows
+    // must not follow it into the other service.
+    let mut reuse_a = service(
+        "default/reuse-a/v4",
+        "192.0.2.60",
+        &[(80, Protocol::Tcp)],
+        &[("10.0.4.1", 0x51), ("10.0.4.2", 0x52)],
+    );
+    env.dp.upsert_service(&reuse_a).unwrap();
+    let avip = v4("192.0.2.60");
+    let port = (44000..45000)
+        .find(|&p| predict(&reuse_a, client, p, 80, PROTO_TCP) == mac_of(0x52))
+        .unwrap();
+    reuse_a.backends.retain(|b| b.mac != mac_of(0x52));
+    env.dp.upsert_service(&reuse_a).unwrap();
+    // Enough backends to take every free slot, the released one included.
+    let many: Vec<(String, u8)> =
+        (0..40).map(|i| (format!("10.0.5.{i}"), 0x80 + i as u8)).collect();
+    let many: Vec<(&str, u8)> = many.iter().map(|(a, m)| (a.as_str(), *m)).collect();
+    env.dp
+        .upsert_service(&service("default/reuse-b/v4", "192.0.2.61", &[(80, Protocol::Tcp)], &many))
+        .unwrap();
+    let est = tcp_frame(dut, CLIENT_MAC, (client, port), (avip, 80), 0x10);
+    total += check(
+        &env,
+        vec![tx(
+            "previous backend's slot now belongs to another service",
+            est,
+            "fwd_pinned_current",
+            mac_of(0x51),
+        )],
+    );
+    env.dp.remove_service("default/reuse-b/v4").unwrap();
+
     // A backend behind another interface is redirected there, with that
     // interface's MAC as the source.
     let mut far =

@@ -259,7 +259,7 @@ fn pick<K: Keys>(vip: &VipValue, flow: &Flow<K>) -> Option<(u32, Backend, u32)> 
     let current = slot(vip.ring_base, vip.ring_size, h);
     let previous = slot(vip.prev_base, vip.prev_size, h);
     let (id, b, why) = if vip.prev_size == 0 || previous == current {
-        let b = in_use(current)?;
+        let b = in_use(current, vip.svc_id)?;
         if flow.icmp {
             return Some((current, b, reason::FWD_ICMP));
         }
@@ -268,9 +268,9 @@ fn pick<K: Keys>(vip: &VipValue, flow: &Flow<K>) -> Option<(u32, Backend, u32)> 
         }
         (current, b, reason::FWD_PINNED_CURRENT)
     } else {
-        match in_use(previous) {
+        match in_use(previous, vip.svc_id) {
             Some(b) if !flow.syn => (previous, b, reason::FWD_PINNED_PREVIOUS),
-            _ => (current, in_use(current)?, reason::FWD_PINNED_CURRENT),
+            _ => (current, in_use(current, vip.svc_id)?, reason::FWD_PINNED_CURRENT),
         }
     };
     if flow.icmp {
@@ -297,11 +297,13 @@ fn slot(base: u32, size: u32, h: u32) -> u32 {
     }
 }
 
-/// The backend with this id, if it is a live one.
+/// The backend with this id, if it is a live backend of service `svc_id`.
+/// The service check matters for the previous table: a slot it names may
+/// have been released and given to another service since.
 #[inline(always)]
-fn in_use(id: u32) -> Option<Backend> {
+fn in_use(id: u32, svc_id: u32) -> Option<Backend> {
     let b = *BACKENDS.get(id)?;
-    (b.flags & BACKEND_IN_USE != 0).then_some(b)
+    (b.flags & BACKEND_IN_USE != 0 && b.svc_id == svc_id).then_some(b)
 }
 
 #[inline(always)]
