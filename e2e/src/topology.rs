@@ -10,6 +10,8 @@
 //!  backend-N ...         ────────┘   default route via the router
 //! ```
 //!
+//! The same over IPv6 (fd20::/64 client side, fd10::/64 segment, VIP
+//! 2001:db8::10 as /128 on the backends' lo; no sysctl is needed there).
 //! Client packets to the VIP go router → ingress → (MAC rewrite, XDP_TX) →
 //! backend; replies go backend → router → client and never touch the
 //! ingress node. Servers are real sockets on threads inside the backend
@@ -19,7 +21,7 @@
 use std::{
     collections::HashSet,
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, TcpListener, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -40,6 +42,7 @@ use crate::netns::{NetNs, sh};
 pub static EQUIPMENT: &[u8] = aya::include_bytes_aligned!("../../bpf/obj/kube-dsr-bench.o");
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 pub const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 pub const INGRESS: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
@@ -50,6 +53,7 @@ pub struct BackendNode {
     pub name: String,
     pub ns: NetNs,
     pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
     pub mac: [u8; 6],
     /// UDP sequence numbers received (see [`Lab::udp_stream`]).
     pub udp_seen: Arc<Mutex<HashSet<u64>>>,
@@ -83,10 +87,14 @@ impl Lab {
             r = router.name
         ))?;
         client.exec(&format!(
-            "ip addr add {CLIENT}/24 dev eth0 && ip link set eth0 up && \
-             ip route add default via 10.20.0.1 && ethtool -K eth0 tx off >/dev/null"
+            "ip addr add {CLIENT}/24 dev eth0 && ip -6 addr add fd20::2/64 dev eth0 nodad && \
+             ip link set eth0 up && ip route add default via 10.20.0.1 && \
+             ip -6 route add default via fd20::1 && ethtool -K eth0 tx off >/dev/null"
         ))?;
-        router.exec("ip addr add 10.20.0.1/24 dev eth1 && ip link set eth1 up")?;
+        router.exec(
+            "ip addr add 10.20.0.1/24 dev eth1 && ip -6 addr add fd20::1/64 dev eth1 nodad && \
+             ip link set eth1 up",
+        )?;
 
         let attach_to_lan = |ns: &NetNs, port: &str| -> Result<()> {
             sh(&format!(
@@ -99,12 +107,16 @@ impl Lab {
         };
         attach_to_lan(&router, "p-router")?;
         router.exec(&format!(
-            "ip addr add {ROUTER_LAN}/24 dev eth0 && ip link set eth0 up && \
-             ethtool -K eth0 tx off >/dev/null && sysctl -qw net.ipv4.ip_forward=1 && \
-             ip route add {VIP}/32 via {INGRESS}"
+            "ip addr add {ROUTER_LAN}/24 dev eth0 && ip -6 addr add fd10::1/64 dev eth0 nodad && \
+             ip link set eth0 up && ethtool -K eth0 tx off >/dev/null && \
+             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
+             ip route add {VIP}/32 via {INGRESS} && ip -6 route add {VIP6}/128 via fd10::2"
         ))?;
         attach_to_lan(&ingress, "p-ingress")?;
-        ingress.exec(&format!("ip addr add {INGRESS}/24 dev eth0 && ip link set eth0 up"))?;
+        ingress.exec(&format!(
+            "ip addr add {INGRESS}/24 dev eth0 && ip -6 addr add fd10::2/64 dev eth0 nodad && \
+             ip link set eth0 up"
+        ))?;
 
         let mut backends = Vec::new();
         for i in 0..n {
@@ -112,10 +124,12 @@ impl Lab {
             let port = format!("p-b{i}");
             attach_to_lan(&ns, &port)?;
             let addr = Ipv4Addr::new(10, 10, 0, 11 + i as u8);
+            let addr6 = Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
             ns.exec(&format!(
-                "ip addr add {addr}/24 dev eth0 && ip link set eth0 up && \
-                 ip route add default via {ROUTER_LAN} && \
-                 ip addr add {VIP}/32 dev lo && \
+                "ip addr add {addr}/24 dev eth0 && ip -6 addr add {addr6}/64 dev eth0 nodad && \
+                 ip link set eth0 up && ip route add default via {ROUTER_LAN} && \
+                 ip -6 route add default via fd10::1 && \
+                 ip addr add {VIP}/32 dev lo && ip -6 addr add {VIP6}/128 dev lo nodad && \
                  sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
             ))?;
             let mac = ns.mac("eth0")?;
@@ -123,6 +137,7 @@ impl Lab {
                 name: format!("backend-{}", i + 1),
                 ns,
                 addr,
+                addr6,
                 mac,
                 udp_seen: Arc::default(),
             });
@@ -146,21 +161,25 @@ impl Lab {
         // Teach the bridge every MAC (so it never floods a reply to the
         // ingress port) and warm the neighbour tables.
         for b in &lab.backends {
-            b.ns.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
+            b.ns.exec(&format!(
+                "ping -c1 -W2 {ROUTER_LAN} >/dev/null && ping -6 -c1 -W2 fd10::1 >/dev/null"
+            ))?;
         }
         lab.ingress.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
         lab.client.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
+        lab.router.exec("ping -6 -c1 -W2 fd10::2 >/dev/null")?;
         Ok(lab)
     }
 
     fn start_servers(&mut self) -> Result<()> {
         for b in &self.backends {
             let (name, stop) = (b.name.clone(), self.stop.clone());
-            let listener = b.ns.run(|| TcpListener::bind(("0.0.0.0", TCP_PORT)))??;
+            // `::` with the default IPV6_V6ONLY=0 serves IPv4 and IPv6.
+            let listener = b.ns.run(|| TcpListener::bind(("::", TCP_PORT)))??;
             listener.set_nonblocking(true)?;
             self.servers.push(std::thread::spawn(move || tcp_server(listener, &name, &stop)));
 
-            let udp = b.ns.run(|| UdpSocket::bind(("0.0.0.0", UDP_PORT)))??;
+            let udp = b.ns.run(|| UdpSocket::bind(("::", UDP_PORT)))??;
             udp.set_read_timeout(Some(Duration::from_millis(50)))?;
             big_receive_buffer(&udp)?;
             let (seen, stop) = (b.udp_seen.clone(), self.stop.clone());

@@ -13,7 +13,7 @@ use kube_dsr_agent::dataplane::{BackendSpec, Config, Dataplane, PortSpec, Protoc
 use kube_dsr_e2e::{
     netns::PinDir,
     privileged,
-    topology::{Lab, TCP_PORT, VIP},
+    topology::{Lab, TCP_PORT, VIP, VIP6},
 };
 
 const NAME: &str = "default/web/v4";
@@ -40,7 +40,10 @@ struct Conn {
 
 impl Conn {
     fn open() -> std::io::Result<Self> {
-        let addr = SocketAddr::from((VIP, TCP_PORT));
+        Self::open_to(SocketAddr::from((VIP, TCP_PORT)))
+    }
+
+    fn open_to(addr: SocketAddr) -> std::io::Result<Self> {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         Ok(Self { out: s.try_clone()?, lines: BufReader::new(s) })
@@ -140,4 +143,47 @@ fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
 
 fn forwarded(dp: &Dataplane) -> u64 {
     dp.reason_counts().unwrap().iter().filter(|(k, _)| k.starts_with("fwd_")).map(|(_, v)| v).sum()
+}
+
+#[test]
+fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
+    if !privileged("netns_dataplane_v6") {
+        return;
+    }
+    let lab = Lab::new(3).unwrap();
+    let pins = PinDir::new().unwrap();
+    let mut cfg = Config::new("eth0");
+    cfg.pin_dir = pins.path.clone();
+    let mut dp = lab.ingress.run(move || Dataplane::open(&cfg)).unwrap().unwrap();
+    let name = "default/web/v6";
+    dp.upsert_service(&ServiceSpec {
+        name: name.into(),
+        vip: VIP6.into(),
+        ports: vec![PortSpec { port: TCP_PORT, protocol: Protocol::Tcp }],
+        table_size: 4093,
+        backends: lab.backends.iter().map(|b| BackendSpec::new(b.addr6.into(), b.mac)).collect(),
+        pin_all_flows: false,
+    })
+    .unwrap();
+
+    let rx_before = lab.ingress_rx_packets().unwrap();
+    let fwd_before = forwarded(&dp);
+    let to = SocketAddr::from((VIP6, TCP_PORT));
+    let answers = lab
+        .client
+        .run(move || {
+            (0..60)
+                .map(|_| Conn::open_to(to).and_then(|mut c| c.ask()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .expect("every request to the IPv6 VIP succeeds");
+    for b in &lab.backends {
+        assert!(answers.contains(&b.name), "{} got no IPv6 connection: {answers:?}", b.name);
+    }
+    let rx = lab.ingress_rx_packets().unwrap() - rx_before;
+    let fwd = forwarded(&dp) - fwd_before;
+    assert!(fwd >= 60 * 4, "client packets forwarded by XDP: {fwd}");
+    assert!(rx < fwd + 20, "the ingress interface saw {rx} packets for {fwd} forwarded ones");
+    assert_eq!(dp.service_traffic(name).unwrap().packets, fwd);
 }
