@@ -101,6 +101,21 @@ pub enum Error {
     )]
     AddressMarkUnsupported { vip: IpAddr },
 
+    #[error("interface index {index} not found in this network namespace")]
+    UnknownInterfaceIndex {
+        index: u32,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("looking up backend {addr}: {what}")]
+    NeighbourLookup {
+        addr: IpAddr,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("{what}")]
     Io {
         what: &'static str,
@@ -134,6 +149,8 @@ impl Error {
             Self::Sysctl { .. } => "sysctl",
             Self::LoopbackDown => "loopback_down",
             Self::AddressMarkUnsupported { .. } => "address_mark_unsupported",
+            Self::UnknownInterfaceIndex { .. } => "unknown_interface_index",
+            Self::NeighbourLookup { .. } => "neighbour_lookup",
             Self::Io { .. } => "io",
         }
     }

@@ -7,6 +7,7 @@
 pub mod dataplane;
 pub mod error;
 pub mod maglev;
+pub mod neigh;
 pub mod netns;
 
 pub use error::{Error, Result};

@@ -1,0 +1,328 @@
+//! The kernel side: route lookups, the neighbour table, and starting
+//! resolution, through a blocking rtnetlink socket in the calling thread's
+//! network namespace.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    io,
+    net::IpAddr,
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::plan::{Iface, Lookup, NeighEntry, NeighVerdict, Route, adjacency, classify};
+use crate::{Error, Result};
+
+/// Looks backends up in the namespace of the thread that created it (run
+/// it inside `Netns::run` for another namespace).
+pub struct Resolver {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Resolver {
+    pub fn new() -> Result<Self> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(nl_err("opening a netlink socket"))?;
+        sock.bind_auto().map_err(nl_err("binding a netlink socket"))?;
+        sock.connect(&SocketAddr::new(0, 0)).map_err(nl_err("connecting a netlink socket"))?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    /// An interface by name.
+    pub fn interface(&mut self, name: &str) -> Result<Iface> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        self.link(msg).map_err(|source| Error::UnknownInterface { name: name.into(), source })
+    }
+
+    /// An interface by index.
+    pub fn interface_by_index(&mut self, index: u32) -> Result<Iface> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.link(msg).map_err(|source| Error::UnknownInterfaceIndex { index, source })
+    }
+
+    fn link(&mut self, msg: LinkMessage) -> io::Result<Iface> {
+        self.request(RouteNetlinkMessage::GetLink(msg), 0)?
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => {
+                    let name = l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    });
+                    Some(Iface { index: l.header.index, name: name.unwrap_or_default() })
+                }
+                _ => None,
+            })
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
+
+    /// The kernel's route toward `addr` (`ip route get`).
+    pub fn route(&mut self, addr: IpAddr) -> Result<Route> {
+        let mut msg = RouteMessage::default();
+        (msg.header.address_family, msg.header.destination_prefix_length) = match addr {
+            IpAddr::V4(_) => (AddressFamily::Inet, 32),
+            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+        };
+        msg.attributes.push(RouteAttribute::Destination(RouteAddress::from(addr)));
+        let replies = match self.request(RouteNetlinkMessage::GetRoute(msg), 0) {
+            Ok(r) => r,
+            // What `unreachable`, `prohibit` and `blackhole` routes and a
+            // missing route answer.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL)
+                ) =>
+            {
+                return Ok(Route::None { why: e.to_string() });
+            }
+            Err(source) => return Err(Error::NeighbourLookup { addr, what: "route", source }),
+        };
+        let Some(r) = replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => Some(r),
+            _ => None,
+        }) else {
+            return Err(Error::NeighbourLookup {
+                addr,
+                what: "route",
+                source: io::ErrorKind::UnexpectedEof.into(),
+            });
+        };
+        if r.header.kind != RouteType::Unicast {
+            return Ok(Route::Other { kind: route_kind(r.header.kind) });
+        }
+        let mut oif = None;
+        let mut gateway = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some((*g).into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some((*g).into()),
+                // An IPv4 route through an IPv6 next hop (RFC 5549).
+                RouteAttribute::Via(RouteVia::Inet(g)) => gateway = Some((*g).into()),
+                RouteAttribute::Via(RouteVia::Inet6(g)) => gateway = Some((*g).into()),
+                _ => {}
+            }
+        }
+        let Some(oif) = oif else {
+            return Ok(Route::None { why: "the route has no output interface".into() });
+        };
+        Ok(Route::Unicast { oif: self.interface_by_index(oif)?, gateway })
+    }
+
+    /// The neighbour table of `ifindex` (one dump, filtered by the kernel
+    /// on `NDA_IFINDEX` and again here).
+    pub fn neighbours(&mut self, ifindex: u32) -> Result<BTreeMap<IpAddr, NeighEntry>> {
+        let mut out = BTreeMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = family;
+            msg.attributes.push(NeighbourAttribute::IfIndex(ifindex));
+            let replies = self
+                .request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)
+                .map_err(nl_err("dumping the neighbour table"))?;
+            for m in replies {
+                let RouteNetlinkMessage::NewNeighbour(n) = m else { continue };
+                if n.header.ifindex != ifindex {
+                    continue;
+                }
+                let mut dst = None;
+                let mut lladdr = None;
+                for a in n.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
+                            dst = Some(IpAddr::from(d))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => {
+                            dst = Some(IpAddr::from(d))
+                        }
+                        NeighbourAttribute::LinkLayerAddress(l) => lladdr = Some(l),
+                        _ => {}
+                    }
+                }
+                if let Some(dst) = dst {
+                    out.insert(dst, NeighEntry { state: n.header.state.into(), lladdr });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts (or restarts) resolution of `addr` on `ifindex`: `RTM_NEWNEIGH`
+    /// with `NTF_USE` creates the entry if needed and has the kernel treat
+    /// it as used, which sends a solicitation from an absent, `NONE` or
+    /// `FAILED` entry (→ `INCOMPLETE`) and a unicast probe from a `STALE`
+    /// one (→ `DELAY`/`PROBE`). The entry is never written otherwise.
+    pub fn probe(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.ifindex = ifindex;
+        msg.header.state = NeighbourState::None;
+        msg.header.flags = NeighbourFlags::Use;
+        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
+        self.request(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+        .map_err(|source| Error::NeighbourLookup {
+            addr,
+            what: "starting resolution",
+            source,
+        })
+    }
+
+    /// Looks every address up: route, adjacency, neighbour entry. Absent
+    /// entries get resolution started (reported `Pending`) and `STALE` ones
+    /// a probe (still reported resolved); `FAILED` entries are reported
+    /// `Unreachable` and left alone — re-probing them is the caller's
+    /// cadence ([`Resolver::probe`]), or they would flip between
+    /// `Unreachable` and `Pending` on every round.
+    pub fn lookup_all(
+        &mut self,
+        ingress: &Iface,
+        allowed: &[Iface],
+        addrs: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<BTreeMap<IpAddr, Lookup>> {
+        let mut tables: BTreeMap<u32, BTreeMap<IpAddr, NeighEntry>> = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for addr in addrs {
+            let route = self.route(addr)?;
+            let egress = match adjacency(addr, &route, ingress, allowed) {
+                Ok(e) => e,
+                Err(reason) => {
+                    out.insert(addr, Lookup::NotAdjacent { reason });
+                    continue;
+                }
+            };
+            let table = match tables.entry(egress.index) {
+                Entry::Occupied(t) => t.into_mut(),
+                Entry::Vacant(v) => v.insert(self.neighbours(egress.index)?),
+            };
+            let entry = table.get(&addr);
+            let lookup = match classify(entry) {
+                NeighVerdict::Resolved { mac, refresh } => {
+                    if refresh {
+                        self.probe(egress.index, addr)?;
+                    }
+                    Lookup::Resolved { mac, egress }
+                }
+                NeighVerdict::Trigger => {
+                    self.probe(egress.index, addr)?;
+                    Lookup::Pending { egress }
+                }
+                NeighVerdict::InProgress => Lookup::Pending { egress },
+                NeighVerdict::Failed => Lookup::Unreachable {
+                    why: format!("{addr} does not answer on {egress} (neighbour entry FAILED)"),
+                    egress,
+                },
+                NeighVerdict::Unusable => Lookup::Unreachable {
+                    why: format!(
+                        "the neighbour entry of {addr} on {egress} has no Ethernet address \
+                         (state {:#x})",
+                        entry.map_or(0, |e| e.state)
+                    ),
+                    egress,
+                },
+            };
+            out.insert(addr, lookup);
+        }
+        Ok(out)
+    }
+
+    /// One backend; see [`Resolver::lookup_all`].
+    pub fn lookup(&mut self, ingress: &Iface, allowed: &[Iface], addr: IpAddr) -> Result<Lookup> {
+        let mut all = self.lookup_all(ingress, allowed, [addr])?;
+        Ok(all.remove(&addr).expect("every address gets a lookup"))
+    }
+
+    /// Sends one request and collects the replies up to the ack or the end
+    /// of the dump.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        req.finalize();
+        let mut buf = vec![0; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.sock.recv_from_full()?;
+            let mut off = 0;
+            while off < data.len() {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "zero-length netlink message",
+                    ));
+                }
+                off += len.next_multiple_of(4);
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok(out),
+                    NetlinkPayload::Error(e) => return Err(e.to_io()),
+                    NetlinkPayload::InnerMessage(m) => {
+                        out.push(m);
+                        // A non-dump answer without an ack ends here.
+                        if flags & NLM_F_DUMP != NLM_F_DUMP && flags & NLM_F_ACK == 0 {
+                            return Ok(out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn route_kind(kind: RouteType) -> &'static str {
+    match kind {
+        RouteType::Unspec => "unspec",
+        RouteType::Unicast => "unicast",
+        RouteType::Local => "local",
+        RouteType::Broadcast => "broadcast",
+        RouteType::Anycast => "anycast",
+        RouteType::Multicast => "multicast",
+        RouteType::BlackHole => "blackhole",
+        RouteType::Unreachable => "unreachable",
+        RouteType::Prohibit => "prohibit",
+        RouteType::Throw => "throw",
+        RouteType::Nat => "nat",
+        _ => "other",
+    }
+}
+
+fn nl_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Netlink { what, source }
+}
