@@ -198,7 +198,8 @@ mod tests {
         let eth0 = iface(2, "eth0");
         let eth1 = iface(3, "eth1");
         let direct = |oif: &Iface| Route::Unicast { oif: oif.clone(), gateway: None };
-        let cases: Vec<(&str, Route, Vec<Iface>, Result<Iface, &str>)> = vec![
+        type Case<'a> = (&'a str, Route, Vec<Iface>, Result<Iface, &'a str>);
+        let cases: Vec<Case> = vec![
             ("10.0.0.5", direct(&eth0), vec![], Ok(eth0.clone())),
             ("fd00::5", direct(&eth0), vec![], Ok(eth0.clone())),
             ("10.0.1.5", direct(&eth1), vec![eth1.clone()], Ok(eth1.clone())),
