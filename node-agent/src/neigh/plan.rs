@@ -24,7 +24,7 @@ pub enum Route {
     /// Any other route type (`local`, `broadcast`, `blackhole`, ...).
     Other { kind: &'static str },
     /// The lookup failed (`ENETUNREACH`, `EHOSTUNREACH`, ...).
-    None { why: String },
+    Unroutable { why: String },
 }
 
 /// Whether `backend` sits on the L2 segment of `ingress` (or of one of the
@@ -37,7 +37,7 @@ pub fn adjacency(
     allowed: &[Iface],
 ) -> Result<Iface, String> {
     match route {
-        Route::None { why } => Err(format!("no route to {backend}: {why}")),
+        Route::Unroutable { why } => Err(format!("no route to {backend}: {why}")),
         Route::Other { kind } => Err(format!("the route to {backend} is of type {kind}")),
         Route::Unicast { oif, gateway: Some(gw) } => {
             Err(format!("route to {backend} goes via gateway {gw} on {oif}"))
@@ -236,7 +236,7 @@ mod tests {
             ),
             (
                 "192.0.2.1",
-                Route::None { why: "Network is unreachable".into() },
+                Route::Unroutable { why: "Network is unreachable".into() },
                 vec![],
                 Err("no route to 192.0.2.1: Network is unreachable"),
             ),

@@ -88,7 +88,7 @@ impl Resolver {
                     Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL)
                 ) =>
             {
-                return Ok(Route::None { why: e.to_string() });
+                return Ok(Route::Unroutable { why: e.to_string() });
             }
             Err(source) => return Err(Error::NeighbourLookup { addr, what: "route", source }),
         };
@@ -119,7 +119,7 @@ impl Resolver {
             }
         }
         let Some(oif) = oif else {
-            return Ok(Route::None { why: "the route has no output interface".into() });
+            return Ok(Route::Unroutable { why: "the route has no output interface".into() });
         };
         Ok(Route::Unicast { oif: self.interface_by_index(oif)?, gateway })
     }
