@@ -9,5 +9,6 @@ pub mod error;
 pub mod maglev;
 pub mod neigh;
 pub mod netns;
+mod rtnl;
 
 pub use error::{Error, Result};

@@ -8,10 +8,7 @@ use std::{
     net::IpAddr,
 };
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
@@ -20,24 +17,21 @@ use netlink_packet_route::{
     },
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use super::plan::{Iface, Lookup, NeighEntry, NeighVerdict, Route, adjacency, classify};
+use crate::rtnl::{Rtnl, nl_err};
 use crate::{Error, Result};
 
 /// Looks backends up in the namespace of the thread that created it (run
 /// it inside `Netns::run` for another namespace).
 pub struct Resolver {
-    sock: Socket,
-    seq: u32,
+    nl: Rtnl,
 }
 
 impl Resolver {
     pub fn new() -> Result<Self> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(nl_err("opening a netlink socket"))?;
-        sock.bind_auto().map_err(nl_err("binding a netlink socket"))?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(nl_err("connecting a netlink socket"))?;
-        Ok(Self { sock, seq: 0 })
+        let nl = Rtnl::open().map_err(|(what, e)| nl_err(what)(e))?;
+        Ok(Self { nl })
     }
 
     /// An interface by name.
@@ -253,56 +247,12 @@ impl Resolver {
         Ok(all.remove(&addr).expect("every address gets a lookup"))
     }
 
-    /// Sends one request and collects the replies up to the ack or the end
-    /// of the dump.
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        req.finalize();
-        let mut buf = vec![0; req.buffer_len()];
-        req.serialize(&mut buf);
-        self.sock.send(&buf, 0)?;
-
-        let mut out = Vec::new();
-        loop {
-            let (data, _) = self.sock.recv_from_full()?;
-            let mut off = 0;
-            while off < data.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "zero-length netlink message",
-                    ));
-                }
-                off += len.next_multiple_of(4);
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok(out),
-                    NetlinkPayload::Error(e) => return Err(e.to_io()),
-                    NetlinkPayload::InnerMessage(m) => {
-                        out.push(m);
-                        // A non-dump answer without an ack ends here.
-                        if flags & NLM_F_DUMP != NLM_F_DUMP && flags & NLM_F_ACK == 0 {
-                            return Ok(out);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.nl.request(msg, flags)
     }
 }
 
@@ -321,8 +271,4 @@ fn route_kind(kind: RouteType) -> &'static str {
         RouteType::Nat => "nat",
         _ => "other",
     }
-}
-
-fn nl_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
-    move |source| Error::Netlink { what, source }
 }

@@ -15,10 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{
@@ -27,12 +24,12 @@ use netlink_packet_route::{
     },
     link::{LinkAttribute, LinkFlags, LinkMessage},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use super::{
     cgroup::{PodNetns, open_ns},
     plan::{ArpSysctls, LoAddress, NsPlan, Observed, SysctlWrite},
 };
+use crate::rtnl::{Rtnl, nl_err};
 use crate::{Error, Result};
 
 /// The label kube-dsr puts on the IPv4 addresses it adds (`ip addr` shows
@@ -194,69 +191,20 @@ fn family(vip: IpAddr) -> (AddressFamily, u8) {
 }
 
 /// A blocking rtnetlink socket in the calling thread's namespace.
-struct Netlink {
-    sock: Socket,
-    seq: u32,
-}
+/// The rtnetlink socket this module talks through.
+struct Netlink(Rtnl);
 
 impl Netlink {
     fn new() -> Result<Self> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(nl_err("opening a netlink socket"))?;
-        sock.bind_auto().map_err(nl_err("binding a netlink socket"))?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(nl_err("connecting a netlink socket"))?;
-        Ok(Self { sock, seq: 0 })
+        Rtnl::open().map(Self).map_err(|(what, e)| nl_err(what)(e))
     }
 
-    /// Sends one request and collects the replies up to the ack or the end
-    /// of the dump.
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        req.finalize();
-        let mut buf = vec![0; req.buffer_len()];
-        req.serialize(&mut buf);
-        self.sock.send(&buf, 0)?;
-
-        let mut out = Vec::new();
-        loop {
-            let (data, _) = self.sock.recv_from_full()?;
-            let mut off = 0;
-            while off < data.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "zero-length netlink message",
-                    ));
-                }
-                off += len.next_multiple_of(4);
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok(out),
-                    NetlinkPayload::Error(e) => return Err(e.to_io()),
-                    NetlinkPayload::InnerMessage(m) => {
-                        out.push(m);
-                        // A non-dump answer without an ack ends here.
-                        if flags & NLM_F_DUMP != NLM_F_DUMP && flags & NLM_F_ACK == 0 {
-                            return Ok(out);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.0.request(msg, flags)
     }
 
     /// `lo`'s index and whether it is up.
@@ -371,8 +319,4 @@ impl Netlink {
             Err(source) => Err(Error::Netlink { what: "removing a VIP from lo", source }),
         }
     }
-}
-
-fn nl_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
-    move |source| Error::Netlink { what, source }
 }
