@@ -276,17 +276,14 @@ pub struct ServiceSlot {
     pub flags: u32,
     /// Index (0..3) of the current ring row.
     pub current_row: u32,
-    /// Index (0..3) of the previous ring row, or [`NO_ROW`].
-    pub previous_row: u32,
     /// The service's Maglev table size.
     pub table_size: u32,
-    pub _pad: [u32; 2],
+    pub _pad: [u32; 3],
 }
 const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 88);
 
 /// Ring rows per service: current, previous, and the one being written.
 pub const ROWS_PER_SERVICE: u32 = 3;
-pub const NO_ROW: u32 = u32::MAX;
 
 pub const SERVICE_IN_USE: u32 = 1;
 
@@ -437,6 +434,13 @@ impl Backend {
         let b = self.macs[1].to_ne_bytes();
         [a[0], a[1], a[2], a[3], b[0], b[1]]
     }
+
+    /// The source MAC held in `macs`.
+    pub const fn src_mac(&self) -> [u8; 6] {
+        let b = self.macs[1].to_ne_bytes();
+        let c = self.macs[2].to_ne_bytes();
+        [b[2], b[3], c[0], c[1], c[2], c[3]]
+    }
 }
 
 #[inline(always)]
@@ -514,6 +518,7 @@ mod tests {
             _pad: [0; 7],
         };
         assert_eq!(b.dst_mac(), dst);
+        assert_eq!(b.src_mac(), src);
         let bytes: [u8; 12] = unsafe { core::mem::transmute(b.macs) };
         assert_eq!(&bytes[..6], &dst);
         assert_eq!(&bytes[6..], &src);

@@ -171,9 +171,9 @@ impl Maps {
     }
 
     /// The `len` slots at `base`.
-    pub fn ring(&mut self, base: u32, len: usize) -> &[u32] {
+    pub fn ring(&self, base: u32, len: usize) -> &[u32] {
         let base = base as usize;
-        &self.rings.as_mut_slice()[base..base + len]
+        &self.rings.as_slice()[base..base + len]
     }
 
     /// Copies a Maglev table into the ring map at `base`.
@@ -239,11 +239,6 @@ impl Maps {
     /// One ring slot.
     pub fn ring_slot(&self, index: u32) -> u32 {
         self.rings.as_slice()[index as usize]
-    }
-
-    pub fn connection_count(&self) -> usize {
-        self.conns4.keys().filter(Result::is_ok).count()
-            + self.conns6.keys().filter(Result::is_ok).count()
     }
 }
 

@@ -31,7 +31,7 @@ use aya::{
 };
 use kube_dsr_common::{
     ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta, NO_ROW,
+    MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta,
     PROGRAM_NAME, RING_ROW, ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_PIN_ALL,
     VIP_PINS, VipValue, reason,
 };
@@ -180,9 +180,8 @@ impl Installed {
             name,
             flags: SERVICE_IN_USE,
             current_row: self.current_row,
-            previous_row: self.previous.map_or(NO_ROW, |(row, _)| row),
             table_size: self.spec.table_size,
-            _pad: [0; 2],
+            _pad: [0; 3],
         }
     }
 }
@@ -297,8 +296,7 @@ impl Dataplane {
             mac: [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0],
         })?;
 
-        let services = read_back(&maps)?;
-        sweep_orphans(&mut maps, &services)?;
+        let services = read_back(&mut maps)?;
         info!(
             interface = %cfg.interface,
             mode = attached.as_str(),
@@ -617,12 +615,6 @@ impl Dataplane {
         (0..reason::COUNT).map(|r| Ok((reason::NAMES[r as usize], self.maps.counter(r)?))).collect()
     }
 
-    /// Entries currently in the connection table (walks the table: for
-    /// tests and diagnostics, not for a hot loop).
-    pub fn connection_count(&self) -> usize {
-        self.maps.connection_count()
-    }
-
     fn check_conflicts(&self, spec: &ServiceSpec) -> Result<()> {
         for other in self.services.values().filter(|o| o.spec.name != spec.name) {
             if other.spec.vip != spec.vip {
@@ -739,27 +731,10 @@ fn backend_value(
     }
 }
 
-/// Removes what a crash mid-update can leave behind: VIP entries and
-/// backend slots of a service that is not (or no longer) claimed.
-fn sweep_orphans(maps: &mut maps::Maps, services: &BTreeMap<String, Installed>) -> Result<()> {
-    let live: HashSet<u32> = services.values().map(|s| s.svc_id).collect();
-    for (key, value) in maps.vips()? {
-        if !live.contains(&value.svc_id) {
-            warn!(?key, svc_id = value.svc_id, "removing an orphaned VIP entry");
-            maps.remove_vip(&key)?;
-        }
-    }
-    for (id, b) in maps.backends()? {
-        if !live.contains(&b.svc_id) {
-            warn!(backend = id, svc_id = b.svc_id, "releasing an orphaned backend slot");
-            maps.release_backend(id)?;
-        }
-    }
-    Ok(())
-}
-
-/// Rebuilds the programmed services from the pinned maps.
-fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
+/// Rebuilds the programmed services from the pinned maps, removing on the
+/// way what a crash mid-update can leave behind: VIP entries and backend
+/// slots of a service that is not (or no longer) claimed.
+fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
     let mut by_id: BTreeMap<u32, Installed> = BTreeMap::new();
     for (svc_id, slot) in maps.services()? {
         let len = slot.name.iter().position(|&c| c == 0).unwrap_or(slot.name.len());
@@ -786,9 +761,12 @@ fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
         );
     }
     for (key, value) in maps.vips()? {
-        let (Some(s), Some((vip, port))) = (by_id.get_mut(&value.svc_id), key.decode()) else {
+        let Some(s) = by_id.get_mut(&value.svc_id) else {
+            warn!(?key, svc_id = value.svc_id, "removing an orphaned VIP entry");
+            maps.remove_vip(&key)?;
             continue;
         };
+        let Some((vip, port)) = key.decode() else { continue };
         s.has_table = value.ring_size != 0;
         s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
         s.pins = value.flags & VIP_PINS != 0;
@@ -798,29 +776,21 @@ fn read_back(maps: &maps::Maps) -> Result<BTreeMap<String, Installed>> {
         s.spec.ports.push(port);
     }
     for (id, b) in maps.backends()? {
-        if let Some(s) = by_id.get_mut(&b.svc_id) {
-            let src = b.macs;
-            let src_bytes: [u8; 12] = {
-                let mut out = [0u8; 12];
-                for (i, w) in src.iter().enumerate() {
-                    out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                }
-                out
-            };
-            // ifindex 0 means "out of the attach interface" (XDP_TX).
-            let egress = (b.ifindex != 0).then(|| Egress {
-                ifindex: b.ifindex,
-                mac: src_bytes[6..12].try_into().unwrap_or([0; 6]),
-            });
-            s.spec.backends.push(BackendSpec {
-                addr: spec::words_addr(b.addr, b.family),
-                mac: b.dst_mac(),
-                weight: b.weight,
-                draining: b.flags & BACKEND_DRAINING != 0,
-                egress,
-            });
-            s.ids.push(id);
-        }
+        let Some(s) = by_id.get_mut(&b.svc_id) else {
+            warn!(backend = id, svc_id = b.svc_id, "releasing an orphaned backend slot");
+            maps.release_backend(id)?;
+            continue;
+        };
+        // ifindex 0 means "out of the attach interface" (XDP_TX).
+        let egress = (b.ifindex != 0).then(|| Egress { ifindex: b.ifindex, mac: b.src_mac() });
+        s.spec.backends.push(BackendSpec {
+            addr: spec::words_addr(b.addr, b.family),
+            mac: b.dst_mac(),
+            weight: b.weight,
+            draining: b.flags & BACKEND_DRAINING != 0,
+            egress,
+        });
+        s.ids.push(id);
     }
     let mut out = BTreeMap::new();
     for (_, mut s) in by_id {
