@@ -36,7 +36,9 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 
-use crate::netns::{NetNs, sh};
+use kube_dsr_agent::dataplane::{Config, Dataplane};
+
+use crate::netns::{NetNs, PinDir, sh};
 
 /// Test equipment object (generator, sink, floor, pass).
 pub static EQUIPMENT: &[u8] = aya::include_bytes_aligned!("../../bpf/obj/kube-dsr-bench.o");
@@ -188,6 +190,16 @@ impl Lab {
         Ok(())
     }
 
+    /// Opens the dataplane on the ingress node's eth0, pinned under a fresh
+    /// pin directory (removed, with the program, when it is dropped).
+    pub fn open_dataplane(&self) -> Result<(PinDir, Dataplane)> {
+        let pins = PinDir::new()?;
+        let mut cfg = Config::new("eth0");
+        cfg.pin_dir = pins.path.clone();
+        let dp = self.ingress.run(move || Dataplane::open(&cfg))??;
+        Ok((pins, dp))
+    }
+
     /// Packets received by the ingress node's interface so far.
     pub fn ingress_rx_packets(&self) -> Result<u64> {
         Ok(self.ingress.exec("cat /sys/class/net/eth0/statistics/rx_packets")?.trim().parse()?)
@@ -230,6 +242,11 @@ impl Drop for Lab {
             let _ = s.join();
         }
     }
+}
+
+/// Packets the dataplane forwarded so far (every `fwd_*` reason).
+pub fn forwarded(dp: &Dataplane) -> Result<u64> {
+    Ok(dp.reason_counts()?.iter().filter(|(k, _)| k.starts_with("fwd_")).map(|(_, v)| v).sum())
 }
 
 /// Loads the equipment object and attaches its `pass` program to `port`

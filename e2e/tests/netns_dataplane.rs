@@ -9,11 +9,10 @@ use std::{
     time::Duration,
 };
 
-use kube_dsr_agent::dataplane::{BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec};
+use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec};
 use kube_dsr_e2e::{
-    netns::PinDir,
     privileged,
-    topology::{Lab, TCP_PORT, VIP, VIP6},
+    topology::{Lab, TCP_PORT, VIP, VIP6, forwarded},
 };
 
 const NAME: &str = "default/web/v4";
@@ -66,15 +65,12 @@ fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
         return;
     }
     let lab = Lab::new(3).unwrap();
-    let pins = PinDir::new().unwrap();
-    let mut cfg = Config::new("eth0");
-    cfg.pin_dir = pins.path.clone();
-    let mut dp = lab.ingress.run(move || Dataplane::open(&cfg)).unwrap().unwrap();
+    let (_pins, mut dp) = lab.open_dataplane().unwrap();
     dp.upsert_service(&service(&lab, &[0, 1, 2])).unwrap();
 
     // Many short connections: every backend must serve some.
     let rx_before = lab.ingress_rx_packets().unwrap();
-    let fwd_before: u64 = forwarded(&dp);
+    let fwd_before: u64 = forwarded(&dp).unwrap();
     let answers = lab
         .client
         .run(|| {
@@ -98,7 +94,7 @@ fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
     // else of note; each connection's replies (SYN-ACK, data, FIN: at least
     // 3 per connection) went straight to the router.
     let rx = lab.ingress_rx_packets().unwrap() - rx_before;
-    let fwd = forwarded(&dp) - fwd_before;
+    let fwd = forwarded(&dp).unwrap() - fwd_before;
     assert!(fwd >= 90 * 4, "client packets forwarded by XDP: {fwd}");
     assert!(
         rx < fwd + 20,
@@ -141,20 +137,13 @@ fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
     );
 }
 
-fn forwarded(dp: &Dataplane) -> u64 {
-    dp.reason_counts().unwrap().iter().filter(|(k, _)| k.starts_with("fwd_")).map(|(_, v)| v).sum()
-}
-
 #[test]
 fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
     if !privileged("netns_dataplane_v6") {
         return;
     }
     let lab = Lab::new(3).unwrap();
-    let pins = PinDir::new().unwrap();
-    let mut cfg = Config::new("eth0");
-    cfg.pin_dir = pins.path.clone();
-    let mut dp = lab.ingress.run(move || Dataplane::open(&cfg)).unwrap().unwrap();
+    let (_pins, mut dp) = lab.open_dataplane().unwrap();
     let name = "default/web/v6";
     dp.upsert_service(&ServiceSpec {
         name: name.into(),
@@ -167,7 +156,7 @@ fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingres
     .unwrap();
 
     let rx_before = lab.ingress_rx_packets().unwrap();
-    let fwd_before = forwarded(&dp);
+    let fwd_before = forwarded(&dp).unwrap();
     let to = SocketAddr::from((VIP6, TCP_PORT));
     let answers = lab
         .client
@@ -182,7 +171,7 @@ fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingres
         assert!(answers.contains(&b.name), "{} got no IPv6 connection: {answers:?}", b.name);
     }
     let rx = lab.ingress_rx_packets().unwrap() - rx_before;
-    let fwd = forwarded(&dp) - fwd_before;
+    let fwd = forwarded(&dp).unwrap() - fwd_before;
     assert!(fwd >= 60 * 4, "client packets forwarded by XDP: {fwd}");
     assert!(rx < fwd + 20, "the ingress interface saw {rx} packets for {fwd} forwarded ones");
     assert_eq!(dp.service_traffic(name).unwrap().packets, fwd);

@@ -10,11 +10,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Result, bail};
-use kube_dsr_agent::dataplane::{BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec};
-use kube_dsr_e2e::{
-    netns::PinDir,
-    topology::{Lab, TCP_PORT, VIP},
-};
+use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec};
+use kube_dsr_e2e::topology::{Lab, TCP_PORT, VIP, forwarded};
 
 const NAME: &str = "demo/web/v4";
 const REQUESTS: usize = 60;
@@ -28,10 +25,7 @@ fn main() -> Result<()> {
         "kube-dsr demo: building client, router, ingress node and 3 backends in network namespaces…"
     );
     let lab = Lab::new(3)?;
-    let pins = PinDir::new()?;
-    let mut cfg = Config::new("eth0");
-    cfg.pin_dir = pins.path.clone();
-    let mut dp = lab.ingress.run(move || Dataplane::open(&cfg))??;
+    let (pins, mut dp) = lab.open_dataplane()?;
     println!(
         "ingress node: XDP attached to eth0 in {} mode; pins under {}",
         dp.attached().as_str(),
@@ -105,8 +99,4 @@ fn curl_many(lab: &Lab, n: usize) -> Result<BTreeMap<String, usize>> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(served)
-}
-
-fn forwarded(dp: &Dataplane) -> Result<u64> {
-    Ok(dp.reason_counts()?.iter().filter(|(k, _)| k.starts_with("fwd_")).map(|(_, v)| v).sum())
 }
