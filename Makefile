@@ -3,14 +3,14 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup bpf bpf-check lint unit generate bench-dataplane
+.PHONY: demo test setup bpf bpf-check lint unit generate bench-dataplane chart-check chart-render
 
 ## demo: kube-dsr's dataplane with real traffic in network namespaces
 demo: setup
 	$(CARGO) run --release --locked -q -p kube-dsr-e2e --bin dsr-demo
 
-## test: formatting, lints, generated files, unit tests, packet fixtures, namespace tests
-test: setup lint bpf-check unit
+## test: formatting, lints, generated files, Helm chart, unit tests, packet fixtures, namespace tests
+test: setup lint bpf-check chart-check unit
 
 ## setup: install toolchains and tools (idempotent)
 setup:
@@ -24,9 +24,19 @@ bpf: setup
 bpf-check:
 	bash scripts/bpf.sh check
 
-## generate: regenerate every checked-in generated file (XDP objects, CRDs)
+## generate: regenerate every checked-in generated file (XDP objects, CRDs, chart CRDs, deploy/)
 generate: bpf
 	$(CARGO) run --locked -q -p kube-dsr-crds --bin crdgen -- --write crds
+	$(MAKE) chart-render
+
+## chart-check: Helm lint and render (default + ci/ values), Kubernetes schemas,
+## privileges and RBAC against README, deploy/kube-dsr.yaml and chart CRDs current
+chart-check:
+	.venv/bin/python scripts/chart-check.py
+
+## chart-render: copy crds/*.yaml into the chart, regenerate deploy/kube-dsr.yaml
+chart-render: setup
+	.venv/bin/python scripts/chart-check.py --write
 
 lint:
 	$(CARGO) fmt --all --check

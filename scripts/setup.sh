@@ -50,3 +50,19 @@ if ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
     say "mounting bpffs on /sys/fs/bpf"
     mount -t bpf bpf /sys/fs/bpf
 fi
+
+# Python tools for `make chart-check` in .venv (git-ignored): Helm's own
+# engine (helm-python-sdk) and the Kubernetes JSON schemas
+# (kubernetes-validate), pinned in scripts/chart-requirements.txt.
+venv=.venv
+if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    say "installing python3 and python3-venv"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+fi
+if ! cmp -s scripts/chart-requirements.txt "$venv/.chart-requirements.txt"; then
+    say "installing the chart-check tools into $venv"
+    [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r scripts/chart-requirements.txt
+    cp scripts/chart-requirements.txt "$venv/.chart-requirements.txt"
+fi
