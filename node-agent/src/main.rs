@@ -1,9 +1,131 @@
-//! `dsr-agent`: the node agent. Its Kubernetes side (watchers, backend
-//! preparation, VIP announcement) is built by the node-agent issue; today
-//! the binary only says so. The dataplane it will drive lives in
-//! `kube_dsr_agent::dataplane` and is tested on its own.
+//! `dsr-agent`: flags, logging and the two commands; everything else is in
+//! the library (`kube_dsr_agent::agent`).
 
-fn main() {
-    eprintln!("dsr-agent is not implemented yet; see the node-agent issue");
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube_dsr_agent::agent::{self, Config};
+use kube_dsr_agent::dataplane::{AttachMode, DEFAULT_PIN_DIR};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Attach {
+    /// Native (driver) mode, generic when the driver refuses.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// kube-dsr node agent: programs the XDP dataplane on ingress nodes,
+/// prepares backend pods (VIP on loopback, ARP sysctls) and announces VIPs.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Log format.
+    #[arg(long, env = "DSR_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    /// bpffs directory for the pinned maps and links (one subdirectory per
+    /// interface).
+    #[arg(long, env = "DSR_BPFFS_DIR", default_value = DEFAULT_PIN_DIR, global = true)]
+    bpffs_dir: PathBuf,
+    /// procfs of the host (the agent runs with hostPID). In a container, mount
+    /// the host's /proc elsewhere (for example /host/proc): the container's
+    /// own /proc/sys is read-only.
+    #[arg(long, env = "DSR_PROC_DIR", default_value = "/proc", global = true)]
+    proc_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// This node's name (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "DSR_HTTP_ADDR", default_value = "0.0.0.0:9477")]
+    http_addr: SocketAddr,
+    /// Namespace of the per-VIP announcement Leases (the agent's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-dsr")]
+    lease_namespace: String,
+    /// Seconds an announcement Lease stays valid without renewal.
+    #[arg(long, default_value_t = 10)]
+    lease_duration: u64,
+    /// Seconds between Lease renewals (and attempts to take one over).
+    #[arg(long, default_value_t = 2)]
+    lease_retry: u64,
+    /// Seconds between periodic rounds (settling flows, re-probing
+    /// unreachable backends, re-reading pod namespaces).
+    #[arg(long, default_value_t = 15)]
+    resync_seconds: u64,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: Attach,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Remove everything the agent created on this node: the XDP program and
+    /// its pinned maps, and the VIPs and marks it added in the given pods and
+    /// in the node's own namespace. Forwarding stops.
+    Cleanup {
+        /// UIDs of pods to clean (for example every pod on the node).
+        #[arg(long = "pod-uid")]
+        pod_uids: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
+    if let Some(Command::Cleanup { pod_uids }) = args.command {
+        let failed = agent::worker::cleanup(&args.bpffs_dir, &args.proc_dir, &pod_uids);
+        if failed.is_empty() {
+            eprintln!("dsr-agent cleanup: done");
+            return Ok(());
+        }
+        for f in &failed {
+            eprintln!("dsr-agent cleanup: {f}");
+        }
+        anyhow::bail!("{} cleanup step(s) failed", failed.len());
+    }
+    let r = args.run;
+    let node_name =
+        r.node_name.ok_or_else(|| anyhow::anyhow!("--node-name (or NODE_NAME) is required"))?;
+    anyhow::ensure!(
+        r.lease_retry > 0 && r.lease_duration > 2 * r.lease_retry,
+        "--lease-duration must be more than twice --lease-retry (and --lease-retry above 0)"
+    );
+    anyhow::ensure!(r.resync_seconds > 0, "--resync-seconds must be above 0");
+    let cfg = Config {
+        node_name,
+        http_addr: r.http_addr,
+        bpffs_dir: args.bpffs_dir,
+        proc_dir: args.proc_dir,
+        attach: match r.attach {
+            Attach::Auto => AttachMode::Auto,
+            Attach::Native => AttachMode::Native,
+            Attach::Generic => AttachMode::Generic,
+        },
+        resync: Duration::from_secs(r.resync_seconds),
+        lease_namespace: r.lease_namespace,
+        lease_duration: Duration::from_secs(r.lease_duration),
+        lease_retry: Duration::from_secs(r.lease_retry),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(agent::run(cfg, agent::announcer()))
 }

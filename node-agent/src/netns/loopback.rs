@@ -50,6 +50,8 @@ pub struct Netns {
     file: File,
     inode: u64,
     what: String,
+    /// `<proc>/sys/net/ipv4/conf`: see [`Netns::with_proc`].
+    sysctls: PathBuf,
 }
 
 impl Netns {
@@ -64,12 +66,27 @@ impl Netns {
     pub fn open(path: &Path, what: String) -> Result<Self> {
         let (file, inode) =
             open_ns(path).map_err(|source| Error::Netns { what: what.clone(), source })?;
-        Ok(Self { file, inode, what })
+        Ok(Self { file, inode, what, sysctls: Path::new(DEFAULT_PROC).join(SYSCTL_DIR) })
     }
 
     /// A pod's namespace found by [`super::find_pods`].
     pub fn from_pod(uid: &str, pod: PodNetns) -> Self {
-        Self { file: pod.ns, inode: pod.inode, what: format!("pod {uid} (pid {})", pod.pid) }
+        Self {
+            file: pod.ns,
+            inode: pod.inode,
+            what: format!("pod {uid} (pid {})", pod.pid),
+            sysctls: Path::new(DEFAULT_PROC).join(SYSCTL_DIR),
+        }
+    }
+
+    /// Reads and writes sysctls under `<proc>/sys` instead of `/proc/sys`.
+    /// A container's own `/proc/sys` is mounted read-only; the host's procfs
+    /// mounted elsewhere (for example `/host/proc`) is not, and what a file
+    /// under `sys/net` shows depends on the network namespace of the thread
+    /// that opens it, so it still reaches the entered namespace.
+    pub fn with_proc(mut self, proc: &Path) -> Self {
+        self.sysctls = proc.join(SYSCTL_DIR);
+        self
     }
 
     /// The namespace's inode: two handles with the same one are the same
@@ -104,7 +121,7 @@ impl Netns {
 
     /// Reads back what is on `lo` and the ARP sysctls.
     pub fn observe(&self) -> Result<Observed> {
-        self.run(observe_here)
+        self.run(|| observe_with(&mut Netlink::new()?, &self.sysctls))
     }
 
     /// Carries out `plan` (adds, removes, sysctl writes), then reads back.
@@ -118,7 +135,7 @@ impl Netns {
             // Sysctls first: the pod must never answer ARP for a VIP, not
             // even between the address appearing and the sysctls.
             for w in &plan.sysctls {
-                write_sysctl(w)?;
+                write_sysctl(&self.sysctls, w)?;
             }
             for &vip in &plan.add {
                 nl.add_vip(lo.0, vip)?;
@@ -126,28 +143,22 @@ impl Netns {
             for &vip in &plan.remove {
                 nl.remove_vip(lo.0, vip)?;
             }
-            observe_with(&mut nl)
+            observe_with(&mut nl, &self.sysctls)
         })
     }
 }
 
-fn observe_here() -> Result<Observed> {
-    observe_with(&mut Netlink::new()?)
-}
-
-fn observe_with(nl: &mut Netlink) -> Result<Observed> {
+fn observe_with(nl: &mut Netlink, sysctls: &Path) -> Result<Observed> {
     let (index, up) = nl.loopback()?;
-    Ok(Observed { lo_up: up, addrs: nl.addresses(index)?, arp: read_arp()? })
+    Ok(Observed { lo_up: up, addrs: nl.addresses(index)?, arp: read_arp(sysctls)? })
 }
 
-const SYSCTL_ROOT: &str = "/proc/sys/net/ipv4/conf";
+/// procfs as mounted in the agent's own mount namespace.
+pub const DEFAULT_PROC: &str = "/proc";
+const SYSCTL_DIR: &str = "sys/net/ipv4/conf";
 
-fn sysctl_path(dev: &str, key: &str) -> PathBuf {
-    Path::new(SYSCTL_ROOT).join(dev).join(key)
-}
-
-fn read_sysctl(dev: &str, key: &str) -> Result<u32> {
-    let path = sysctl_path(dev, key);
+fn read_sysctl(root: &Path, dev: &str, key: &str) -> Result<u32> {
+    let path = root.join(dev).join(key);
     let s = std::fs::read_to_string(&path)
         .map_err(|source| Error::Sysctl { path: path.clone(), source })?;
     s.trim().parse().map_err(|_| Error::Sysctl {
@@ -156,17 +167,17 @@ fn read_sysctl(dev: &str, key: &str) -> Result<u32> {
     })
 }
 
-fn read_arp() -> Result<ArpSysctls> {
+fn read_arp(root: &Path) -> Result<ArpSysctls> {
     Ok(ArpSysctls {
-        all_ignore: read_sysctl("all", "arp_ignore")?,
-        all_announce: read_sysctl("all", "arp_announce")?,
-        lo_ignore: read_sysctl("lo", "arp_ignore")?,
-        lo_announce: read_sysctl("lo", "arp_announce")?,
+        all_ignore: read_sysctl(root, "all", "arp_ignore")?,
+        all_announce: read_sysctl(root, "all", "arp_announce")?,
+        lo_ignore: read_sysctl(root, "lo", "arp_ignore")?,
+        lo_announce: read_sysctl(root, "lo", "arp_announce")?,
     })
 }
 
-fn write_sysctl(w: &SysctlWrite) -> Result<()> {
-    let path = sysctl_path(w.dev, w.key);
+fn write_sysctl(root: &Path, w: &SysctlWrite) -> Result<()> {
+    let path = root.join(w.dev).join(w.key);
     std::fs::write(&path, format!("{}\n", w.value)).map_err(|source| Error::Sysctl { path, source })
 }
 

@@ -24,7 +24,7 @@ pub mod loopback;
 pub mod plan;
 
 pub use cgroup::{PodNetns, find_pod, find_pods};
-pub use loopback::{ADDR_PROTO, LABEL_V4, Netns};
+pub use loopback::{ADDR_PROTO, DEFAULT_PROC, LABEL_V4, Netns};
 pub use plan::{
     ArpSysctls, Backend, LoAddress, NsPlan, Observed, SysctlWrite, Target, VipReport, desired,
     plan, report,
@@ -75,9 +75,9 @@ pub fn converge(proc: &Path, backends: &[Backend], others: &[String]) -> Round {
     let mut observed = BTreeMap::new();
     for target in targets {
         let ns = match &target {
-            Target::Host => Netns::host(),
+            Target::Host => Netns::host().map(|n| n.with_proc(proc)),
             Target::Pod(uid) => match pods.remove(uid) {
-                Some(p) => Ok(Netns::from_pod(uid, p)),
+                Some(p) => Ok(Netns::from_pod(uid, p).with_proc(proc)),
                 None if desired.contains_key(&target) => {
                     Err(Error::PodNetnsNotFound { uid: uid.clone() })
                 }

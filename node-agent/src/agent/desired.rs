@@ -1,0 +1,449 @@
+//! What this node must hold, from the API objects alone: a pure function,
+//! tested on its own. The agent diffs it against the kernel.
+//!
+//! The operator owns every cluster-wide decision. The agent follows it:
+//! - a service is served here when the node is in `status.ingressNodes`
+//!   and the operator has written its backend set (EndpointSlices owned by
+//!   the service; a service in conflict has none, so it is not served);
+//! - backends come from those slices with their conditions: `ready` ones
+//!   take new flows, `serving` + `terminating` ones keep their flows
+//!   (draining), the rest are left out;
+//! - backend pods on this node (endpoints with this `nodeName`) get the
+//!   service's VIP of their family on their loopback whatever their
+//!   readiness, since the operator counts them ready only once this node
+//!   reports the VIP configured.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use kube::ResourceExt;
+use kube_dsr_crds::DsrService;
+use kube_dsr_crds::dsrservice::{Announcement, Protocol as ApiProtocol};
+use kube_dsr_crds::validation::{Family, parse_ip, validate_spec};
+
+use crate::dataplane::{PortSpec, Protocol};
+
+/// Label the operator puts on every slice it writes.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// Its value.
+pub const MANAGED_BY: &str = "kubedsr.io";
+/// Label naming the slice's DsrService (same namespace).
+pub const SERVICE_NAME_LABEL: &str = "kubedsr.io/service-name";
+
+/// A DsrService's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for SvcKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One backend of a VIP, from an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub addr: IpAddr,
+    /// Takes new flows.
+    pub active: bool,
+    /// Keeps its existing flows but takes no new ones.
+    pub draining: bool,
+}
+
+/// One VIP of a service with its ports and backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipService {
+    pub vip: IpAddr,
+    pub ports: Vec<PortSpec>,
+    /// Sorted by address; only active and draining backends.
+    pub backends: Vec<DesiredBackend>,
+}
+
+/// A service this node forwards as an ingress node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressService {
+    pub key: SvcKey,
+    pub generation: i64,
+    /// `spec.ingress.interface`; `None`: the route toward the backends.
+    pub interface: Option<String>,
+    /// `ARP` announcement: one ingress node per VIP answers ARP/ND.
+    pub announce: bool,
+    pub table_size: u32,
+    /// Only VIPs whose family has a backend set written by the operator.
+    pub vips: Vec<VipService>,
+    /// The ingress nodes, as the operator lists them (lease candidates).
+    pub ingress_nodes: Vec<String>,
+    /// The operator's preferred announcer per VIP (it tries first).
+    pub preferred_announcer: BTreeMap<IpAddr, String>,
+}
+
+/// A backend pod on this node and the VIPs its loopback must hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub vips: BTreeSet<IpAddr>,
+}
+
+/// Everything this node must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Sorted by key.
+    pub ingress: Vec<IngressService>,
+    /// Sorted by UID.
+    pub pods: Vec<LocalPod>,
+}
+
+fn protocol(p: ApiProtocol) -> Protocol {
+    match p {
+        ApiProtocol::Tcp => Protocol::Tcp,
+        ApiProtocol::Udp => Protocol::Udp,
+    }
+}
+
+fn family_of_slice(s: &EndpointSlice) -> Option<Family> {
+    match s.address_type.as_str() {
+        "IPv4" => Some(Family::V4),
+        "IPv6" => Some(Family::V6),
+        _ => None,
+    }
+}
+
+/// Whether `slice` is a backend set the operator wrote for `svc`: our
+/// labels, and a controller owner reference to this very object (a slice
+/// left over from a deleted service of the same name is not).
+fn belongs_to(slice: &EndpointSlice, svc: &DsrService) -> bool {
+    let labels = slice.labels();
+    let ours = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+        && labels.get(SERVICE_NAME_LABEL).map(String::as_str) == Some(svc.name_any().as_str());
+    let uid = svc.metadata.uid.as_deref();
+    ours && slice.namespace() == svc.namespace()
+        && uid.is_some()
+        && slice.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
+}
+
+/// Kubernetes' reading of endpoint conditions: a missing `ready` means
+/// ready, a missing `serving` means `ready`, a missing `terminating` false.
+fn conditions(e: &Endpoint) -> (bool, bool, bool) {
+    let c = e.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    (ready, serving, terminating)
+}
+
+/// The desired state of node `node` from every DsrService and every slice
+/// the agent watches.
+pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) -> Desired {
+    let mut ingress = Vec::new();
+    let mut pods: BTreeMap<String, LocalPod> = BTreeMap::new();
+    for svc in services {
+        // Being deleted, or invalid (the CRD's rules were not enforced):
+        // nothing of it reaches the kernel.
+        if svc.metadata.deletion_timestamp.is_some() || !validate_spec(&svc.spec).is_empty() {
+            continue;
+        }
+        let key = SvcKey { namespace: svc.namespace().unwrap_or_default(), name: svc.name_any() };
+        let own: Vec<&EndpointSlice> = slices.iter().filter(|s| belongs_to(s, svc)).collect();
+        if own.is_empty() {
+            continue;
+        }
+        let status = svc.status.as_ref();
+        let ingress_nodes = status.map(|s| s.ingress_nodes.clone()).unwrap_or_default();
+        let ports: Vec<PortSpec> = svc
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let port = u16::try_from(p.port).ok().filter(|p| *p != 0)?;
+                Some(PortSpec { port, protocol: protocol(p.protocol) })
+            })
+            .collect();
+        let mut vips = Vec::new();
+        for vip in svc.spec.vips.iter().filter_map(|v| parse_ip(v)) {
+            let family = Family::of(&vip);
+            let of_family: Vec<&&EndpointSlice> =
+                own.iter().filter(|s| family_of_slice(s) == Some(family)).collect();
+            if of_family.is_empty() {
+                continue;
+            }
+            let mut backends: BTreeMap<IpAddr, DesiredBackend> = BTreeMap::new();
+            for e in of_family.iter().flat_map(|s| s.endpoints.iter()) {
+                let Some(addr) = e.addresses.first().and_then(|a| parse_ip(a)) else {
+                    continue;
+                };
+                if Family::of(&addr) != family {
+                    continue;
+                }
+                let (ready, serving, terminating) = conditions(e);
+                if svc.spec.backend_setup.manage_loopback
+                    && e.node_name.as_deref() == Some(node)
+                    && let Some(uid) = e.target_ref.as_ref().and_then(|t| t.uid.clone())
+                {
+                    let t = e.target_ref.as_ref().expect("checked above");
+                    pods.entry(uid.clone())
+                        .or_insert_with(|| LocalPod {
+                            uid,
+                            namespace: t.namespace.clone().unwrap_or_default(),
+                            name: t.name.clone().unwrap_or_default(),
+                            vips: BTreeSet::new(),
+                        })
+                        .vips
+                        .insert(vip);
+                }
+                let b = if ready && !terminating {
+                    DesiredBackend { addr, active: true, draining: false }
+                } else if serving && terminating {
+                    DesiredBackend { addr, active: false, draining: true }
+                } else {
+                    continue;
+                };
+                // One address in two slices: the active reading wins.
+                let slot = backends.entry(addr).or_insert(b.clone());
+                if b.active {
+                    *slot = b;
+                }
+            }
+            vips.push(VipService {
+                vip,
+                ports: ports.clone(),
+                backends: backends.into_values().collect(),
+            });
+        }
+        if vips.is_empty() || !ingress_nodes.iter().any(|n| n == node) {
+            continue;
+        }
+        let preferred_announcer = status
+            .map(|s| {
+                s.vips
+                    .iter()
+                    .filter_map(|v| Some((parse_ip(&v.address)?, v.announcing_node.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ingress.push(IngressService {
+            key,
+            generation: svc.metadata.generation.unwrap_or(0),
+            interface: svc.spec.ingress.interface.clone(),
+            announce: svc.spec.ingress.announcement == Announcement::Arp,
+            table_size: svc.spec.table_size(),
+            vips,
+            ingress_nodes,
+            preferred_announcer,
+        });
+    }
+    ingress.sort_by(|a, b| a.key.cmp(&b.key));
+    Desired { ingress, pods: pods.into_values().collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::discovery::v1::EndpointConditions;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+    use kube_dsr_crds::DsrServiceSpec;
+    use kube_dsr_crds::dsrservice::{DsrServiceStatus, ServicePort, VipStatus};
+
+    fn svc(name: &str, vips: &[&str], ingress: &[&str]) -> DsrService {
+        let spec: DsrServiceSpec = serde_json::from_value(serde_json::json!({
+            "vips": vips,
+            "ports": [{"port": 80}, {"port": 53, "protocol": "UDP"}],
+            "selector": {"app": name},
+        }))
+        .unwrap();
+        let mut s = DsrService::new(name, spec);
+        s.metadata.namespace = Some("default".into());
+        s.metadata.uid = Some(format!("uid-{name}"));
+        s.metadata.generation = Some(4);
+        s.status = Some(DsrServiceStatus {
+            ingress_nodes: ingress.iter().map(|n| n.to_string()).collect(),
+            vips: vec![VipStatus {
+                address: vips[0].into(),
+                announcing_node: ingress.first().map(|n| n.to_string()),
+                announced: false,
+            }],
+            ..Default::default()
+        });
+        s
+    }
+
+    fn ep(addr: &str, node: &str, uid: &str, ready: bool, serving: bool, term: bool) -> Endpoint {
+        Endpoint {
+            addresses: vec![addr.into()],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(serving),
+                terminating: Some(term),
+            }),
+            node_name: Some(node.into()),
+            target_ref: Some(ObjectReference {
+                kind: Some("Pod".into()),
+                namespace: Some("default".into()),
+                name: Some(format!("pod-{uid}")),
+                uid: Some(uid.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn slice(owner: &DsrService, name: &str, family: &str, eps: Vec<Endpoint>) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                labels: Some(
+                    [
+                        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+                        (SERVICE_NAME_LABEL.to_string(), owner.name_any()),
+                    ]
+                    .into(),
+                ),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "kubedsr.io/v1alpha1".into(),
+                    kind: "DsrService".into(),
+                    name: owner.name_any(),
+                    uid: owner.metadata.uid.clone().unwrap(),
+                    controller: Some(true),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+            address_type: family.into(),
+            endpoints: eps,
+            ports: None,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ingress_node_gets_active_and_draining_backends() {
+        let web = svc("web", &["192.0.2.10"], &["ing-a", "ing-b"]);
+        let s = slice(
+            &web,
+            "web-v4-0",
+            "IPv4",
+            vec![
+                ep("10.0.0.3", "n1", "c", true, true, false),
+                ep("10.0.0.1", "n1", "a", true, true, false),
+                ep("10.0.0.2", "n2", "b", false, true, true), // terminating: drains
+                ep("10.0.0.4", "n2", "d", false, false, false), // not ready: left out
+            ],
+        );
+        let d = desired("ing-a", &[web], &[s]);
+        assert_eq!(d.ingress.len(), 1);
+        let i = &d.ingress[0];
+        assert_eq!(i.key.to_string(), "default/web");
+        assert_eq!((i.generation, i.announce, i.table_size), (4, true, 65537));
+        assert_eq!(i.preferred_announcer.get(&ip("192.0.2.10")).map(String::as_str), Some("ing-a"));
+        let v = &i.vips[0];
+        assert_eq!(v.vip, ip("192.0.2.10"));
+        assert_eq!(
+            v.ports,
+            vec![
+                PortSpec { port: 80, protocol: Protocol::Tcp },
+                PortSpec { port: 53, protocol: Protocol::Udp }
+            ]
+        );
+        let got: Vec<(IpAddr, bool, bool)> =
+            v.backends.iter().map(|b| (b.addr, b.active, b.draining)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ip("10.0.0.1"), true, false),
+                (ip("10.0.0.2"), false, true),
+                (ip("10.0.0.3"), true, false)
+            ]
+        );
+        // Not an ingress node, no backend here: nothing to do.
+        assert_eq!(
+            desired("n9", &[svc("web", &["192.0.2.10"], &["ing-a"])], &[]),
+            Desired::default()
+        );
+    }
+
+    #[test]
+    fn backend_node_prepares_its_pods_whatever_their_readiness() {
+        let web = svc("web", &["192.0.2.10", "2001:db8::10"], &["ing-a"]);
+        let v4 = slice(
+            &web,
+            "web-v4-0",
+            "IPv4",
+            vec![
+                ep("10.0.0.1", "n1", "a", false, false, false),
+                ep("10.0.0.2", "n2", "b", true, true, false),
+            ],
+        );
+        let v6 = slice(&web, "web-v6-0", "IPv6", vec![ep("fd00::1", "n1", "a", true, true, false)]);
+        let d = desired("n1", std::slice::from_ref(&web), &[v4.clone(), v6.clone()]);
+        assert!(d.ingress.is_empty(), "n1 is not an ingress node");
+        assert_eq!(d.pods.len(), 1);
+        assert_eq!(d.pods[0].uid, "a");
+        assert_eq!(d.pods[0].name, "pod-a");
+        assert_eq!(d.pods[0].vips, BTreeSet::from([ip("192.0.2.10"), ip("2001:db8::10")]));
+
+        // manageLoopback: false leaves pods alone.
+        let mut unmanaged = web.clone();
+        unmanaged.spec.backend_setup.manage_loopback = false;
+        assert!(desired("n1", &[unmanaged], &[v4.clone(), v6.clone()]).pods.is_empty());
+
+        // The ingress side of a dual-stack service: a VIP without a slice of
+        // its family is not programmed yet.
+        let d = desired("ing-a", &[web], &[v4]);
+        assert_eq!(
+            d.ingress[0].vips.iter().map(|v| v.vip).collect::<Vec<_>>(),
+            vec![ip("192.0.2.10")]
+        );
+    }
+
+    #[test]
+    fn services_without_their_own_slices_are_not_served() {
+        let web = svc("web", &["192.0.2.10"], &["ing-a"]);
+        let mut foreign =
+            slice(&web, "web-v4-0", "IPv4", vec![ep("10.0.0.1", "n1", "a", true, true, false)]);
+        // A slice left behind by an earlier service of the same name.
+        foreign.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-old".into();
+        assert_eq!(
+            desired("ing-a", std::slice::from_ref(&web), std::slice::from_ref(&foreign)),
+            Desired::default()
+        );
+        // A slice without our managed-by label.
+        let mut unlabelled =
+            slice(&web, "web-v4-0", "IPv4", vec![ep("10.0.0.1", "n1", "a", true, true, false)]);
+        unlabelled.metadata.labels.as_mut().unwrap().remove(MANAGED_BY_LABEL);
+        assert_eq!(desired("n1", std::slice::from_ref(&web), &[unlabelled]), Desired::default());
+        // Being deleted.
+        let mut going = web.clone();
+        going.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let ok =
+            slice(&web, "web-v4-0", "IPv4", vec![ep("10.0.0.1", "n1", "a", true, true, false)]);
+        assert_eq!(desired("ing-a", &[going], std::slice::from_ref(&ok)), Desired::default());
+        // Invalid spec (an older CRD let it in).
+        let mut bad = web.clone();
+        bad.spec.ports.push(ServicePort { name: None, port: 80, protocol: ApiProtocol::Tcp });
+        assert_eq!(desired("ing-a", &[bad], std::slice::from_ref(&ok)), Desired::default());
+        // And the same service with its slice is served.
+        assert_eq!(desired("ing-a", &[web], &[ok]).ingress.len(), 1);
+    }
+
+    #[test]
+    fn a_pod_backing_two_services_gets_both_vips() {
+        let a = svc("a", &["192.0.2.10"], &["ing"]);
+        let b = svc("b", &["192.0.2.11"], &["ing"]);
+        let sa = slice(&a, "a-v4-0", "IPv4", vec![ep("10.0.0.1", "n1", "p", true, true, false)]);
+        let sb = slice(&b, "b-v4-0", "IPv4", vec![ep("10.0.0.1", "n1", "p", true, true, false)]);
+        let d = desired("n1", &[a, b], &[sa, sb]);
+        assert_eq!(d.pods.len(), 1);
+        assert_eq!(d.pods[0].vips, BTreeSet::from([ip("192.0.2.10"), ip("192.0.2.11")]));
+    }
+}
