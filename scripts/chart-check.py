@@ -120,6 +120,8 @@ INVALID_VALUES = [
      "operator.replicas > 1 needs operator.leaderElection.enabled", False),
     ("lease grace not below its duration", "operator:\n  leaderElection:\n    renewGraceSeconds: 15\n",
      "renewGraceSeconds must be less than leaseDurationSeconds", False),
+    ("announcement lease not above twice its retry", "agent:\n  announcement:\n    leaseDurationSeconds: 4\n",
+     "leaseDurationSeconds must be more than twice retrySeconds", False),
 ]
 
 
