@@ -117,16 +117,23 @@ pub fn desired_status(
         .plan
         .announcers
         .iter()
-        .map(|(vip, node)| {
+        .map(|(vip, preferred)| {
             let v = vip.to_string();
-            let announced = active
-                && node.as_deref().is_some_and(|n| {
-                    obs.reports
-                        .get(n)
-                        .and_then(|r| r.ingress_for(obs.namespace, obs.name))
-                        .is_some_and(|i| i.announced_vips.contains(&v))
-                });
-            VipStatus { address: v, announcing_node: node.clone().filter(|_| active), announced }
+            // Agents elect the announcer among the ingress nodes with a
+            // Lease per VIP; the plan's choice is who tries first. Status
+            // names the node that reports answering ARP/ND, else the one
+            // expected to.
+            let announces = |n: &str| {
+                obs.reports
+                    .get(n)
+                    .and_then(|r| r.ingress_for(obs.namespace, obs.name))
+                    .is_some_and(|i| i.announced_vips.contains(&v))
+            };
+            let holder = preferred
+                .as_ref()
+                .and_then(|_| obs.plan.nodes.iter().find(|n| announces(n.as_str())));
+            let node = holder.or(preferred.as_ref()).cloned().filter(|_| active);
+            VipStatus { address: v, announcing_node: node, announced: active && holder.is_some() }
         })
         .collect();
     let arp = obs.spec.ingress.announcement == Announcement::Arp;
@@ -405,6 +412,35 @@ mod tests {
         assert_eq!(s.vips[0].announcing_node.as_deref(), Some("n1"));
         assert!(s.vips[0].announced);
         assert_eq!(s.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn the_lease_holder_is_the_announcer_even_when_the_plan_preferred_another() {
+        // Agents elect by Lease; after a failover the holder is not the
+        // node rendezvous hashing prefers, and status must say who answers.
+        let plan = plan_on(&["n1", "n2"], Some("n1"));
+        let reports = [
+            ingress_report("n1", 1, &["192.0.2.10"], &[]),
+            ingress_report("n2", 1, &["192.0.2.10"], &["192.0.2.10"]),
+        ];
+        let s = status_for(Counts { ready: 1, total: 1 }, &plan, &reports, &[], &[], None, 10);
+        assert_eq!(s.vips[0].announcing_node.as_deref(), Some("n2"));
+        assert!(s.vips[0].announced);
+        assert_eq!(cond(&s, conditions::PROGRAMMED), ("True", reasons::PROGRAMMED));
+        // Nobody answers yet: the preferred node is named, not announced.
+        let quiet = [
+            ingress_report("n1", 1, &["192.0.2.10"], &[]),
+            ingress_report("n2", 1, &["192.0.2.10"], &[]),
+        ];
+        let s = status_for(Counts { ready: 1, total: 1 }, &plan, &quiet, &[], &[], None, 10);
+        assert_eq!(s.vips[0].announcing_node.as_deref(), Some("n1"));
+        assert!(!s.vips[0].announced);
+        assert_eq!(cond(&s, conditions::PROGRAMMED).0, "False");
+        // Routed mode (no preferred announcer): a stray claim is ignored.
+        let routed = plan_on(&["n1", "n2"], None);
+        let s = status_for(Counts { ready: 1, total: 1 }, &routed, &reports, &[], &[], None, 10);
+        assert_eq!(s.vips[0].announcing_node, None);
+        assert!(!s.vips[0].announced);
     }
 
     #[test]
