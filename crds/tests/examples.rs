@@ -5,7 +5,7 @@ use kube_dsr_crds::DsrService;
 use kube_dsr_crds::validation::{validate_name, validate_spec};
 use serde_json::Value;
 
-mod apiserver;
+use kube_dsr_apiserver::schema as apiserver;
 
 #[test]
 fn examples_validate_against_the_crd() {

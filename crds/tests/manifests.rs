@@ -10,7 +10,7 @@ use kube_dsr_crds::DsrService;
 use kube_dsr_crds::validation::{validate_name, validate_spec};
 use serde_json::Value;
 
-mod apiserver;
+use kube_dsr_apiserver::schema as apiserver;
 
 fn openapi_schema() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dsrservice.yaml");

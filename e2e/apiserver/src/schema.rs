@@ -1,9 +1,14 @@
-//! What the apiserver checks when a custom resource is created. The OpenAPI
-//! schema part (types, required fields, unknown fields as under strict field
-//! validation, enums, numeric bounds, string and list lengths,
+//! What the apiserver checks when a custom resource is created or updated.
+//! The OpenAPI schema part (types, required fields, unknown fields as under
+//! strict field validation, enums, numeric bounds, string and list lengths,
 //! `x-kubernetes-list-type` uniqueness) is checked here with the
-//! apiserver's wording; the CEL rules are evaluated by kube-cel, a CEL
-//! library with the Kubernetes extension functions.
+//! apiserver's wording; the CEL rules (including transition rules on
+//! `oldSelf`) are evaluated by kube-cel, a CEL library with the Kubernetes
+//! extension functions. Also here: pruning of unknown fields and schema
+//! defaults, which the apiserver applies before validating.
+//!
+//! `crds/tests` uses [`messages`] and [`validate`] directly, so the manifest
+//! table and the stand-in server check objects with the same code.
 
 use kube::core::cel::Validator;
 use serde_json::Value;
@@ -11,11 +16,17 @@ use serde_json::Value;
 /// Every message the apiserver would return for creating `obj`: schema
 /// errors, and CEL errors unless a schema error blocks CEL evaluation.
 pub fn messages(schema: &Value, obj: &Value) -> Vec<String> {
+    messages_on_update(schema, obj, None)
+}
+
+/// As [`messages`], for an update of `old` to `obj` when `old` is given:
+/// CEL transition rules (`oldSelf`) are then evaluated too.
+pub fn messages_on_update(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<String> {
     let mut errs = validate(schema, obj);
     if blocks_cel(&errs) {
         return errs;
     }
-    if let Err(cel) = Validator::new().validate(schema, obj, None) {
+    if let Err(cel) = Validator::new().validate(schema, obj, old) {
         errs.extend(cel.iter().map(|e| e.message.clone()));
     }
     errs
@@ -205,5 +216,91 @@ fn json_type(v: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
+    }
+}
+
+/// Whether `msg` (from [`validate`]) is about a field the schema does not have.
+pub fn is_unknown_field(msg: &str) -> bool {
+    msg.starts_with("unknown field ")
+}
+
+/// Removes fields the schema does not declare, as the apiserver prunes
+/// them from structural schemas when field validation is not `Strict`.
+/// `apiVersion`, `kind` and `metadata` are kept at the top level.
+pub fn prune(schema: &Value, obj: &mut Value) {
+    if let Some(fields) = obj.as_object_mut() {
+        let props = &schema["properties"];
+        fields.retain(|k, _| {
+            matches!(k.as_str(), "apiVersion" | "kind" | "metadata") || props.get(k).is_some()
+        });
+        for (k, v) in fields.iter_mut() {
+            if let Some(s) = props.get(k) {
+                prune_value(s, v);
+            }
+        }
+    }
+}
+
+fn prune_value(schema: &Value, v: &mut Value) {
+    if schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true) {
+        return;
+    }
+    match v {
+        Value::Array(items) => {
+            for item in items {
+                prune_value(&schema["items"], item);
+            }
+        }
+        Value::Object(fields) => {
+            if let Some(props) = schema["properties"].as_object() {
+                fields.retain(|k, _| props.contains_key(k));
+                for (k, fv) in fields.iter_mut() {
+                    prune_value(&props[k], fv);
+                }
+            } else if let Some(values) = schema.get("additionalProperties")
+                && values.is_object()
+            {
+                for fv in fields.values_mut() {
+                    prune_value(values, fv);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Fills absent fields that have a schema `default`, at every level of the
+/// object that is present (the apiserver defaults on decoding, before it
+/// validates).
+pub fn apply_defaults(schema: &Value, v: &mut Value) {
+    match v {
+        Value::Array(items) => {
+            for item in items {
+                apply_defaults(&schema["items"], item);
+            }
+        }
+        Value::Object(fields) => {
+            if let Some(props) = schema["properties"].as_object() {
+                for (k, s) in props {
+                    if !fields.contains_key(k)
+                        && let Some(d) = s.get("default")
+                    {
+                        fields.insert(k.clone(), d.clone());
+                    }
+                }
+                for (k, fv) in fields.iter_mut() {
+                    if let Some(s) = props.get(k) {
+                        apply_defaults(s, fv);
+                    }
+                }
+            } else if let Some(values) = schema.get("additionalProperties")
+                && values.is_object()
+            {
+                for fv in fields.values_mut() {
+                    apply_defaults(values, fv);
+                }
+            }
+        }
+        _ => {}
     }
 }

@@ -1,0 +1,848 @@
+//! The in-memory object store: one global resourceVersion, a bounded
+//! history of watch events, field managers for server-side apply,
+//! finalizers and ownerReference garbage collection.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use crate::patch::{self, Path};
+use crate::resources::{RESOURCES, Resource, crd_schema};
+use crate::schema;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::util;
+
+/// A Kubernetes `Status` failure.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError { code, reason, message: message.into(), details: None }
+    }
+
+    pub fn not_found(res: &Resource, name: &str) -> Self {
+        let mut e = Self::new(404, "NotFound", format!("{} \"{name}\" not found", res.qualified()));
+        e.details = Some(json!({"name": name, "group": res.group, "kind": res.plural}));
+        e
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    pub fn status(&self) -> Value {
+        let mut s = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": self.message, "reason": self.reason, "code": self.code,
+        });
+        if let Some(d) = &self.details {
+            s["details"] = d.clone();
+        }
+        s
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ApiError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as watchers see it.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub rv: u64,
+    pub res: usize,
+    pub namespace: String,
+    pub kind: EventType,
+    /// The object after the change (for DELETED: its last state, with the
+    /// deletion's resourceVersion).
+    pub obj: Value,
+    /// The object before a MODIFIED change (for selector transitions).
+    pub old: Option<Value>,
+}
+
+type Key = (usize, String, String);
+
+/// Who owns which fields, for server-side apply. Apply managers own the
+/// fields of their last applied configuration; update managers (PUT and
+/// non-apply patches) own the fields they last changed.
+#[derive(Clone, Debug, Default)]
+struct Managers(BTreeMap<(String, bool), BTreeSet<Path>>);
+
+#[derive(Clone, Debug)]
+struct Stored {
+    obj: Value,
+    managers: Managers,
+}
+
+/// Which part of an object a write addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Status,
+}
+
+/// Options common to writes.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOpts {
+    pub field_manager: Option<String>,
+    /// `fieldValidation=Strict`: unknown fields are refused, not pruned.
+    pub strict: bool,
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOpts {
+    pub grace_period: Option<i64>,
+    pub orphan: bool,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+}
+
+pub enum PatchKind {
+    Merge,
+    Json,
+    Strategic,
+    Apply,
+}
+
+/// A PATCH request's body and type.
+pub struct Patch {
+    pub kind: PatchKind,
+    pub body: Value,
+}
+
+pub struct Store {
+    rv: u64,
+    objects: BTreeMap<Key, Stored>,
+    history: VecDeque<Record>,
+    history_limit: usize,
+    /// Every event with a resourceVersion at or below this is forgotten.
+    compacted: u64,
+    schemas: Vec<Option<Value>>,
+    notify: tokio::sync::watch::Sender<u64>,
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj["metadata"][field].as_str()
+}
+
+fn finalizers_empty(obj: &Value) -> bool {
+    obj["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
+}
+
+/// Everything but metadata and status: what `metadata.generation` counts.
+fn spec_part(obj: &Value) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v.as_object_mut() {
+        for k in ["metadata", "status", "apiVersion", "kind"] {
+            m.remove(k);
+        }
+    }
+    v
+}
+
+/// The object without the fields that change on every write.
+fn comparable(obj: &Value) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("managedFields");
+    }
+    v
+}
+
+impl Store {
+    pub fn new(history_limit: usize) -> (Self, tokio::sync::watch::Receiver<u64>) {
+        let (notify, rx) = tokio::sync::watch::channel(1);
+        let schemas = RESOURCES.iter().map(|r| r.crd.map(crd_schema)).collect();
+        let store = Store {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            history_limit: history_limit.max(1),
+            compacted: 1,
+            schemas,
+            notify,
+        };
+        (store, rx)
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    pub fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
+    /// Forgets the whole event history: a watch from any earlier
+    /// resourceVersion then gets `410 Gone`.
+    pub fn compact(&mut self) {
+        self.history.clear();
+        self.compacted = self.rv;
+    }
+
+    /// Records after `rv` in order; `None` when some are already forgotten.
+    pub fn records_after(&self, rv: u64) -> Option<Vec<Record>> {
+        if rv < self.compacted {
+            return None;
+        }
+        Some(self.history.iter().filter(|r| r.rv > rv).cloned().collect())
+    }
+
+    fn index(res: &Resource) -> usize {
+        RESOURCES.iter().position(|r| std::ptr::eq(r, res)).expect("resource from the table")
+    }
+
+    fn record(&mut self, res: usize, kind: EventType, obj: &mut Value, old: Option<Value>) {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let namespace = meta_str(obj, "namespace").unwrap_or("").to_string();
+        self.history.push_back(Record { rv: self.rv, res, namespace, kind, obj: obj.clone(), old });
+        while self.history.len() > self.history_limit {
+            if let Some(r) = self.history.pop_front() {
+                self.compacted = r.rv;
+            }
+        }
+        self.notify.send_replace(self.rv);
+    }
+
+    pub fn get(&self, res: &Resource, ns: &str, name: &str) -> Result<Value> {
+        self.objects
+            .get(&(Self::index(res), ns.to_string(), name.to_string()))
+            .map(|s| s.obj.clone())
+            .ok_or_else(|| ApiError::not_found(res, name))
+    }
+
+    pub fn list(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> (Vec<Value>, u64) {
+        let i = Self::index(res);
+        let items = self
+            .objects
+            .iter()
+            .filter(|((r, n, _), s)| {
+                *r == i
+                    && ns.is_none_or(|ns| ns == n)
+                    && labels.matches(&s.obj)
+                    && fields.matches(&s.obj)
+            })
+            .map(|(_, s)| s.obj.clone())
+            .collect();
+        (items, self.rv)
+    }
+
+    /// Schema defaults, pruning or strict refusal of unknown fields, schema
+    /// and CEL validation (with `old` for transition rules).
+    fn validate(
+        &self,
+        res: &Resource,
+        obj: &mut Value,
+        old: Option<&Value>,
+        strict: bool,
+    ) -> Result<()> {
+        let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
+        schema::apply_defaults(schema, obj);
+        let name = meta_str(obj, "name").unwrap_or("").to_string();
+        let unknown: Vec<String> = schema::validate(schema, obj)
+            .into_iter()
+            .filter(|m| schema::is_unknown_field(m))
+            .collect();
+        if !unknown.is_empty() {
+            if strict {
+                return Err(ApiError::bad_request(format!(
+                    "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                    res.kind,
+                    res.version,
+                    res.kind,
+                    unknown.join(", ")
+                )));
+            }
+            schema::prune(schema, obj);
+        }
+        let errs = schema::messages_on_update(schema, obj, old);
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let joined =
+            if errs.len() == 1 { errs[0].clone() } else { format!("[{}]", errs.join(", ")) };
+        let mut e = ApiError::new(
+            422,
+            "Invalid",
+            format!("{} \"{name}\" is invalid: {joined}", res.qualified_kind()),
+        );
+        let causes: Vec<Value> =
+            errs.iter().map(|m| json!({"reason": "FieldValueInvalid", "message": m})).collect();
+        e.details =
+            Some(json!({"name": name, "group": res.group, "kind": res.kind, "causes": causes}));
+        Err(e)
+    }
+
+    fn check_namespace(res: &Resource, ns: &str, obj: &mut Value) -> Result<()> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the request body must be a JSON object"));
+        }
+        if !obj["metadata"].is_object() {
+            obj["metadata"] = json!({});
+        }
+        if res.namespaced {
+            match meta_str(obj, "namespace") {
+                Some(n) if !n.is_empty() && n != ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => obj["metadata"]["namespace"] = json!(ns),
+            }
+        } else if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        obj["apiVersion"] = json!(res.api_version());
+        obj["kind"] = json!(res.kind);
+        Ok(())
+    }
+
+    pub fn create(
+        &mut self,
+        res: &Resource,
+        ns: &str,
+        mut obj: Value,
+        opts: &WriteOpts,
+    ) -> Result<Value> {
+        Self::check_namespace(res, ns, &mut obj)?;
+        let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
+            (Some(n), _) if !n.is_empty() => n.to_string(),
+            (_, Some(g)) if !g.is_empty() => format!("{g}{}", util::name_suffix()),
+            _ => {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
+                        res.kind
+                    ),
+                ));
+            }
+        };
+        let key = (Self::index(res), ns.to_string(), name.clone());
+        if self.objects.contains_key(&key) {
+            let mut e = ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", res.qualified()),
+            );
+            e.details = Some(json!({"name": name, "group": res.group, "kind": res.plural}));
+            return Err(e);
+        }
+        let meta = obj["metadata"].as_object_mut().expect("checked");
+        meta.insert("name".into(), json!(name));
+        meta.insert("uid".into(), json!(util::uid()));
+        meta.insert("creationTimestamp".into(), json!(util::now()));
+        meta.insert("generation".into(), json!(1));
+        for k in
+            ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"]
+        {
+            meta.remove(k);
+        }
+        self.validate(res, &mut obj, None, opts.strict)?;
+        let mut managers = Managers::default();
+        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        managers.0.insert((manager, false), patch::leaves(&obj).into_keys().collect());
+        self.record(key.0, EventType::Added, &mut obj, None);
+        self.objects.insert(key, Stored { obj: obj.clone(), managers });
+        Ok(obj)
+    }
+
+    /// Stores `new` as the next state of an existing object: server-owned
+    /// metadata is kept, the part not addressed keeps its stored value,
+    /// generation moves with the spec, a no-op writes nothing, and an
+    /// object being deleted whose last finalizer went is removed.
+    fn commit(
+        &mut self,
+        res: &Resource,
+        key: &Key,
+        mut new: Value,
+        part: Part,
+        opts: &WriteOpts,
+        managers: Option<Managers>,
+    ) -> Result<Value> {
+        let stored = self.objects.get(key).expect("caller checked").clone();
+        let old = &stored.obj;
+        if let Some(rv) = meta_str(&new, "resourceVersion")
+            && !rv.is_empty()
+            && Some(rv) != meta_str(old, "resourceVersion")
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+                    res.qualified(),
+                    key.2
+                ),
+            ));
+        }
+        Self::check_namespace(res, &key.1, &mut new)?;
+        if meta_str(&new, "name").is_some_and(|n| n != key.2) {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({})",
+                meta_str(&new, "name").unwrap_or(""),
+                key.2
+            )));
+        }
+        match part {
+            Part::Status => {
+                let mut s = old.clone();
+                match new.get("status") {
+                    Some(st) => s["status"] = st.clone(),
+                    None => {
+                        if let Some(m) = s.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+                new = s;
+            }
+            Part::Main if res.status => match old.get("status") {
+                Some(st) => new["status"] = st.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            },
+            Part::Main => {}
+        }
+        {
+            let meta = new["metadata"].as_object_mut().expect("checked");
+            for k in [
+                "name",
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "resourceVersion",
+            ] {
+                match old["metadata"].get(k) {
+                    Some(v) => meta.insert(k.into(), v.clone()),
+                    None => meta.remove(k),
+                };
+            }
+            meta.remove("managedFields");
+        }
+        if spec_part(&new) != spec_part(old) {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+            new["metadata"]["generation"] = json!(g + 1);
+        }
+        self.validate(res, &mut new, Some(old), opts.strict)?;
+        let is_apply = managers.is_some();
+        let mut managers = managers.unwrap_or_else(|| stored.managers.clone());
+        let changed = patch::changed(old, &new);
+        if !changed.is_empty() {
+            // Managers own what they change; nobody keeps a field that
+            // someone else changed.
+            let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+            for ((m, apply), fields) in managers.0.iter_mut() {
+                if !(*m == manager && *apply == is_apply) {
+                    fields.retain(|f| !changed.iter().any(|c| patch::overlaps(f, c)));
+                }
+            }
+            let new_leaves = patch::leaves(&new);
+            let own = managers.0.entry((manager, is_apply)).or_default();
+            own.extend(changed.into_iter().filter(|c| new_leaves.contains_key(c)));
+            managers.0.retain(|_, f| !f.is_empty());
+        }
+        if comparable(&new) == comparable(old) {
+            self.objects.get_mut(key).expect("present").managers = managers;
+            return Ok(old.clone());
+        }
+        if old["metadata"].get("deletionTimestamp").is_some() && finalizers_empty(&new) {
+            self.objects.remove(key);
+            self.record(key.0, EventType::Deleted, &mut new, None);
+            self.collect_garbage(&new);
+            return Ok(new);
+        }
+        self.record(key.0, EventType::Modified, &mut new, Some(old.clone()));
+        self.objects.insert(key.clone(), Stored { obj: new.clone(), managers });
+        Ok(new)
+    }
+
+    fn key(&self, res: &Resource, ns: &str, name: &str) -> Result<Key> {
+        let key = (Self::index(res), ns.to_string(), name.to_string());
+        if self.objects.contains_key(&key) { Ok(key) } else { Err(ApiError::not_found(res, name)) }
+    }
+
+    /// PUT.
+    pub fn replace(
+        &mut self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        obj: Value,
+        part: Part,
+        opts: &WriteOpts,
+    ) -> Result<Value> {
+        let key = self.key(res, ns, name)?;
+        if meta_str(&obj, "resourceVersion").is_none_or(str::is_empty) && res.crd.is_some() {
+            // CRDs, like the apiserver, require a resourceVersion on update.
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!(
+                    "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+                    res.qualified_kind()
+                ),
+            ));
+        }
+        self.commit(res, &key, obj, part, opts, None)
+    }
+
+    /// PATCH of every kind; apply creates the object when it is missing.
+    pub fn patch(
+        &mut self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        patch: &Patch,
+        part: Part,
+        opts: &WriteOpts,
+    ) -> Result<Value> {
+        let (kind, body) = (&patch.kind, &patch.body);
+        let key = (Self::index(res), ns.to_string(), name.to_string());
+        let Some(stored) = self.objects.get(&key).cloned() else {
+            if let PatchKind::Apply = kind {
+                if part == Part::Status {
+                    return Err(ApiError::not_found(res, name));
+                }
+                let mut obj = body.clone();
+                Self::check_namespace(res, ns, &mut obj)?;
+                if meta_str(&obj, "name").is_some_and(|n| n != name) {
+                    return Err(ApiError::bad_request(
+                        "the name in the body does not match the URL",
+                    ));
+                }
+                obj["metadata"]["name"] = json!(name);
+                let manager = opts.field_manager.clone().ok_or_else(|| {
+                    ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch")
+                })?;
+                let created = self.create(res, ns, obj, opts)?;
+                let fields = patch::leaves(body).into_keys().collect();
+                let s = self.objects.get_mut(&key).expect("just created");
+                s.managers.0.clear();
+                s.managers.0.insert((manager, true), fields);
+                return Ok(created);
+            }
+            return Err(ApiError::not_found(res, name));
+        };
+        let mut new = stored.obj.clone();
+        let mut managers = None;
+        match kind {
+            PatchKind::Merge => patch::merge_patch(&mut new, body),
+            PatchKind::Strategic => {
+                if res.crd.is_some() {
+                    return Err(ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                    ));
+                }
+                patch::strategic_merge_patch(&mut new, body);
+            }
+            PatchKind::Json => {
+                patch::json_patch(&mut new, body).map_err(|e| {
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "the server rejected our request due to an error in our request: {e}"
+                        ),
+                    )
+                })?;
+            }
+            PatchKind::Apply => {
+                let (obj, m) = self.apply(res, &stored, body, part, opts)?;
+                new = obj;
+                managers = Some(m);
+            }
+        }
+        self.commit(res, &key, new, part, opts, managers)
+    }
+
+    /// Server-side apply on an existing object (simplified field
+    /// management: see DESIGN.md). Returns the merged object and the new
+    /// manager sets.
+    fn apply(
+        &self,
+        res: &Resource,
+        stored: &Stored,
+        body: &Value,
+        part: Part,
+        opts: &WriteOpts,
+    ) -> Result<(Value, Managers)> {
+        let manager = opts.field_manager.clone().ok_or_else(|| {
+            ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch")
+        })?;
+        if !body.is_object() {
+            return Err(ApiError::bad_request("an apply configuration must be an object"));
+        }
+        // The part of the configuration this endpoint writes.
+        let mut config = body.clone();
+        if let Some(m) = config.as_object_mut() {
+            match part {
+                Part::Status => m.retain(|k, _| k == "status" || k == "apiVersion" || k == "kind"),
+                Part::Main if res.status => {
+                    m.remove("status");
+                }
+                Part::Main => {}
+            }
+        }
+        let applied = patch::leaves(&config);
+        let old = &stored.obj;
+        let mut managers = stored.managers.clone();
+        let me = (manager.clone(), true);
+        let mut conflicts = Vec::new();
+        for ((m, apply), fields) in managers.0.iter_mut() {
+            if *m == manager && *apply {
+                continue;
+            }
+            let mut lost = Vec::new();
+            for f in fields.iter() {
+                for (p, v) in &applied {
+                    if patch::overlaps(f, p) && patch::get(old, p) != Some(v) {
+                        if opts.force {
+                            lost.push(f.clone());
+                        } else {
+                            conflicts.push(format!("conflict with \"{m}\": .{}", f.join(".")));
+                        }
+                    }
+                }
+            }
+            fields.retain(|f| !lost.contains(f));
+        }
+        if !conflicts.is_empty() {
+            conflicts.sort();
+            conflicts.dedup();
+            let n = conflicts.len();
+            let mut e = ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Apply failed with {n} conflict{}: {}",
+                    if n == 1 { "" } else { "s" },
+                    conflicts.join("\n")
+                ),
+            );
+            let causes: Vec<Value> = conflicts
+                .iter()
+                .map(|c| json!({"reason": "FieldManagerConflict", "message": c}))
+                .collect();
+            e.details = Some(json!({"causes": causes}));
+            return Err(e);
+        }
+        // Fields this manager applied before and no longer applies go,
+        // unless another manager owns them too.
+        let mut new = old.clone();
+        let previous = managers.0.get(&me).cloned().unwrap_or_default();
+        for f in previous.iter().filter(|f| !applied.contains_key(*f)) {
+            let shared = managers
+                .0
+                .iter()
+                .any(|(k, fs)| *k != me && fs.iter().any(|o| patch::overlaps(o, f)));
+            let in_part = match part {
+                Part::Status => f.first().is_some_and(|s| s == "status"),
+                Part::Main => !(res.status && f.first().is_some_and(|s| s == "status")),
+            };
+            if !shared && in_part {
+                patch::remove(&mut new, f);
+            }
+        }
+        let mut merge = config.clone();
+        if let Some(m) = merge["metadata"].as_object_mut() {
+            m.retain(|k, _| {
+                matches!(k.as_str(), "labels" | "annotations" | "finalizers" | "ownerReferences")
+            });
+        }
+        patch::merge_patch(&mut new, &merge);
+        // Apply-owned fields are the configuration's (plus, for the other
+        // part, what this manager applied there before).
+        let mut mine: BTreeSet<Path> = applied.into_keys().collect();
+        mine.extend(previous.into_iter().filter(|f| {
+            let status = f.first().is_some_and(|s| s == "status");
+            res.status && (status == (part == Part::Main))
+        }));
+        for fields in managers.0.values_mut() {
+            fields.retain(|f| !mine.contains(f));
+        }
+        managers.0.insert(me, mine);
+        managers.0.retain(|_, f| !f.is_empty());
+        // The configuration's resourceVersion, if any, is a precondition.
+        if let Some(rv) = meta_str(body, "resourceVersion") {
+            new["metadata"]["resourceVersion"] = json!(rv);
+        }
+        Ok((new, managers))
+    }
+
+    pub fn delete(
+        &mut self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> Result<Value> {
+        let key = self.key(res, ns, name)?;
+        let obj = self.objects[&key].obj.clone();
+        let conflict = |what: &str| {
+            ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: {what}",
+                    res.qualified()
+                ),
+            )
+        };
+        if let Some(uid) = &opts.precondition_uid
+            && meta_str(&obj, "uid") != Some(uid.as_str())
+        {
+            return Err(conflict("UID in precondition does not match"));
+        }
+        if let Some(rv) = &opts.precondition_rv
+            && meta_str(&obj, "resourceVersion") != Some(rv.as_str())
+        {
+            return Err(conflict("ResourceVersion in precondition does not match"));
+        }
+        let deleting = obj["metadata"].get("deletionTimestamp").is_some();
+        // A pod bound to a node waits for its kubelet (a delete with grace
+        // period 0), as on a real cluster.
+        let graceful_pod = res.kind == "Pod"
+            && res.group.is_empty()
+            && obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
+            && opts.grace_period != Some(0);
+        if graceful_pod || !finalizers_empty(&obj) {
+            if deleting {
+                return Ok(obj);
+            }
+            let grace = if graceful_pod {
+                opts.grace_period
+                    .or_else(|| obj["spec"]["terminationGracePeriodSeconds"].as_i64())
+                    .unwrap_or(30)
+            } else {
+                0
+            };
+            let mut new = obj.clone();
+            let at = SystemTime::now() + Duration::from_secs(grace.max(0) as u64);
+            new["metadata"]["deletionTimestamp"] = json!(util::rfc3339(at));
+            new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            self.record(key.0, EventType::Modified, &mut new, Some(obj));
+            self.objects.get_mut(&key).expect("present").obj = new.clone();
+            return Ok(new);
+        }
+        let mut gone = obj;
+        self.objects.remove(&key);
+        self.record(key.0, EventType::Deleted, &mut gone, None);
+        if !opts.orphan {
+            self.collect_garbage(&gone);
+        }
+        Ok(gone)
+    }
+
+    /// Background garbage collection after `owner` is gone: dependents
+    /// naming its uid are deleted when none of their other owners exists,
+    /// otherwise the dangling reference is dropped.
+    fn collect_garbage(&mut self, owner: &Value) {
+        let mut gone: Vec<String> = meta_str(owner, "uid").map(String::from).into_iter().collect();
+        while let Some(uid) = gone.pop() {
+            let live: BTreeSet<String> = self
+                .objects
+                .values()
+                .filter_map(|s| meta_str(&s.obj, "uid").map(String::from))
+                .collect();
+            let dependents: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|(_, s)| {
+                    s.obj["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == json!(uid)))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in dependents {
+                let res = &RESOURCES[key.0];
+                let obj = self.objects[&key].obj.clone();
+                let refs =
+                    obj["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+                let others: Vec<Value> =
+                    refs.into_iter().filter(|r| r["uid"] != json!(uid)).collect();
+                if others.iter().any(|r| r["uid"].as_str().is_some_and(|u| live.contains(u))) {
+                    let mut new = obj.clone();
+                    new["metadata"]["ownerReferences"] = json!(others);
+                    self.record(key.0, EventType::Modified, &mut new, Some(obj));
+                    self.objects.get_mut(&key).expect("present").obj = new;
+                    continue;
+                }
+                // delete() collects the dependent's own dependents.
+                let _ = self.delete(res, &key.1, &key.2, &DeleteOpts::default());
+            }
+        }
+    }
+}
+
+/// Whether a record concerns a watch, and as which event type: an object
+/// that starts matching a selector is ADDED, one that stops is DELETED.
+pub fn watch_event(
+    r: &Record,
+    res: usize,
+    ns: Option<&str>,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Option<EventType> {
+    if r.res != res || ns.is_some_and(|n| n != r.namespace) {
+        return None;
+    }
+    let m = |o: &Value| labels.matches(o) && fields.matches(o);
+    match r.kind {
+        EventType::Added => m(&r.obj).then_some(EventType::Added),
+        EventType::Deleted => m(&r.obj).then_some(EventType::Deleted),
+        EventType::Modified => {
+            let was = r.old.as_ref().is_some_and(m);
+            match (was, m(&r.obj)) {
+                (true, true) => Some(EventType::Modified),
+                (false, true) => Some(EventType::Added),
+                (true, false) => Some(EventType::Deleted),
+                (false, false) => None,
+            }
+        }
+    }
+}
+
+pub fn resource_index(res: &Resource) -> usize {
+    Store::index(res)
+}
