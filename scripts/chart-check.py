@@ -21,6 +21,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import celpy
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
@@ -105,6 +106,9 @@ SERVICEMONITOR_SCHEMA = {
         },
     },
 }
+
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 
 # Value files that must be refused, each with what Helm must say about it
 # and whether values.schema.json alone refuses it (the rest are the
@@ -299,7 +303,7 @@ def check_render(label: str, values: dict, release: str, namespace: str) -> list
         problems += rbac_within_docs(objs)
     for o in objs:
         ns = o["metadata"].get("namespace")
-        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding") and ns != namespace:
+        if o["kind"] not in CLUSTER_SCOPED and ns != namespace:
             problems.append(f"{o['kind']}/{o['metadata']['name']} is in namespace {ns!r}, not the release's {namespace!r}")
     return problems
 
@@ -470,6 +474,14 @@ def drift_problems(objs: list[dict]) -> list[str]:
             for p in o["spec"].get("ports", []):
                 if "protocol" not in p or "targetPort" not in p:
                     problems.append(f"{what}: port {p.get('name')} leaves protocol or targetPort to the default")
+        if o["kind"] == "ValidatingAdmissionPolicy":
+            for path in ("failurePolicy", "matchConstraints.matchPolicy", "matchConstraints.namespaceSelector",
+                         "matchConstraints.objectSelector"):
+                if dig(o["spec"], path) is None:
+                    problems.append(f"{what}: spec.{path} is left to the API server's default")
+            for r in dig(o["spec"], "matchConstraints.resourceRules") or []:
+                if "scope" not in r:
+                    problems.append(f"{what}: a resource rule leaves scope to the default")
         if o["kind"] == "NetworkPolicy":
             if "policyTypes" not in o["spec"]:
                 problems.append(f"{what}: spec.policyTypes is left to the API server's default")
@@ -577,6 +589,51 @@ def check_schema_closed() -> list[str]:
     return problems
 
 
+def check_report_guard() -> list[str]:
+    """The optional ValidatingAdmissionPolicy (ci/ingress-nodes-values.yaml
+    turns it on) admits an agent's write to its own node's report only. Its
+    CEL runs here in cel-python on admission requests shaped like the API
+    server's."""
+    label, values, release, namespace = next(
+        v for v in value_sets() if (v[1].get("agent") or {}).get("reportGuard", {}).get("enabled"))
+    objs = docs(render(values, release, namespace))
+    policies = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
+    if len(policies) != 1:
+        return [f"{label}: {len(policies)} ValidatingAdmissionPolicies rendered, expected 1"]
+    spec = policies[0]["spec"]
+    binding = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    problems = []
+    if not binding or binding[0]["spec"].get("policyName") != policies[0]["metadata"]["name"] \
+            or binding[0]["spec"].get("validationActions") != ["Deny"]:
+        problems.append("the policy has no binding that denies")
+    agent_sa = next(o for o in objs if o["kind"] == "ServiceAccount"
+                    and o["metadata"]["labels"]["app.kubernetes.io/component"] == "agent")
+    agent_user = f"system:serviceaccount:{namespace}:{agent_sa['metadata']['name']}"
+    env = celpy.Environment()
+
+    def holds(expr: str, user: str, extra: dict, name: str) -> bool:
+        act = {"request": {"userInfo": {"username": user, "groups": [], "extra": extra}},
+               "object": {"metadata": {"name": name}}}
+        return bool(env.program(env.compile(expr)).evaluate(celpy.json_to_cel(act)))
+
+    def admitted(user: str, extra: dict, name: str) -> bool:
+        if not all(holds(m["expression"], user, extra, name) for m in spec.get("matchConditions", [])):
+            return True  # the policy does not apply
+        return all(holds(v["expression"], user, extra, name) for v in spec["validations"])
+
+    node_a = {"authentication.kubernetes.io/node-name": ["node-a"], "authentication.kubernetes.io/node-uid": ["1"]}
+    cases = [
+        ("the agent on node-a writes node-a's report", agent_user, node_a, "node-a", True),
+        ("the agent on node-a writes node-b's report", agent_user, node_a, "node-b", False),
+        ("the agent's token carries no node name", agent_user, {}, "node-a", False),
+        ("another user writes any report", "system:serviceaccount:other:someone", {}, "node-b", True),
+    ]
+    for what, user, extra, name, want in cases:
+        if admitted(user, extra, name) != want:
+            problems.append(f"{what}: {'admitted' if not want else 'refused'}")
+    return problems
+
+
 def check_values_commented() -> list[str]:
     """Every key in values.yaml has a comment line right above it."""
     problems = []
@@ -621,6 +678,7 @@ def main() -> int:
         checks.run(f"render, Kubernetes {'/'.join(KUBE_VERSIONS)} schemas, privileges, drift ({label})",
                    check_render, label, values, release, namespace)
     checks.run("invalid values files are refused with the schema's message", check_invalid_values)
+    checks.run("agent report guard: own node's DsrNodeReport only (CEL evaluated)", check_report_guard)
     rendered = None
     try:
         rendered = render_deploy()
