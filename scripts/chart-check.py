@@ -49,7 +49,8 @@ DEPLOY_HEADER = """\
 """
 
 # Pod Security Admission: the agent needs host namespaces, host paths and
-# added capabilities, which only the "privileged" level admits.
+# added capabilities, which only the "privileged" level admits. The name label
+# and the finalizer are what the API server would add.
 NAMESPACE_DOC = """\
 apiVersion: v1
 kind: Namespace
@@ -62,6 +63,8 @@ metadata:
     pod-security.kubernetes.io/enforce: privileged
     pod-security.kubernetes.io/audit: privileged
     pod-security.kubernetes.io/warn: privileged
+spec:
+  finalizers: [kubernetes]
 """
 
 # Kinds with no schema in kubernetes-validate: a schema of the fields the
