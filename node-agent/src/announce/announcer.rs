@@ -104,7 +104,8 @@ pub struct Counters {
     pub gratuitous_arp: u64,
     /// Unsolicited neighbour advertisements sent.
     pub unsolicited_na: u64,
-    /// Valid requests for addresses this announcer does not announce.
+    /// Requests for addresses this announcer does not announce (gratuitous
+    /// ARP requests, which ask nothing, are not counted).
     pub not_announced: u64,
     /// Gratuitous ARP from another MAC for a VIP announced here: another
     /// node claims it (normal for a moment during a handover).
@@ -526,15 +527,19 @@ impl Shared {
             return;
         }
         let st = self.lock();
-        if !st.vips.contains(&IpAddr::V4(req.target_ip)) {
-            bump(&self.counts.not_announced);
+        let ours = st.vips.contains(&IpAddr::V4(req.target_ip));
+        if req.is_gratuitous() {
+            // A neighbour announcing an address, not asking. For one of
+            // ours, another node claims it: answering would only make the
+            // neighbours' entries flap.
+            if ours {
+                bump(&self.counts.conflicts);
+                tracing::debug!(vip = %req.target_ip, mac = ?req.sender_mac, "gratuitous ARP from another MAC for an announced VIP");
+            }
             return;
         }
-        if req.is_gratuitous() {
-            // Someone else announces our VIP: answering would only make
-            // the neighbours' entries flap.
-            bump(&self.counts.conflicts);
-            tracing::debug!(vip = %req.target_ip, mac = ?req.sender_mac, "gratuitous ARP from another MAC for an announced VIP");
+        if !ours {
+            bump(&self.counts.not_announced);
             return;
         }
         self.send(&self.arp, &frame::arp_reply(self.link.mac, &req), &self.counts.arp_replies);
