@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use kube_dsr_agent::announce::{Announcer, Counters, Error, Link, Options, frame};
+use kube_dsr_agent::announce::{Announcer, Announcers, Counters, Error, Link, Options, frame};
 use kube_dsr_e2e::{
     netns::{NetNs, parse_mac, sh},
     privileged,
@@ -555,10 +555,22 @@ fn link_down_up_and_deletion() -> Result<()> {
     let a = open(&lan.a, "a0", Options::default())?;
     let a_mac = lan.a.mac("a0")?;
     assert!(a.announce(ip(VIP4))?);
-    lan.a.exec("ip link set a0 down && ip link set a0 up")?;
+    wait(Duration::from_secs(2), "the first burst", || {
+        Ok((a.counters().gratuitous_arp == 6).then_some(()))
+    })?;
+    lan.a.exec("ip link set a0 down")?;
+    std::thread::sleep(Duration::from_millis(200));
+    lan.a.exec("ip link set a0 up")?;
     wait_ready(&lan.a, "a0")?;
-    // The packet sockets survive a down/up: still answering.
+    // The packet sockets survive a down/up: still answering, and the
+    // whole burst went out again once the link was back.
     assert_resolved_to(&resolve(&lan.client, VIP4)?, a_mac, "after down/up");
+    let c = wait(Duration::from_secs(2), "a second burst", || {
+        let c = a.counters();
+        Ok((c.gratuitous_arp >= 12).then_some(c))
+    })?;
+    assert_eq!(c.gratuitous_arp, 12, "{c:?}");
+    assert!(c.receive_errors >= 1, "ENETDOWN seen: {c:?}");
     assert_eq!(a.failure(), None);
     // Deleting the interface stops the worker, and says so.
     lan.a.exec("ip link del a0")?;
@@ -591,5 +603,96 @@ fn drop_stops_answering_at_once() -> Result<()> {
     assert!(!maddr(&lan.a, "a0")?.contains("ff02::1:ff00:100"));
     assert_unanswered(&resolve(&lan.client, VIP4)?, "after shutdown");
     assert_unanswered(&resolve(&lan.client, VIP6)?, "after shutdown");
+    Ok(())
+}
+
+#[test]
+fn solicited_node_membership_is_reported_by_mld() -> Result<()> {
+    if !privileged("solicited_node_membership_is_reported_by_mld") {
+        return Ok(());
+    }
+    let lan = lan()?;
+    // A snooping bridge learns groups from MLD reports.
+    lan.client.exec("ip link set br0 type bridge mcast_snooping 1")?;
+    let a = open(&lan.a, "a0", Options::default())?;
+    let mdb = || lan.client.exec("bridge mdb show dev br0");
+    assert!(!mdb()?.contains("ff02::1:ff00:100"));
+    assert!(a.announce(ip(VIP6))?);
+    let learnt = wait(Duration::from_secs(3), "the bridge to learn the group", || {
+        let m = mdb()?;
+        Ok(m.lines()
+            .find(|l| l.contains("port ca") && l.contains("ff02::1:ff00:100"))
+            .map(str::to_owned))
+    })?;
+    eprintln!("{learnt}");
+    Ok(())
+}
+
+/// Runs `f` with the announcer set on a thread inside `ns`, and hands the
+/// set back.
+fn with_set<T: Send + 'static>(
+    ns: &NetNs,
+    set: Announcers,
+    f: impl FnOnce(&mut Announcers) -> T + Send + 'static,
+) -> Result<(Announcers, T)> {
+    ns.run(move || {
+        let mut set = set;
+        let r = f(&mut set);
+        (set, r)
+    })
+}
+
+/// A second port of A on the bridge: `a1` in A, `ca1` in the client.
+fn add_a1(lan: &Lan) -> Result<()> {
+    sh(&format!(
+        "ip link add ca1 netns {} type veth peer name a1 netns {}",
+        lan.client.name, lan.a.name
+    ))?;
+    lan.client.exec("ip link set ca1 master br0 && ip link set ca1 up")?;
+    lan.a.exec("ip link set a1 up")?;
+    wait_ready(&lan.a, "a1")
+}
+
+#[test]
+fn announcers_by_interface_name() -> Result<()> {
+    if !privileged("announcers_by_interface_name") {
+        return Ok(());
+    }
+    let lan = lan()?;
+    add_a1(&lan)?;
+    let (a0_mac, a1_mac) = (lan.a.mac("a0")?, lan.a.mac("a1")?);
+    let set = Announcers::new(Options::default());
+    let (set, r) = with_set(&lan.a, set, |s| s.announce("a0", ip(VIP4)))?;
+    assert!(r?);
+    assert_resolved_to(&resolve(&lan.client, VIP4)?, a0_mac, "on a0");
+    // Moving the VIP to a1 withdraws it from a0; the gratuitous ARP moves
+    // the client's entry.
+    let (set, r) = with_set(&lan.a, set, |s| s.announce("a1", ip(VIP4)))?;
+    assert!(r?);
+    assert_eq!(set.announced(), [(ip(VIP4), "a1".to_string())].into());
+    wait(Duration::from_secs(2), "the client to follow to a1", || {
+        Ok(entry(&lan.client, VIP4)?.filter(|e| e.mac == Some(a1_mac)))
+    })?;
+    let (set, r) = with_set(&lan.a, set, |s| s.announce("nope0", ip(VIP6)))?;
+    assert!(matches!(r, Err(Error::Interface { .. })), "{r:?}");
+
+    // a1 is deleted and comes back (with another MAC): the next round
+    // re-opens its announcer and announces the VIP again.
+    lan.a.exec("ip link del a1")?;
+    wait(Duration::from_secs(2), "the a1 announcer to stop", || {
+        Ok(set.announced().is_empty().then_some(()))
+    })?;
+    add_a1(&lan)?;
+    let new_mac = lan.a.mac("a1")?;
+    let (set, errors) = with_set(&lan.a, set, |s| s.reopen_failed())?;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(set.announced(), [(ip(VIP4), "a1".to_string())].into());
+    lan.client.exec("ip neigh flush dev br0")?;
+    assert_resolved_to(&resolve(&lan.client, VIP4)?, new_mac, "on the new a1");
+    let mut set = set;
+    assert!(set.withdraw(ip(VIP4)));
+    assert!(set.announced().is_empty());
+    let c = set.counters();
+    assert_eq!(c.keys().collect::<Vec<_>>(), ["a0", "a1"], "{c:?}");
     Ok(())
 }

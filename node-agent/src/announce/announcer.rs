@@ -147,6 +147,9 @@ struct State {
     groups: BTreeMap<Ipv6Addr, usize>,
     bursts: Vec<Burst>,
     stop: bool,
+    /// The link went down (`ENETDOWN` on a socket): watch for it to come
+    /// back and announce everything again then.
+    link_down: bool,
     /// Why the worker stopped, if it did on its own.
     failed: Option<String>,
 }
@@ -344,6 +347,9 @@ fn check(vip: IpAddr) -> Result<()> {
 /// Frames taken from one socket per wake-up before looking at the others.
 const BATCH: usize = 64;
 
+/// How often a link that went down is checked for coming back.
+const LINK_POLL: Duration = Duration::from_millis(100);
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the sets half
@@ -433,7 +439,11 @@ impl Shared {
                     return;
                 }
                 let now = Instant::now();
-                st.bursts.iter().map(|b| b.at.saturating_duration_since(now)).min()
+                let next = st.bursts.iter().map(|b| b.at.saturating_duration_since(now)).min();
+                match (st.link_down, next) {
+                    (true, next) => Some(next.unwrap_or(LINK_POLL).min(LINK_POLL)),
+                    (false, next) => next,
+                }
             };
             let fds = [self.arp.as_raw_fd(), self.nd.as_raw_fd(), self.wake.as_raw_fd()];
             let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
@@ -456,8 +466,42 @@ impl Shared {
                     self.receive(p.fd, i == 0, &mut buf);
                 }
             }
+            if let Err(why) = self.link_back() {
+                return self.fail(why);
+            }
             self.send_due();
         }
+    }
+
+    /// After a link went down: once it is up and running again, the
+    /// neighbours may have timed out (or be new, on a new switch port):
+    /// announce every VIP again, a whole burst each. Deleting an interface
+    /// takes it down first, and the sockets see only that `ENETDOWN`: the
+    /// deletion shows here, as the index no longer being found.
+    fn link_back(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        if !st.link_down {
+            return Ok(());
+        }
+        match sys::link_running(self.arp.as_raw_fd(), self.link.index) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                return Err(format!("interface {} was deleted", self.link.index));
+            }
+            Err(e) => {
+                tracing::debug!(ifindex = self.link.index, error = %e, "link state");
+                return Ok(());
+            }
+        }
+        st.link_down = false;
+        tracing::info!(ifindex = self.link.index, "link up again: announcing again");
+        let vips: Vec<IpAddr> = st.vips.iter().copied().collect();
+        st.bursts.clear();
+        for vip in vips {
+            self.schedule(&mut st, vip);
+        }
+        Ok(())
     }
 
     fn fail(&self, why: String) {
@@ -478,6 +522,9 @@ impl Shared {
             && !sys::interface_exists(self.arp.as_raw_fd(), self.link.index)
         {
             return Err(format!("interface {} was deleted", self.link.index));
+        }
+        if e.raw_os_error() == Some(libc::ENETDOWN) {
+            self.lock().link_down = true;
         }
         tracing::debug!(ifindex = self.link.index, error = %e, "announce: socket error");
         Ok(())

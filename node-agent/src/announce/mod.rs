@@ -9,6 +9,8 @@
 //!   checksum.
 //! - [`filter`]: the classic BPF socket filters.
 //! - [`Announcer`]: the sockets and the worker thread for one interface.
+//! - [`Announcers`]: one announcer per interface, by name, opened on first
+//!   use and re-opened when its interface was replaced.
 //!
 //! Use: on a thread in the interface's network namespace,
 //! `Announcer::open(Link::by_name("eth0")?, Options::default())`; then
@@ -19,6 +21,8 @@
 mod announcer;
 pub mod filter;
 pub mod frame;
+mod interfaces;
 mod sys;
 
 pub use announcer::{Announcer, Counters, Error, Link, Options, Result};
+pub use interfaces::Announcers;

@@ -211,6 +211,20 @@ pub fn interface_exists(fd: RawFd, ifindex: u32) -> bool {
     }
 }
 
+/// Whether interface `ifindex` is up and running (has a carrier).
+pub fn link_running(fd: RawFd, ifindex: u32) -> io::Result<bool> {
+    // SAFETY: all-zero is a valid ifreq.
+    let mut ifr: libc::ifreq = unsafe { zeroed() };
+    ifr.ifr_ifru.ifru_ifindex = ifindex as i32;
+    // SIOCGIFNAME fills the name, which SIOCGIFFLAGS reads.
+    ioctl(fd, libc::SIOCGIFNAME, &mut ifr)?;
+    ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member.
+    let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+    let want = libc::IFF_UP | libc::IFF_RUNNING;
+    Ok(flags & want == want)
+}
+
 /// A datagram socket for interface ioctls in the calling thread's
 /// namespace.
 pub fn ioctl_socket() -> io::Result<OwnedFd> {
