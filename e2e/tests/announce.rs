@@ -572,6 +572,17 @@ fn link_down_up_and_deletion() -> Result<()> {
     assert_eq!(c.gratuitous_arp, 12, "{c:?}");
     assert!(c.receive_errors >= 1, "ENETDOWN seen: {c:?}");
     assert_eq!(a.failure(), None);
+    // Carrier loss without a0 going down (its peer does), for longer than
+    // the 1 s link poll: no socket hears of it, the poll does.
+    lan.client.exec("ip link set ca down")?;
+    std::thread::sleep(Duration::from_millis(1300));
+    lan.client.exec("ip link set ca up")?;
+    wait_ready(&lan.a, "a0")?;
+    let c = wait(Duration::from_secs(3), "a third burst", || {
+        let c = a.counters();
+        Ok((c.gratuitous_arp >= 18).then_some(c))
+    })?;
+    assert_eq!(c.gratuitous_arp, 18, "{c:?}");
     // Deleting the interface stops the worker, and says so.
     lan.a.exec("ip link del a0")?;
     let why = wait(Duration::from_secs(2), "the announcer to notice", || Ok(a.failure()))?;

@@ -147,9 +147,6 @@ struct State {
     groups: BTreeMap<Ipv6Addr, usize>,
     bursts: Vec<Burst>,
     stop: bool,
-    /// The link went down (`ENETDOWN` on a socket): watch for it to come
-    /// back and announce everything again then.
-    link_down: bool,
     /// Why the worker stopped, if it did on its own.
     failed: Option<String>,
 }
@@ -347,8 +344,18 @@ fn check(vip: IpAddr) -> Result<()> {
 /// Frames taken from one socket per wake-up before looking at the others.
 const BATCH: usize = 64;
 
-/// How often a link that went down is checked for coming back.
-const LINK_POLL: Duration = Duration::from_millis(100);
+/// How often the worker looks at its link: often while it is down, to
+/// announce again as soon as it is back; rarely otherwise, to notice a
+/// carrier loss (which no socket reports) and a deleted interface.
+const LINK_POLL_DOWN: Duration = Duration::from_millis(100);
+const LINK_POLL_UP: Duration = Duration::from_secs(1);
+
+/// The worker's view of its link.
+struct LinkWatch {
+    /// Up and running (carrier) when last looked at.
+    running: bool,
+    next: Instant,
+}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -432,6 +439,7 @@ impl Shared {
     /// gratuitous rounds when due, until told to stop.
     fn run(&self) {
         let mut buf = vec![0u8; filter::SNAP_LEN as usize];
+        let mut link = LinkWatch { running: true, next: Instant::now() };
         loop {
             let timeout = {
                 let st = self.lock();
@@ -439,11 +447,8 @@ impl Shared {
                     return;
                 }
                 let now = Instant::now();
-                let next = st.bursts.iter().map(|b| b.at.saturating_duration_since(now)).min();
-                match (st.link_down, next) {
-                    (true, next) => Some(next.unwrap_or(LINK_POLL).min(LINK_POLL)),
-                    (false, next) => next,
-                }
+                let next = st.bursts.iter().map(|b| b.at).chain([link.next]).min();
+                next.map(|t| t.saturating_duration_since(now))
             };
             let fds = [self.arp.as_raw_fd(), self.nd.as_raw_fd(), self.wake.as_raw_fd()];
             let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
@@ -457,50 +462,53 @@ impl Shared {
                 if p.revents & libc::POLLNVAL != 0 {
                     return self.fail("socket closed under the worker".into());
                 }
-                if p.revents & libc::POLLERR != 0
-                    && let Err(why) = self.socket_error(p.fd)
-                {
-                    return self.fail(why);
+                if p.revents & libc::POLLERR != 0 && self.socket_error(p.fd) {
+                    // Down (or being deleted): look at once.
+                    link.running = false;
+                    link.next = Instant::now();
                 }
                 if p.revents & libc::POLLIN != 0 {
                     self.receive(p.fd, i == 0, &mut buf);
                 }
             }
-            if let Err(why) = self.link_back() {
+            if Instant::now() >= link.next
+                && let Err(why) = self.watch_link(&mut link)
+            {
                 return self.fail(why);
             }
             self.send_due();
         }
     }
 
-    /// After a link went down: once it is up and running again, the
-    /// neighbours may have timed out (or be new, on a new switch port):
-    /// announce every VIP again, a whole burst each. Deleting an interface
-    /// takes it down first, and the sockets see only that `ENETDOWN`: the
-    /// deletion shows here, as the index no longer being found.
-    fn link_back(&self) -> Result<(), String> {
-        let mut st = self.lock();
-        if !st.link_down {
-            return Ok(());
-        }
-        match sys::link_running(self.arp.as_raw_fd(), self.link.index) {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
+    /// Looks at the link. Back up and running after being down or without
+    /// carrier: the neighbours may have timed out (or be new, behind a new
+    /// switch port), so every VIP is announced again, a whole burst each.
+    /// Gone: the worker stops (deleting an interface takes it down first,
+    /// and the sockets see only that `ENETDOWN`).
+    fn watch_link(&self, link: &mut LinkWatch) -> Result<(), String> {
+        let running = match sys::link_running(self.arp.as_raw_fd(), self.link.index) {
+            Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
                 return Err(format!("interface {} was deleted", self.link.index));
             }
             Err(e) => {
                 tracing::debug!(ifindex = self.link.index, error = %e, "link state");
-                return Ok(());
+                link.running
+            }
+        };
+        if running && !link.running {
+            let mut st = self.lock();
+            let vips: Vec<IpAddr> = st.vips.iter().copied().collect();
+            if !vips.is_empty() {
+                tracing::info!(ifindex = self.link.index, "link up again: announcing again");
+            }
+            st.bursts.clear();
+            for vip in vips {
+                self.schedule(&mut st, vip);
             }
         }
-        st.link_down = false;
-        tracing::info!(ifindex = self.link.index, "link up again: announcing again");
-        let vips: Vec<IpAddr> = st.vips.iter().copied().collect();
-        st.bursts.clear();
-        for vip in vips {
-            self.schedule(&mut st, vip);
-        }
+        link.running = running;
+        link.next = Instant::now() + if running { LINK_POLL_UP } else { LINK_POLL_DOWN };
         Ok(())
     }
 
@@ -512,22 +520,14 @@ impl Shared {
         st.bursts.clear();
     }
 
-    /// A pending socket error: `ENETDOWN` when the link went down (the
-    /// socket works again when it comes back up) or was deleted (then the
-    /// socket is dead: stop).
-    fn socket_error(&self, fd: RawFd) -> Result<(), String> {
-        let Some(e) = sys::take_error(fd) else { return Ok(()) };
+    /// Takes a pending socket error; `true` for `ENETDOWN`: the link went
+    /// down (the socket works again once it is up) or is being deleted
+    /// (then the socket is dead; the link watch tells which).
+    fn socket_error(&self, fd: RawFd) -> bool {
+        let Some(e) = sys::take_error(fd) else { return false };
         bump(&self.counts.receive_errors);
-        if e.raw_os_error() == Some(libc::ENETDOWN)
-            && !sys::interface_exists(self.arp.as_raw_fd(), self.link.index)
-        {
-            return Err(format!("interface {} was deleted", self.link.index));
-        }
-        if e.raw_os_error() == Some(libc::ENETDOWN) {
-            self.lock().link_down = true;
-        }
         tracing::debug!(ifindex = self.link.index, error = %e, "announce: socket error");
-        Ok(())
+        e.raw_os_error() == Some(libc::ENETDOWN)
     }
 
     fn receive(&self, fd: RawFd, arp: bool, buf: &mut [u8]) {

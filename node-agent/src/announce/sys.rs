@@ -199,18 +199,6 @@ pub fn interface(fd: RawFd, name: &str) -> io::Result<(u32, Mac)> {
     Ok((index, mac))
 }
 
-/// Whether interface `ifindex` still exists in `fd`'s namespace.
-pub fn interface_exists(fd: RawFd, ifindex: u32) -> bool {
-    // SAFETY: all-zero is a valid ifreq.
-    let mut ifr: libc::ifreq = unsafe { zeroed() };
-    ifr.ifr_ifru.ifru_ifindex = ifindex as i32;
-    match ioctl(fd, libc::SIOCGIFNAME, &mut ifr) {
-        Ok(()) => true,
-        // Only a definite "no such device" counts as gone.
-        Err(e) => e.raw_os_error() != Some(libc::ENODEV),
-    }
-}
-
 /// Whether interface `ifindex` is up and running (has a carrier).
 pub fn link_running(fd: RawFd, ifindex: u32) -> io::Result<bool> {
     // SAFETY: all-zero is a valid ifreq.
