@@ -44,6 +44,8 @@ lint:
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 unit:
+	# The one-host cluster tests run the real binaries.
+	$(CARGO) build --locked --workspace --bins
 	$(CARGO) test --locked --workspace
 
 ## bench-dataplane: XDP forwarding rate against the MAC-swap floor

@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod packet;
+pub mod pods;
 pub mod topology;
 
 /// Whether a test that needs root (BPF, XDP, network namespaces) may run.

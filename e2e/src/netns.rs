@@ -138,6 +138,12 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
+        // An agent pins one subdirectory per interface.
+        if let Ok(dir) = std::fs::read_dir(&self.path) {
+            for sub in dir.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+                let _ = kube_dsr_agent::dataplane::Dataplane::remove_pins(&sub);
+            }
+        }
         let _ = kube_dsr_agent::dataplane::Dataplane::remove_pins(&self.path);
     }
 }

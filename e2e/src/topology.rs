@@ -74,8 +74,19 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the lab with `n` backends, servers running.
+    /// Builds the lab with `n` backends, servers running, each backend
+    /// already holding the VIPs on `lo` with the ARP sysctls.
     pub fn new(n: usize) -> Result<Self> {
+        Self::build(n, true)
+    }
+
+    /// The same with bare backends: no VIP, no sysctl — what kube-dsr's
+    /// agent is there to add.
+    pub fn bare(n: usize) -> Result<Self> {
+        Self::build(n, false)
+    }
+
+    fn build(n: usize, prepared: bool) -> Result<Self> {
         let lan = NetNs::new("kdl")?;
         let router = NetNs::new("kdr")?;
         let client = NetNs::new("kdc")?;
@@ -130,10 +141,14 @@ impl Lab {
             ns.exec(&format!(
                 "ip addr add {addr}/24 dev eth0 && ip -6 addr add {addr6}/64 dev eth0 nodad && \
                  ip link set eth0 up && ip route add default via {ROUTER_LAN} && \
-                 ip -6 route add default via fd10::1 && \
-                 ip addr add {VIP}/32 dev lo && ip -6 addr add {VIP6}/128 dev lo nodad && \
-                 sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
+                 ip -6 route add default via fd10::1"
             ))?;
+            if prepared {
+                ns.exec(&format!(
+                    "ip addr add {VIP}/32 dev lo && ip -6 addr add {VIP6}/128 dev lo nodad && \
+                     sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2"
+                ))?;
+            }
             let mac = ns.mac("eth0")?;
             backends.push(BackendNode {
                 name: format!("backend-{}", i + 1),

@@ -8,132 +8,16 @@ use std::{
     fs,
     net::IpAddr,
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
-    time::{Duration, Instant},
+    path::Path,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use kube_dsr_agent::netns::{self, Backend, Netns, Observed, Target};
 use kube_dsr_e2e::{
     netns::{NetNs, sh},
+    pods::{FakePod, Layout, fake_uid, ns_inode, v1_root, v2_root},
     privileged,
 };
-
-/// Where kubelet's cgroups go: a unified (v2) hierarchy, and a v1 one when
-/// the host is hybrid (then both line formats of `/proc/<pid>/cgroup` are
-/// exercised).
-fn v2_root() -> PathBuf {
-    for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        if Path::new(p).join("cgroup.subtree_control").exists() {
-            return p.into();
-        }
-    }
-    panic!("no cgroup v2 hierarchy mounted");
-}
-
-fn v1_root() -> Option<PathBuf> {
-    ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/systemd"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("tasks").exists())
-}
-
-fn fake_uid(n: u32) -> String {
-    format!("{:08x}-5f2d-4c6e-9a7b-{:012x}", std::process::id(), n)
-}
-
-#[derive(Clone, Copy)]
-enum Layout {
-    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/cri-containerd-<id>.scope`
-    Systemd,
-    /// `kubepods/<qos>/pod<uid>/<id>`
-    Cgroupfs,
-}
-
-/// A "pod": a `sleep` inside a namespace, placed in a cgroup shaped like
-/// kubelet's for its UID. The process is killed and the cgroups removed on
-/// drop, also when the test fails.
-struct FakePod {
-    uid: String,
-    child: Child,
-    /// Test root first, deepest last.
-    dirs: Vec<PathBuf>,
-}
-
-impl FakePod {
-    fn start(ns: &NetNs, uid: &str, layout: Layout, root: &Path) -> Result<Self> {
-        let test_root = root.join(format!("kdsr-test-{}", ns.name));
-        let rel: Vec<String> = match layout {
-            Layout::Systemd => {
-                let us = uid.replace('-', "_");
-                vec![
-                    "kubepods.slice".into(),
-                    "kubepods-burstable.slice".into(),
-                    format!("kubepods-burstable-pod{us}.slice"),
-                    "cri-containerd-0123abcd.scope".into(),
-                ]
-            }
-            Layout::Cgroupfs => {
-                vec!["kubepods".into(), "besteffort".into(), format!("pod{uid}"), "0123abcd".into()]
-            }
-        };
-        let mut dirs = vec![test_root.clone()];
-        let mut p = test_root;
-        for c in rel {
-            p = p.join(c);
-            dirs.push(p.clone());
-        }
-        let child = ns
-            .command("sleep")
-            .arg("30")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("spawning sleep in the namespace")?;
-        let pod = Self { uid: uid.into(), child, dirs };
-        fs::create_dir_all(pod.dirs.last().unwrap()).context("creating the pod cgroup")?;
-        fs::write(pod.dirs.last().unwrap().join("cgroup.procs"), pod.child.id().to_string())
-            .context("moving the process into the pod cgroup")?;
-        pod.wait_in(ns)?;
-        Ok(pod)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `ip netns exec` enters the namespace and then execs: wait until it has.
-    fn wait_in(&self, ns: &NetNs) -> Result<()> {
-        let want = ns_inode(ns)?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            let cmd = fs::read_to_string(format!("/proc/{}/comm", self.pid())).unwrap_or_default();
-            let ino = fs::metadata(format!("/proc/{}/ns/net", self.pid())).map(|m| m.ino()).ok();
-            if cmd.trim() == "sleep" && ino == Some(want) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        bail!("pid {} never entered {}", self.pid(), ns.name)
-    }
-}
-
-impl Drop for FakePod {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for d in self.dirs.iter().rev() {
-            if let Err(e) = fs::remove_dir(d) {
-                eprintln!("removing cgroup {}: {e}", d.display());
-            }
-        }
-    }
-}
-
-fn ns_inode(ns: &NetNs) -> Result<u64> {
-    Ok(fs::metadata(format!("/var/run/netns/{}", ns.name))?.ino())
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -192,7 +192,7 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
         proc_dir: cfg.proc_dir.clone(),
         attach: cfg.attach,
         resync: cfg.resync,
-        counters_every: Duration::from_secs(5),
+        counters_every: Duration::from_secs(2),
         known_pods,
     };
     let wmetrics = Arc::clone(&metrics);
@@ -233,6 +233,9 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
                 if to_worker.send(d).is_err() {
                     anyhow::bail!("the worker thread ended");
                 }
+                // A VIP that is no longer wanted stops being announced now,
+                // not at the next Lease renewal.
+                lease_tick.reset_immediately();
             }
         }
         tokio::select! {
@@ -364,14 +367,43 @@ async fn apply_report(
     }
 }
 
-/// TEMPORARY until announce/ lands.
-pub fn announcer() -> Box<dyn Announce> {
-    struct Missing;
-    impl Announce for Missing {
-        fn announce(&mut self, _: &str, _: IpAddr) -> Result<(), String> {
-            Err("not wired".into())
+/// The announcer: one [`crate::announce::Announcer`] per ingress
+/// interface, opened the first time a VIP is announced there (in the
+/// agent's namespace, the node's).
+#[derive(Default)]
+pub struct Announcers {
+    by_interface: BTreeMap<String, crate::announce::Announcer>,
+    interface_of: BTreeMap<IpAddr, String>,
+}
+
+impl Announce for Announcers {
+    fn announce(&mut self, interface: &str, vip: IpAddr) -> Result<(), String> {
+        if let Some(old) = self.interface_of.get(&vip).filter(|i| *i != interface).cloned() {
+            self.withdraw(vip);
+            info!(%vip, from = %old, to = %interface, "VIP moved to another interface");
         }
-        fn withdraw(&mut self, _: IpAddr) {}
+        if !self.by_interface.contains_key(interface) {
+            let link = crate::announce::Link::by_name(interface).map_err(|e| e.to_string())?;
+            let a = crate::announce::Announcer::open(link, crate::announce::Options::default())
+                .map_err(|e| e.to_string())?;
+            self.by_interface.insert(interface.to_owned(), a);
+        }
+        let a = self.by_interface.get(interface).expect("opened above");
+        a.announce(vip).map_err(|e| e.to_string())?;
+        self.interface_of.insert(vip, interface.to_owned());
+        Ok(())
     }
-    Box::new(Missing)
+
+    fn withdraw(&mut self, vip: IpAddr) {
+        if let Some(i) = self.interface_of.remove(&vip)
+            && let Some(a) = self.by_interface.get(&i)
+        {
+            a.withdraw(vip);
+        }
+    }
+}
+
+/// The production announcer.
+pub fn announcer() -> Box<dyn Announce> {
+    Box::new(Announcers::default())
 }

@@ -53,6 +53,10 @@ pub struct Outcome {
     pub backends: Vec<BackendReport>,
     /// Interface each ingress service is attached to.
     pub interfaces: BTreeMap<SvcKey, String>,
+    /// Some backend's MAC is being resolved: look again soon rather than
+    /// at the next resync (a backend joins within milliseconds, not
+    /// seconds).
+    pub resolving: bool,
 }
 
 /// The dataplane's name for one VIP of a service: `<ns>/<name>/<v4|v6>`, or
@@ -76,12 +80,26 @@ fn names_of(key: &SvcKey) -> [String; 2] {
     ]
 }
 
+/// An error with its causes, `a: b: c`, for logs and reports.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 /// A service's plan for this round.
 struct Planned {
     iface: Iface,
     specs: Vec<ServiceSpec>,
     /// Backends that cannot be programmed, with the reason.
     unprogrammed: Vec<String>,
+    /// Some of them are being resolved.
+    resolving: bool,
 }
 
 /// The worker's state between rounds.
@@ -112,7 +130,7 @@ impl Worker {
             }
             let Some(ifname) = entry.file_name().to_str().map(str::to_owned) else { continue };
             if let Err(e) = self.dataplane(&ifname) {
-                warn!(interface = %ifname, error = %e, "cannot adopt a pinned dataplane");
+                warn!(interface = %ifname, error = %chain(&e), "cannot adopt a pinned dataplane");
             }
         }
     }
@@ -141,9 +159,9 @@ impl Worker {
     /// route toward its first backend (or, without backends, its VIP)
     /// leaves through.
     fn interface_of(&mut self, s: &IngressService) -> Result<Iface, String> {
-        let r = self.resolver().map_err(|e| e.to_string())?;
+        let r = self.resolver().map_err(|e| chain(&e))?;
         if let Some(name) = &s.interface {
-            return r.interface(name).map_err(|e| format!("interface {name}: {e}"));
+            return r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e)));
         }
         let toward: Vec<IpAddr> = s
             .vips
@@ -155,7 +173,7 @@ impl Worker {
             match r.route(addr) {
                 Ok(Route::Unicast { oif, .. }) => return Ok(oif),
                 Ok(_) => continue,
-                Err(e) => return Err(format!("route lookup for {addr}: {e}")),
+                Err(e) => return Err(format!("route lookup for {addr}: {}", chain(&e))),
             }
         }
         Err("no route toward the backends or the VIP to choose an interface from; \
@@ -167,9 +185,8 @@ impl Worker {
         let iface = self.interface_of(s)?;
         let addrs: Vec<IpAddr> =
             s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
-        let r = self.resolver().map_err(|e| e.to_string())?;
-        let lookups =
-            r.lookup_all(&iface, &[], addrs.iter().copied()).map_err(|e| e.to_string())?;
+        let r = self.resolver().map_err(|e| chain(&e))?;
+        let lookups = r.lookup_all(&iface, &[], addrs.iter().copied()).map_err(|e| chain(&e))?;
         if periodic {
             // FAILED entries are not re-probed every round (they linger);
             // the resync cadence gives unreachable backends another chance.
@@ -183,10 +200,14 @@ impl Worker {
         }
         let plan = neigh::plan(&addrs, &lookups);
         let mut unprogrammed = Vec::new();
+        let mut resolving = false;
         for (addr, status) in &plan.status {
             match status {
                 neigh::Status::Resolved => {}
-                neigh::Status::Pending => unprogrammed.push(format!("{addr}: resolving its MAC")),
+                neigh::Status::Pending => {
+                    resolving = true;
+                    unprogrammed.push(format!("{addr}: resolving its MAC"))
+                }
                 neigh::Status::Unknown => unprogrammed.push(format!("{addr}: not looked up")),
                 neigh::Status::Unreachable(why) | neigh::Status::NotAdjacent(why) => {
                     unprogrammed.push(why.clone())
@@ -224,7 +245,7 @@ impl Worker {
                 }
             })
             .collect();
-        Ok(Planned { iface, specs, unprogrammed })
+        Ok(Planned { iface, specs, unprogrammed, resolving })
     }
 
     /// One round: the dataplanes, then the backend pods.
@@ -249,6 +270,7 @@ impl Worker {
             match self.plan_service(s, periodic) {
                 Ok(p) => {
                     out.interfaces.insert(s.key.clone(), p.iface.name.clone());
+                    out.resolving |= p.resolving;
                     let names = p.specs.iter().map(|s| s.name.clone()).collect();
                     wanted.entry(p.iface.name.clone()).or_default().extend(p.specs);
                     if !p.unprogrammed.is_empty() {
@@ -275,7 +297,7 @@ impl Worker {
         for ifname in wanted.keys().cloned().collect::<Vec<_>>() {
             if let Err(e) = self.dataplane(&ifname) {
                 self.metrics.error("dataplane");
-                warn!(interface = %ifname, error = %e, "cannot open the dataplane");
+                warn!(interface = %ifname, error = %chain(&e), "cannot open the dataplane");
             }
         }
         for (ifname, dp) in &mut self.dataplanes {
@@ -298,7 +320,7 @@ impl Worker {
                     }
                     Err(e) => {
                         self.metrics.error("dataplane");
-                        warn!(interface = %ifname, service = %name, error = %e, "remove failed");
+                        warn!(interface = %ifname, service = %name, error = %chain(&e), "remove failed");
                     }
                 }
             }
@@ -337,8 +359,8 @@ impl Worker {
                     }
                     Err(e) => {
                         self.metrics.error("dataplane");
-                        warn!(interface = %ifname, service = %spec.name, error = %e, "programming failed");
-                        programmed.insert(spec.name.clone(), Err(e.to_string()));
+                        warn!(interface = %ifname, service = %spec.name, error = %chain(&e), "programming failed");
+                        programmed.insert(spec.name.clone(), Err(chain(&e)));
                     }
                 }
             }
@@ -379,7 +401,7 @@ impl Worker {
                     Ok(_) => {}
                     Err(e) => {
                         self.metrics.error("dataplane");
-                        warn!(interface = %ifname, error = %e, "settle failed");
+                        warn!(interface = %ifname, error = %chain(&e), "settle failed");
                     }
                 }
             }
@@ -412,7 +434,7 @@ impl Worker {
         let round = netns::converge(&self.cfg.proc_dir, &backends, &others);
         if let Some(e) = &round.scan {
             self.metrics.error("netns");
-            warn!(error = %e, "scanning /proc for pod namespaces failed");
+            warn!(error = %chain(&e), "scanning /proc for pod namespaces failed");
         }
         // A pod whose undo failed stays known, to be tried again.
         let failed: BTreeSet<String> = round
@@ -425,7 +447,7 @@ impl Worker {
             .collect();
         for (t, e) in &round.errors {
             self.metrics.error("netns");
-            warn!(namespace = ?t, error = %e, "backend preparation failed");
+            warn!(namespace = ?t, error = %chain(&e), "backend preparation failed");
         }
         self.known_pods = current
             .iter()
@@ -442,11 +464,9 @@ impl Worker {
                     .filter(|r| r.uid == p.uid && r.configured)
                     .map(|r| r.vip.to_string())
                     .collect();
-                let error = round
-                    .errors
-                    .get(&Target::Pod(uid))
-                    .map(|e| e.to_string())
-                    .or_else(|| round.scan.as_ref().map(|e| format!("scanning /proc: {e}")));
+                let error = round.errors.get(&Target::Pod(uid)).map(|e| chain(e)).or_else(|| {
+                    round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
+                });
                 BackendReport {
                     pod_uid: p.uid.clone(),
                     namespace: p.namespace.clone(),
@@ -494,6 +514,9 @@ impl Worker {
     }
 }
 
+/// First delay before looking again at backends whose MAC is resolving.
+const RESOLVE_RETRY: Duration = Duration::from_millis(100);
+
 /// Runs rounds until `inputs` closes: a round whenever a new desired state
 /// arrives (the latest one wins), a periodic round every `resync`, and a
 /// counter sample every `counters_every`. Each outcome is published.
@@ -509,9 +532,13 @@ pub fn run(
     let mut desired: Option<Arc<Desired>> = None;
     let mut next_resync = Instant::now() + resync;
     let mut next_counters = Instant::now() + counters_every;
+    // A quick extra round while backend MACs are being resolved, backing
+    // off to the resync period.
+    let mut retry: Option<(Instant, Duration)> = None;
     loop {
         let now = Instant::now();
-        let wait = next_resync.min(next_counters).saturating_duration_since(now);
+        let due = retry.map_or(next_resync, |(at, _)| at.min(next_resync));
+        let wait = due.min(next_counters).saturating_duration_since(now);
         let (changed, periodic) = match inputs.recv_timeout(wait) {
             Ok(mut d) => {
                 // Only the latest state matters.
@@ -521,7 +548,10 @@ pub fn run(
                 desired = Some(d);
                 (true, false)
             }
-            Err(RecvTimeoutError::Timeout) => (false, Instant::now() >= next_resync),
+            Err(RecvTimeoutError::Timeout) => {
+                let retry_due = retry.is_some_and(|(at, _)| Instant::now() >= at);
+                (retry_due, Instant::now() >= next_resync)
+            }
             Err(RecvTimeoutError::Disconnected) => return,
         };
         if periodic {
@@ -530,7 +560,16 @@ pub fn run(
         match (&desired, changed || periodic) {
             (Some(d), true) => {
                 let d = Arc::clone(d);
-                publish(w.round(&d, periodic));
+                let outcome = w.round(&d, periodic);
+                retry = match (outcome.resolving, retry) {
+                    (false, _) => None,
+                    (true, None) => Some((Instant::now() + RESOLVE_RETRY, RESOLVE_RETRY)),
+                    (true, Some((_, last))) => {
+                        let next = (last * 2).min(resync);
+                        Some((Instant::now() + next, next))
+                    }
+                };
+                publish(outcome);
                 next_counters = Instant::now() + counters_every;
             }
             _ => {
@@ -554,7 +593,7 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: &[String]) -> Vec<String
             if path.is_dir() {
                 match Dataplane::remove_pins(&path) {
                     Ok(()) => info!(path = %path.display(), "dataplane removed"),
-                    Err(e) => failed.push(format!("{}: {e}", path.display())),
+                    Err(e) => failed.push(format!("{}: {}", path.display(), chain(&e))),
                 }
             }
         }
@@ -564,10 +603,10 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: &[String]) -> Vec<String
     }
     let round = netns::converge(proc_dir, &[], pods);
     if let Some(e) = round.scan {
-        failed.push(format!("scanning {}: {e}", proc_dir.display()));
+        failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
     }
     for (t, e) in round.errors {
-        failed.push(format!("{t:?}: {e}"));
+        failed.push(format!("{t:?}: {}", chain(&e)));
     }
     failed
 }
