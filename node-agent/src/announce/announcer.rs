@@ -205,7 +205,14 @@ impl Announcer {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("announce-{}", link.index))
-                .spawn(move || shared.run())
+                .spawn(move || {
+                    // A panic would silently end the answering; make it
+                    // a failure the agent sees instead.
+                    let run = std::panic::AssertUnwindSafe(|| shared.run());
+                    if std::panic::catch_unwind(run).is_err() {
+                        shared.fail("the worker panicked".into());
+                    }
+                })
                 .map_err(|source| Error::Io { what: "starting the announcer thread", source })?
         };
         Ok(Self { shared, worker: Some(worker) })
@@ -632,6 +639,14 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent keeps announcers in its state and may share them.
+    #[test]
+    fn announcer_is_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Announcer>();
+        send_sync::<super::super::Announcers>();
+    }
 
     #[test]
     fn rejects_addresses_nobody_owns() {
