@@ -284,7 +284,8 @@ const SYSTEM_METADATA: &[&str] = &[
 ];
 
 /// The leaves of `obj` that a field manager can own, with their values:
-/// every scalar and every list (lists are atomic here), except
+/// every scalar and every list (lists are atomic here; empty objects are
+/// not leaves), except
 /// `apiVersion`, `kind` and the server's own metadata.
 pub fn leaves(obj: &Value) -> BTreeMap<Path, Value> {
     let mut out = BTreeMap::new();
@@ -310,7 +311,9 @@ pub fn leaves(obj: &Value) -> BTreeMap<Path, Value> {
 
 fn walk(v: &Value, path: Path, out: &mut BTreeMap<Path, Value>) {
     match v {
-        Value::Object(m) if !m.is_empty() => {
+        // An empty object owns nothing (and conflicts with nothing).
+        Value::Object(m) if m.is_empty() => {}
+        Value::Object(m) => {
             for (k, fv) in m {
                 let mut p = path.clone();
                 p.push(k.clone());

@@ -846,3 +846,77 @@ pub fn watch_event(
 pub fn resource_index(res: &Resource) -> usize {
     Store::index(res)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::find;
+
+    fn cm(name: &str, extra: Value) -> Value {
+        let mut v = json!({"metadata": {"name": name}, "data": {"k": "v"}});
+        patch::merge_patch(&mut v, &extra);
+        v
+    }
+
+    fn owner_ref(obj: &Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "name": obj["metadata"]["name"], "uid": obj["metadata"]["uid"]})
+    }
+
+    #[test]
+    fn garbage_collection_waits_for_every_owner_and_respects_finalizers() {
+        let (mut s, _rx) = Store::new(100);
+        let res = find("", "v1", "configmaps").unwrap();
+        let w = WriteOpts::default();
+        let o1 = s.create(res, "ns", cm("o1", json!({})), &w).unwrap();
+        let o2 = s.create(res, "ns", cm("o2", json!({})), &w).unwrap();
+        let both = json!({"metadata": {"ownerReferences": [owner_ref(&o1), owner_ref(&o2)]}});
+        s.create(res, "ns", cm("dep", both), &w).unwrap();
+        let held = json!({"metadata": {"ownerReferences": [owner_ref(&o1)], "finalizers": ["x"]}});
+        s.create(res, "ns", cm("held", held), &w).unwrap();
+
+        s.delete(res, "ns", "o1", &DeleteOpts::default()).unwrap();
+        let dep = s.get(res, "ns", "dep").unwrap();
+        assert_eq!(dep["metadata"]["ownerReferences"], json!([owner_ref(&o2)]));
+        let held = s.get(res, "ns", "held").unwrap();
+        assert!(held["metadata"]["deletionTimestamp"].is_string(), "finalizer holds it");
+        s.delete(res, "ns", "o2", &DeleteOpts::default()).unwrap();
+        assert_eq!(s.get(res, "ns", "dep").unwrap_err().code, 404);
+        let p = Patch { kind: PatchKind::Merge, body: json!({"metadata": {"finalizers": []}}) };
+        s.patch(res, "ns", "held", &p, Part::Main, &w).unwrap();
+        assert_eq!(s.get(res, "ns", "held").unwrap_err().code, 404);
+    }
+
+    #[test]
+    fn a_field_stays_while_another_applier_still_applies_it() {
+        let (mut s, _rx) = Store::new(100);
+        let res = find("", "v1", "configmaps").unwrap();
+        let apply = |s: &mut Store, manager: &str, labels: Value| {
+            let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "c", "labels": labels}, "data": {"k": "v"}});
+            let o = WriteOpts { field_manager: Some(manager.into()), ..WriteOpts::default() };
+            s.patch(res, "ns", "c", &Patch { kind: PatchKind::Apply, body }, Part::Main, &o)
+                .unwrap()
+        };
+        apply(&mut s, "a", json!({"x": "1"}));
+        apply(&mut s, "b", json!({"x": "1"}));
+        let after_a = apply(&mut s, "a", json!({}));
+        assert_eq!(after_a["metadata"]["labels"]["x"], "1", "b still owns it");
+        let after_b = apply(&mut s, "b", json!({}));
+        assert!(after_b["metadata"]["labels"].get("x").is_none(), "{after_b}");
+        assert_eq!(after_b["data"]["k"], "v", "both still apply data");
+    }
+
+    #[test]
+    fn bounded_history_forgets_old_versions() {
+        let (mut s, _rx) = Store::new(3);
+        let res = find("", "v1", "configmaps").unwrap();
+        let start = s.resource_version();
+        for i in 0..5 {
+            s.create(res, "ns", cm(&format!("c{i}"), json!({})), &WriteOpts::default()).unwrap();
+        }
+        assert!(s.records_after(start).is_none());
+        let recent = s.records_after(s.resource_version() - 2).unwrap();
+        assert_eq!(recent.len(), 2);
+        assert!(recent[0].rv < recent[1].rv);
+    }
+}

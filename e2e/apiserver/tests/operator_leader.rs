@@ -92,6 +92,20 @@ fn operator_binary() -> PathBuf {
     cmd.args(["build", "--quiet", "-p", "kube-dsr-operator", "--bin", "dsr-operator"])
         .current_dir(&workspace)
         .env("CARGO_TARGET_DIR", target_dir);
+    // The variables cargo sets for a test process change build
+    // fingerprints: with them the build would redo (and undo, for the next
+    // plain `cargo build`) work every time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
+            || k.starts_with("__CARGO")
+            || k == "LD_LIBRARY_PATH"
+            || k == "OUT_DIR"
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd.env("CARGO_TARGET_DIR", target_dir);
     match profile {
         "debug" => {}
         "release" => {
@@ -208,7 +222,10 @@ fn condition<'a>(svc: &'a DynamicObject, ty: &str) -> Option<&'a Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_leader_and_takeover_after_sigkill() {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let bin = tokio::task::spawn_blocking(operator_binary).await.unwrap();
+    phase("dsr-operator built");
     let dir = TempDir(std::env::temp_dir().join(format!("dsr-leader-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
     let server = Server::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -245,11 +262,24 @@ async fn two_replicas_one_leader_and_takeover_after_sigkill() {
     })
     .await;
     let (lead, follow) = if first == "op-a" { (0, 1) } else { (1, 0) };
+    phase(&format!("{first} holds the Lease"));
     eventually(Duration::from_secs(15), "the holder's leader gauge", || async {
         (leader_gauge(ports[lead]) == Some(1)).then_some(())
     })
     .await;
-    assert_eq!(leader_gauge(ports[follow]), Some(0), "the follower must not lead");
+    let follower = eventually(Duration::from_secs(15), "the follower's /metrics", || async {
+        leader_gauge(ports[follow])
+    })
+    .await;
+    assert_eq!(follower, 0, "the follower must not lead");
+    // And it stays that way over more than two lease periods (renewals
+    // must not hand the Lease back and forth).
+    for _ in 0..(2 * LEASE_DURATION + 1) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(holder(&leases).await.as_deref(), Some(first.as_str()), "lease moved");
+        assert_eq!(leader_gauge(ports[lead]), Some(1));
+        assert_eq!(leader_gauge(ports[follow]), Some(0));
+    }
 
     // The leader programs the service: backend set and status.
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
@@ -257,6 +287,7 @@ async fn two_replicas_one_leader_and_takeover_after_sigkill() {
         slices.get_opt("web-v4-0").await.ok().flatten().filter(|s| s.endpoints.len() == 2)
     })
     .await;
+    phase("EndpointSlice written");
     assert_eq!(slice_addresses(&slice), ["10.0.1.1", "10.0.2.1"]);
     assert_eq!(slice.labels()["endpointslice.kubernetes.io/managed-by"], "kubedsr.io");
     assert!(slice.owner_references().iter().any(|o| o.kind == "DsrService" && o.name == "web"));
@@ -284,6 +315,7 @@ async fn two_replicas_one_leader_and_takeover_after_sigkill() {
     })
     .await;
     let took = killed_at.elapsed();
+    phase(&format!("{successor} took the Lease"));
     assert!(took <= TAKEOVER_BOUND, "takeover took {took:?}");
     eventually(Duration::from_secs(10), "the successor's leader gauge", || async {
         (leader_gauge(ports[follow]) == Some(1)).then_some(())
@@ -305,6 +337,7 @@ async fn two_replicas_one_leader_and_takeover_after_sigkill() {
         (s.endpoints.len() == 3 && has_port).then_some(s)
     })
     .await;
+    phase("the successor programmed the change");
     assert_eq!(slice_addresses(&slice), ["10.0.1.1", "10.0.1.2", "10.0.2.1"]);
     let svc = eventually(PROGRAM_BOUND, "status at generation 2 with 3/3 backends", || async {
         let s = svcs.get("web").await.ok()?;
