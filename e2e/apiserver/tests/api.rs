@@ -526,3 +526,26 @@ async fn invalid_objects_are_refused_with_the_rule_message() {
     );
     assert!(e.message.contains("nodeName is immutable"), "{}", e.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_sends_initial_events_then_the_end_bookmark() {
+    let (_server, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("a", &[], "n1")).await.unwrap();
+    let mut events = watcher(pods.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(&"done".to_string()) {
+        let ev = tokio::time::timeout_at(deadline, events.next()).await.expect("progress").unwrap();
+        match ev.unwrap() {
+            watcher::Event::Init => seen.push("init".into()),
+            watcher::Event::InitApply(p) => seen.push(p.name_any()),
+            watcher::Event::InitDone => seen.push("done".into()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["init", "a", "done"]);
+    pods.create(&PostParams::default(), &pod("b", &[], "n1")).await.unwrap();
+    let ev = tokio::time::timeout_at(deadline, events.next()).await.expect("progress").unwrap();
+    assert!(matches!(ev, Ok(watcher::Event::Apply(p)) if p.name_any() == "b"));
+}
