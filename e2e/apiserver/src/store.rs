@@ -362,7 +362,11 @@ impl Store {
         }
         let meta = obj["metadata"].as_object_mut().expect("checked");
         meta.insert("name".into(), json!(name));
-        meta.insert("uid".into(), json!(util::uid()));
+        // A uid given by the client is kept (a real apiserver would replace
+        // it), so a harness can lay out kubelet-style cgroup paths first.
+        if meta.get("uid").and_then(Value::as_str).is_none_or(str::is_empty) {
+            meta.insert("uid".into(), json!(util::uid()));
+        }
         meta.insert("creationTimestamp".into(), json!(util::now()));
         meta.insert("generation".into(), json!(1));
         for k in

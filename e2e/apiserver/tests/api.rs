@@ -79,6 +79,12 @@ async fn create_get_replace_delete() {
     let again = api_err(again);
     assert_eq!((again.code, again.reason.as_str()), (409, "AlreadyExists"));
 
+    // A uid the client chose is kept (harness convenience).
+    let mut chosen = pod("chosen", &[], "n1");
+    chosen.metadata.uid = Some("11111111-2222-4333-8444-555555555555".into());
+    let chosen = pods.create(&PostParams::default(), &chosen).await.unwrap();
+    assert_eq!(chosen.uid().as_deref(), Some("11111111-2222-4333-8444-555555555555"));
+
     let mut gen_pod = pod("", &[], "n1");
     gen_pod.metadata.name = None;
     gen_pod.metadata.generate_name = Some("web-".into());

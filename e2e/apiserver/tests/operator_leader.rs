@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -140,8 +141,8 @@ fn free_port() -> u16 {
 fn start_operator(bin: &Path, dir: &Path, identity: &str, http_port: u16) -> Child {
     let log = dir.join(format!("{identity}.log"));
     let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin)
-        .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+    let mut cmd = Command::new(bin);
+    cmd.args(["--http-addr", &format!("127.0.0.1:{http_port}")])
         .args(["--lease-namespace", LEASE_NS, "--identity", identity])
         .args(["--lease-duration", &LEASE_DURATION.to_string()])
         .args(["--lease-grace", &LEASE_GRACE.to_string()])
@@ -151,9 +152,19 @@ fn start_operator(bin: &Path, dir: &Path, identity: &str, http_port: u16) -> Chi
         .env_remove("POD_NAME")
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("start dsr-operator");
+        .stderr(out);
+    // If this test process dies without unwinding, the kernel kills the
+    // replicas too (the spawning thread is the test's, alive until its end).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let child = cmd.spawn().expect("start dsr-operator");
     Child { name: identity.into(), child, log }
 }
 
