@@ -754,3 +754,25 @@ fn announcers_by_interface_name() -> Result<()> {
     assert_eq!(c.keys().collect::<Vec<_>>(), ["a0", "a1"], "{c:?}");
     Ok(())
 }
+
+/// Two holders at once (a Lease handover that overlapped): each sees the
+/// other's gratuitous ARP for its VIP, counts a conflict and answers it
+/// with nothing.
+#[test]
+fn two_holders_count_conflicts() -> Result<()> {
+    if !privileged("two_holders_count_conflicts") {
+        return Ok(());
+    }
+    let lan = lan()?;
+    let a = open(&lan.a, "a0", Options::default())?;
+    let b = open(&lan.b, "b0", Options::default())?;
+    assert!(a.announce(ip(VIP4))?);
+    assert!(b.announce(ip(VIP4))?);
+    let (ac, bc) = wait(Duration::from_secs(2), "both to see a conflict", || {
+        let (ac, bc) = (a.counters(), b.counters());
+        Ok((ac.conflicts >= 1 && bc.conflicts >= 1).then_some((ac, bc)))
+    })?;
+    eprintln!("A {ac:?}\nB {bc:?}");
+    assert_eq!((ac.arp_replies, bc.arp_replies), (0, 0));
+    Ok(())
+}
