@@ -93,16 +93,23 @@ fn operator_binary() -> PathBuf {
     cmd.args(["build", "--quiet", "-p", "kube-dsr-operator", "--bin", "dsr-operator"])
         .current_dir(&workspace)
         .env("CARGO_TARGET_DIR", target_dir);
-    // The variables cargo sets for a test process change build
-    // fingerprints: with them the build would redo (and undo, for the next
-    // plain `cargo build`) work every time.
+    // The variables cargo sets for a test process (not the user's own
+    // CARGO_* settings) change build fingerprints: with them this build
+    // would redo, and the next plain `cargo build` undo, work every time.
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
-            || k.starts_with("__CARGO")
-            || k == "LD_LIBRARY_PATH"
-            || k == "OUT_DIR"
-        {
+        let set_by_cargo = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_", "__CARGO"]
+            .iter()
+            .any(|p| k.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref());
+        if set_by_cargo {
             cmd.env_remove(k.as_ref());
         }
     }
