@@ -46,9 +46,12 @@ struct Proc {
 }
 
 impl Proc {
+    /// Runs `program` in namespace `ns` with only the capabilities `caps`
+    /// (as the chart grants them: everything else dropped).
     fn spawn(
         name: &str,
         ns: &str,
+        caps: &[String],
         program: &Path,
         args: &[&str],
         kubeconfig: &Path,
@@ -60,7 +63,9 @@ impl Proc {
         // enters only the network namespace.
         let netns = fs::File::open(format!("/var/run/netns/{ns}"))?;
         let fd = netns.as_raw_fd();
-        let mut cmd = Command::new(program);
+        let bounding: String = caps.iter().map(|c| format!(",+{}", c.to_lowercase())).collect();
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--bounding-set=-all{bounding}")).arg("--inh-caps=-all").arg(program);
         // SAFETY: setns is async-signal-safe; the fd stays open (owned by
         // `netns`) until spawn returns.
         unsafe {
@@ -154,7 +159,29 @@ struct Names {
     backends: Vec<(String, String, String)>,
     pins: PathBuf,
     agent: PathBuf,
+    /// The capabilities README.md documents for the agent (and the chart
+    /// grants): the agents run with these and no others.
+    agent_caps: Vec<String>,
     operator: PathBuf,
+}
+
+/// The capability table of README.md's "Privileges" section.
+fn documented_capabilities() -> Result<Vec<String>> {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let table = readme
+        .split("<!-- chart-check: capabilities -->")
+        .nth(1)
+        .context("README.md has no capability table")?;
+    let caps: Vec<String> = table
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .filter_map(|l| l.split('|').nth(1))
+        .map(|c| c.trim().trim_matches('`').to_string())
+        .collect();
+    ensure!(!caps.is_empty(), "empty capability table");
+    Ok(caps)
 }
 
 fn lo_addrs(ns: &str) -> Result<String> {
@@ -228,15 +255,30 @@ async fn scenario(n: Names) -> Result<()> {
         vec!["--node-name", INGRESS, "--http-addr", "127.0.0.1:9477", "--resync-seconds", "5"];
     args.extend(["--bpffs-dir", ingress_pins.to_str().unwrap()]);
     args.extend(lease);
-    procs.push(Proc::spawn("agent-ingress", &n.ingress, &n.agent, &args, &kubeconfig)?);
+    procs.push(Proc::spawn(
+        "agent-ingress",
+        &n.ingress,
+        &n.agent_caps,
+        &n.agent,
+        &args,
+        &kubeconfig,
+    )?);
     let mut args =
         vec!["--node-name", WORKER, "--http-addr", "127.0.0.1:9478", "--resync-seconds", "5"];
     args.extend(["--bpffs-dir", worker_pins.to_str().unwrap()]);
     args.extend(lease);
-    procs.push(Proc::spawn("agent-worker", &n.router, &n.agent, &args, &kubeconfig)?);
+    procs.push(Proc::spawn(
+        "agent-worker",
+        &n.router,
+        &n.agent_caps,
+        &n.agent,
+        &args,
+        &kubeconfig,
+    )?);
     procs.push(Proc::spawn(
         "operator",
         &n.router,
+        &[],
         &n.operator,
         &["--no-leader-election", "--http-addr", "127.0.0.1:18080"],
         &kubeconfig,
@@ -338,7 +380,9 @@ async fn run_steps(
     // ~5 packets and receives ~5; if replies crossed the ingress node it
     // would see about twice what it forwards.
     let rx = counter(&n.ingress, "rx_packets")? - rx_before;
-    // The agent samples the per-CPU counters every 2 s.
+    // The agent samples the per-CPU counters every 2 s: wait for a sample
+    // taken after the traffic.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let forwarded = wait_for("the VIP's packet counter", Duration::from_secs(10), || async {
         let m = sh(&format!("ip netns exec {} curl -s http://127.0.0.1:9477/metrics", n.ingress))?;
         let f = metric(&m, "kubedsr_agent_vip_packets_total{");
@@ -426,6 +470,7 @@ fn one_host_cluster_web_service_end_to_end() -> Result<()> {
             .collect(),
         pins: pins.path.clone(),
         agent: agent.clone(),
+        agent_caps: documented_capabilities()?,
         operator,
     };
     // The scenario's sockets (stand-in, client) live in the router's

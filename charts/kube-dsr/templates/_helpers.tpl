@@ -73,8 +73,6 @@ chart lists them. README.md "Privileges" documents each one, and
 documented set.
 */}}
 {{- define "kube-dsr.agent.capabilities" -}}
-- BPF
-- PERFMON
 - NET_ADMIN
 - NET_RAW
 - SYS_ADMIN

@@ -51,6 +51,9 @@ pub trait Announce: Send {
     fn announce(&mut self, interface: &str, vip: IpAddr) -> Result<(), String>;
     /// Stops answering for `vip`; no answer leaves after it returns.
     fn withdraw(&mut self, vip: IpAddr);
+    /// Called every Lease round: re-opens what failed (an interface that
+    /// was re-created); returns what could not be.
+    fn maintain(&mut self) -> Vec<String>;
 }
 
 /// Everything `dsr-agent` is told.
@@ -273,6 +276,10 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
                     warn!(%vip, error = %e, "announcement lease");
                 }
                 let interfaces = outcome_rx.borrow().as_ref().map(|o| o.interfaces.clone()).unwrap_or_default();
+                for e in announcer.maintain() {
+                    metrics.error("announce");
+                    warn!(error = %e, "announcer could not be re-opened");
+                }
                 let held = leases.held();
                 let now = reconcile_announcements(announcer.as_mut(), &d, &interfaces, &held, &announced, &metrics);
                 if now != announced {
@@ -367,43 +374,26 @@ async fn apply_report(
     }
 }
 
-/// The announcer: one [`crate::announce::Announcer`] per ingress
-/// interface, opened the first time a VIP is announced there (in the
-/// agent's namespace, the node's).
-#[derive(Default)]
-pub struct Announcers {
-    by_interface: BTreeMap<String, crate::announce::Announcer>,
-    interface_of: BTreeMap<IpAddr, String>,
-}
-
-impl Announce for Announcers {
+impl Announce for crate::announce::Announcers {
     fn announce(&mut self, interface: &str, vip: IpAddr) -> Result<(), String> {
-        if let Some(old) = self.interface_of.get(&vip).filter(|i| *i != interface).cloned() {
-            self.withdraw(vip);
-            info!(%vip, from = %old, to = %interface, "VIP moved to another interface");
-        }
-        if !self.by_interface.contains_key(interface) {
-            let link = crate::announce::Link::by_name(interface).map_err(|e| e.to_string())?;
-            let a = crate::announce::Announcer::open(link, crate::announce::Options::default())
-                .map_err(|e| e.to_string())?;
-            self.by_interface.insert(interface.to_owned(), a);
-        }
-        let a = self.by_interface.get(interface).expect("opened above");
-        a.announce(vip).map_err(|e| e.to_string())?;
-        self.interface_of.insert(vip, interface.to_owned());
-        Ok(())
+        crate::announce::Announcers::announce(self, interface, vip)
+            .map(|_| ())
+            .map_err(|e| worker::chain(&e))
     }
 
     fn withdraw(&mut self, vip: IpAddr) {
-        if let Some(i) = self.interface_of.remove(&vip)
-            && let Some(a) = self.by_interface.get(&i)
-        {
-            a.withdraw(vip);
-        }
+        crate::announce::Announcers::withdraw(self, vip);
+    }
+
+    fn maintain(&mut self) -> Vec<String> {
+        self.reopen_failed()
+            .into_iter()
+            .map(|(i, e)| format!("{i}: {}", worker::chain(&e)))
+            .collect()
     }
 }
 
 /// The production announcer.
 pub fn announcer() -> Box<dyn Announce> {
-    Box::new(Announcers::default())
+    Box::new(crate::announce::Announcers::new(crate::announce::Options::default()))
 }
