@@ -1,6 +1,7 @@
 //! kube-dsr test equipment: packet builders, network namespaces, the demo
 //! topology and the dataplane benchmark. Never shipped.
 
+pub mod cluster;
 pub mod netns;
 pub mod packet;
 pub mod pods;

@@ -1,0 +1,462 @@
+//! The one-host cluster: the API server stand-in, the real `dsr-operator`
+//! and one real `dsr-agent` per node, the lab's namespaces as nodes and
+//! pods, and real clients. Test equipment for `e2e/tests/cluster*.rs`.
+//!
+//! Nodes: `ingress-1` is the lab's ingress namespace; `worker-1` hosts the
+//! backend pods (each lab backend namespace is one pod, with a process in
+//! a kubelet-shaped cgroup carrying the pod's UID) and its agent runs in
+//! the router namespace, where the stand-in and the operator run too
+//! (10.10.0.1:6443 on the L2 segment). The router reaches the VIP on-link
+//! (ARP mode), so it must learn the VIP's MAC from the node that answers
+//! ARP for it. Every agent runs with exactly the capabilities README.md
+//! documents; the operator with none.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use kube_dsr_crds::nodereport::DsrNodeReport;
+use kube_dsr_crds::{DsrService, DsrServiceStatus};
+use serde_json::json;
+
+use crate::netns::{PinDir, sh};
+use crate::pods::{FakePod, Layout, v2_root};
+use crate::topology::{Lab, ROUTER_LAN, VIP, VIP6};
+
+pub const API_PORT: u16 = 6443;
+pub const WORKER: &str = "worker-1";
+pub const INGRESS: &str = "ingress-1";
+/// The ingress agent's /metrics, inside the ingress namespace.
+pub const INGRESS_METRICS: &str = "http://127.0.0.1:9477/metrics";
+
+/// A child process killed on drop (also when the test fails), its output
+/// in a log file shown when asked.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Runs `program` in namespace `ns` with only the capabilities `caps`
+    /// (as the chart grants them: everything else dropped).
+    pub fn spawn(
+        name: &str,
+        ns: &str,
+        caps: &[String],
+        program: &Path,
+        args: &[&str],
+        kubeconfig: &Path,
+    ) -> Result<Self> {
+        let log = std::env::temp_dir().join(format!("kdsr-{name}-{}.log", std::process::id()));
+        let out = fs::File::create(&log)?;
+        // Not `ip netns exec`: it remounts /sys, hiding the host's bpffs.
+        // Like a hostNetwork pod with /sys/fs/bpf mounted, the process
+        // enters only the network namespace.
+        let netns = fs::File::open(format!("/var/run/netns/{ns}"))?;
+        let fd = netns.as_raw_fd();
+        let bounding: String = caps.iter().map(|c| format!(",+{}", c.to_lowercase())).collect();
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--bounding-set=-all{bounding}")).arg("--inh-caps=-all").arg(program);
+        // SAFETY: setns is async-signal-safe; the fd stays open (owned by
+        // `netns`) until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name: name.into(), child, log })
+    }
+
+    pub fn tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} (last lines) ---\n{}",
+            self.name,
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// The workspace binaries next to this test's executable, built when
+/// missing (`make test` builds them before the tests).
+pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable layout")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let target = profile_dir.parent().context("target dir")?;
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", name, "--target-dir"]).arg(target);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("running cargo build")?;
+        ensure!(status.success() && path.exists(), "building {name} failed");
+    }
+    Ok(path)
+}
+
+/// Polls `check` every 200 ms until it yields a value or `limit` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {limit:?} {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What a scenario needs from the lab, as plain data (the lab itself
+/// stays on the test's thread).
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub router: String,
+    pub ingress: String,
+    pub client: String,
+    /// Backend namespace, its IPv4 and IPv6 addresses.
+    pub backends: Vec<(String, String, String)>,
+    pub pins: PathBuf,
+    pub agent: PathBuf,
+    /// The capabilities README.md documents for the agent (and the chart
+    /// grants): the agents run with these and no others.
+    pub agent_caps: Vec<String>,
+    pub operator: PathBuf,
+}
+
+/// The capability table of README.md's "Privileges" section.
+pub fn documented_capabilities() -> Result<Vec<String>> {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let table = readme
+        .split("<!-- chart-check: capabilities -->")
+        .nth(1)
+        .context("README.md has no capability table")?;
+    let caps: Vec<String> = table
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .filter_map(|l| l.split('|').nth(1))
+        .map(|c| c.trim().trim_matches('`').to_string())
+        .collect();
+    ensure!(!caps.is_empty(), "empty capability table");
+    Ok(caps)
+}
+
+pub fn lo_addrs(ns: &str) -> Result<String> {
+    sh(&format!("ip -n {ns} -o addr show dev lo"))
+}
+
+pub fn sysctl(ns: &str, key: &str) -> Result<String> {
+    Ok(sh(&format!("ip netns exec {ns} sysctl -n {key}"))?.trim().to_string())
+}
+
+pub fn metric(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+pub fn ready_node(name: &str, labels: serde_json::Value) -> Result<Node> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+    }))?)
+}
+
+pub async fn set_ready(nodes: &Api<Node>, name: &str) -> Result<()> {
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+    nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    Ok(())
+}
+
+pub fn counter(ns: &str, name: &str) -> Result<u64> {
+    Ok(sh(&format!("ip netns exec {ns} cat /sys/class/net/eth0/statistics/{name}"))?
+        .trim()
+        .parse()?)
+}
+
+/// A running cluster: the stand-in, the operator, an agent per node, and
+/// the pods created so far.
+pub struct Cluster {
+    pub n: Names,
+    pub client: Client,
+    pub nodes: Api<Node>,
+    pub pods: Api<Pod>,
+    pub services: Api<DsrService>,
+    pub reports: Api<DsrNodeReport>,
+    server: Option<kube_dsr_apiserver::Handle>,
+    kubeconfig: PathBuf,
+    procs: BTreeMap<String, Proc>,
+    fake_pods: BTreeMap<String, FakePod>,
+}
+
+impl Cluster {
+    /// Starts the stand-in, registers both nodes Ready, starts the
+    /// operator and both agents and waits until each agent has reported.
+    pub async fn start(n: Names) -> Result<Self> {
+        let server =
+            kube_dsr_apiserver::Server::start((std::net::Ipv4Addr::UNSPECIFIED, API_PORT).into())
+                .await
+                .context("starting the API server stand-in")?;
+        let url = format!("http://{ROUTER_LAN}:{API_PORT}");
+        let kubeconfig =
+            std::env::temp_dir().join(format!("kdsr-kubeconfig-{}", std::process::id()));
+        fs::write(&kubeconfig, kube_dsr_apiserver::kubeconfig(&url))?;
+        let client = Client::try_from(kube::Config::new(url.parse()?))?;
+        let mut c = Cluster {
+            nodes: Api::all(client.clone()),
+            pods: Api::namespaced(client.clone(), "default"),
+            services: Api::namespaced(client.clone(), "default"),
+            reports: Api::all(client.clone()),
+            client,
+            n,
+            server: Some(server),
+            kubeconfig,
+            procs: BTreeMap::new(),
+            fake_pods: BTreeMap::new(),
+        };
+        // Nodes, as kubelet registers them. The worker is excluded from
+        // load balancing the standard way, so only ingress-1 is an ingress
+        // node.
+        let pp = PostParams::default();
+        c.nodes.create(&pp, &ready_node(INGRESS, json!({"kubedsr.io/ingress": "true"}))?).await?;
+        let worker_labels =
+            json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"});
+        c.nodes.create(&pp, &ready_node(WORKER, worker_labels)?).await?;
+        set_ready(&c.nodes, INGRESS).await?;
+        set_ready(&c.nodes, WORKER).await?;
+        c.start_agent(INGRESS)?;
+        c.start_agent(WORKER)?;
+        let operator = c.n.operator.clone();
+        let args = ["--no-leader-election", "--http-addr", "127.0.0.1:18080"];
+        let p = Proc::spawn("operator", &c.n.router, &[], &operator, &args, &c.kubeconfig)?;
+        c.procs.insert("operator".into(), p);
+        for node in [INGRESS, WORKER] {
+            let reports = c.reports.clone();
+            wait_for(&format!("{node}'s DsrNodeReport"), Duration::from_secs(60), || {
+                let reports = reports.clone();
+                async move { Ok(reports.get_opt(node).await?.map(|_| ())) }
+            })
+            .await?;
+        }
+        Ok(c)
+    }
+
+    /// Starts (or restarts) the agent of `node` (`INGRESS` or `WORKER`).
+    pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        let (ns, http, pins) = if node == INGRESS {
+            (self.n.ingress.clone(), "127.0.0.1:9477", self.n.pins.join("ingress"))
+        } else {
+            (self.n.router.clone(), "127.0.0.1:9478", self.n.pins.join("worker"))
+        };
+        let pins = pins.to_str().context("pin path")?.to_string();
+        let args = [
+            "--node-name",
+            node,
+            "--http-addr",
+            http,
+            "--resync-seconds",
+            "5",
+            "--bpffs-dir",
+            &pins,
+            "--lease-namespace",
+            "kube-dsr",
+            "--lease-duration",
+            "6",
+            "--lease-retry",
+            "1",
+        ];
+        let name = format!("agent-{node}");
+        let p =
+            Proc::spawn(&name, &ns, &self.n.agent_caps, &self.n.agent, &args, &self.kubeconfig)?;
+        // Replacing a running one kills it first (its Drop).
+        self.procs.insert(name, p);
+        Ok(())
+    }
+
+    /// SIGKILLs the agent of `node`: no cleanup, no Lease release.
+    pub fn kill_agent(&mut self, node: &str) {
+        self.procs.remove(&format!("agent-{node}"));
+    }
+
+    /// Creates pod `name` in backend namespace `backend` (index into
+    /// `n.backends`) on the worker, labelled `app=<app>`, with a process in
+    /// a cgroup carrying its UID, Running and Ready. Returns the UID.
+    pub async fn add_pod(&mut self, name: &str, app: &str, backend: usize) -> Result<String> {
+        let (ns, v4, v6) = self.n.backends.get(backend).context("no such backend")?.clone();
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+            "spec": {"nodeName": WORKER, "containers": [{"name": "web", "image": "example/web"}]},
+        }))?;
+        let pod = self.pods.create(&PostParams::default(), &pod).await?;
+        let uid = pod.metadata.uid.clone().context("pod uid")?;
+        let layout = if backend.is_multiple_of(2) { Layout::Systemd } else { Layout::Cgroupfs };
+        self.fake_pods.insert(name.into(), FakePod::start_in(&ns, &uid, layout, &v2_root())?);
+        let status = json!({"status": {
+            "phase": "Running", "podIP": v4, "podIPs": [{"ip": v4}, {"ip": v6}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }});
+        self.pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        Ok(uid)
+    }
+
+    /// Flips pod `name`'s Ready condition, as kubelet does when a
+    /// readiness probe fails or recovers.
+    pub async fn set_pod_ready(&self, name: &str, ready: bool) -> Result<()> {
+        let status = json!({"status": {"conditions": [
+            {"type": "Ready", "status": if ready { "True" } else { "False" }}
+        ]}});
+        self.pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        Ok(())
+    }
+
+    /// Applies a DsrService manifest from `examples/`.
+    pub async fn apply_example(&self, file: &str) -> Result<DsrService> {
+        let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+        let svc: DsrService = serde_yaml::from_str(&fs::read_to_string(path)?)?;
+        Ok(self.services.create(&PostParams::default(), &svc).await?)
+    }
+
+    /// Waits until `service` is Programmed with `ready` ready backends and
+    /// every VIP announced (ARP mode).
+    pub async fn wait_programmed(&self, service: &str, ready: i32) -> Result<DsrServiceStatus> {
+        let services = self.services.clone();
+        wait_for(
+            &format!("{service} Programmed with {ready} ready"),
+            Duration::from_secs(60),
+            || {
+                let services = services.clone();
+                async move {
+                    let st = services.get(service).await?.status.unwrap_or_default();
+                    let programmed =
+                        st.conditions.iter().any(|c| c.type_ == "Programmed" && c.status == "True");
+                    let announced = st.vips.iter().all(|v| v.announced);
+                    Ok((programmed && st.ready_backends == ready && announced).then_some(st))
+                }
+            },
+        )
+        .await
+    }
+
+    /// The ingress agent's metrics.
+    pub fn ingress_metrics(&self) -> Result<String> {
+        sh(&format!("ip netns exec {} curl -s {INGRESS_METRICS}", self.n.ingress))
+    }
+
+    /// The last log lines of every process (for a failing test).
+    pub fn logs(&self) -> String {
+        self.procs.values().map(Proc::tail).collect::<Vec<_>>().join("\n")
+    }
+
+    async fn stop(mut self) {
+        self.procs.clear();
+        self.fake_pods.clear();
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let _ = fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// Builds a lab with `backends` bare backend namespaces, runs `scenario`
+/// on a cluster in it, and afterwards checks that `dsr-agent cleanup`
+/// removes the dataplane the ingress agent left. Logs are printed when the
+/// scenario fails. Everything is torn down, also on failure.
+pub fn run<F>(backends: usize, scenario: F) -> Result<()>
+where
+    F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
+{
+    let agent = binary("kube-dsr-agent", "dsr-agent")?;
+    let operator = binary("kube-dsr-operator", "dsr-operator")?;
+    let lab = Lab::bare(backends)?;
+    // ARP mode: the router resolves the VIP on the segment instead of
+    // routing it to a fixed node.
+    lab.router.exec(&format!(
+        "ip route replace {VIP}/32 dev eth0 && ip -6 route replace {VIP6}/128 dev eth0"
+    ))?;
+    let pins = PinDir::new()?;
+    fs::create_dir_all(&pins.path)?;
+    let names = Names {
+        router: lab.router.name.clone(),
+        ingress: lab.ingress.name.clone(),
+        client: lab.client.name.clone(),
+        backends: lab
+            .backends
+            .iter()
+            .map(|b| (b.ns.name.clone(), b.addr.to_string(), b.addr6.to_string()))
+            .collect(),
+        pins: pins.path.clone(),
+        agent: agent.clone(),
+        agent_caps: documented_capabilities()?,
+        operator,
+    };
+    // The scenario's sockets (stand-in, client) live in the router's
+    // namespace: a current-thread runtime on a thread that entered it.
+    let result = lab.router.run(move || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let mut c = Cluster::start(names).await?;
+            let result = scenario(&mut c).await;
+            if result.is_err() {
+                eprintln!("{}", c.logs());
+            }
+            c.stop().await;
+            result
+        })
+    })?;
+    // `dsr-agent cleanup` removes the dataplane the ingress agent left.
+    let out = Command::new(&agent)
+        .args(["cleanup", "--bpffs-dir"])
+        .arg(pins.path.join("ingress"))
+        .output()?;
+    result?;
+    ensure!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(!pins.path.join("ingress").exists(), "cleanup left pins behind");
+    Ok(())
+}
