@@ -76,10 +76,11 @@ struct RunArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Remove everything the agent created on this node: the XDP program and
-    /// its pinned maps, and the VIPs and marks it added in the given pods and
-    /// in the node's own namespace. Forwarding stops.
+    /// its pinned maps, and the VIPs it added (they carry its mark) in every
+    /// pod and in the node's own namespace. Forwarding stops. The ARP
+    /// sysctls it set in pods are left (see DESIGN.md).
     Cleanup {
-        /// UIDs of pods to clean (for example every pod on the node).
+        /// Only these pods (UIDs) instead of every pod found in /proc.
         #[arg(long = "pod-uid")]
         pod_uids: Vec<String>,
     },
@@ -93,7 +94,8 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
     }
     if let Some(Command::Cleanup { pod_uids }) = args.command {
-        let failed = agent::worker::cleanup(&args.bpffs_dir, &args.proc_dir, &pod_uids);
+        let only = (!pod_uids.is_empty()).then_some(pod_uids.as_slice());
+        let failed = agent::worker::cleanup(&args.bpffs_dir, &args.proc_dir, only);
         if failed.is_empty() {
             eprintln!("dsr-agent cleanup: done");
             return Ok(());

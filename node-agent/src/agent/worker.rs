@@ -584,8 +584,10 @@ pub fn run(
 
 /// `dsr-agent cleanup`: detaches and unpins every dataplane under
 /// `bpffs_dir` and removes what kube-dsr added to the node's namespace and
-/// to the pods in `pods` (UIDs). Returns what failed.
-pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: &[String]) -> Vec<String> {
+/// to the pods in `pods` (UIDs; `None`: every pod with a process on the
+/// node — only addresses carrying kube-dsr's mark are removed, so pods it
+/// never touched are left as they are). Returns what failed.
+pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Vec<String> {
     let mut failed = Vec::new();
     if let Ok(dir) = std::fs::read_dir(bpffs_dir) {
         for entry in dir.flatten() {
@@ -601,7 +603,17 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: &[String]) -> Vec<String
             failed.push(format!("{}: {e}", bpffs_dir.display()));
         }
     }
-    let round = netns::converge(proc_dir, &[], pods);
+    let pods: Vec<String> = match pods {
+        Some(p) => p.to_vec(),
+        None => match netns::all_pod_uids(proc_dir) {
+            Ok(u) => u.into_iter().collect(),
+            Err(e) => {
+                failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
+                Vec::new()
+            }
+        },
+    };
+    let round = netns::converge(proc_dir, &[], &pods);
     if let Some(e) = round.scan {
         failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
     }

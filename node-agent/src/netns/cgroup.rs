@@ -137,6 +137,27 @@ pub fn find_pods(proc: &Path, uids: &BTreeSet<String>) -> Result<BTreeMap<String
     Ok(found)
 }
 
+/// Every pod UID with a running process on this node (for `dsr-agent
+/// cleanup`, which must look at every pod, not only the ones it knows).
+pub fn all_pod_uids(proc: &Path) -> Result<BTreeSet<String>> {
+    let dir =
+        std::fs::read_dir(proc).map_err(|source| Error::Io { what: "reading /proc", source })?;
+    let mut uids = BTreeSet::new();
+    for (seen, entry) in dir.enumerate() {
+        if seen >= MAX_PROC_ENTRIES {
+            return Err(Error::ProcScanLimit { limit: MAX_PROC_ENTRIES });
+        }
+        let Ok(entry) = entry else { continue };
+        if entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()).is_none() {
+            continue;
+        }
+        if let Some(uid) = read_cgroup(&entry.path()).as_deref().and_then(pod_uid_of_cgroup_file) {
+            uids.insert(uid);
+        }
+    }
+    Ok(uids)
+}
+
 /// One pod's namespace; [`Error::PodNetnsNotFound`] when no process of the
 /// pod runs (not started yet, or gone).
 pub fn find_pod(proc: &Path, uid: &str) -> Result<PodNetns> {
@@ -309,6 +330,11 @@ mod tests {
             true,
         );
         std::fs::write(p.0.join("cmdline"), "").unwrap();
+
+        // Every pod with a readable cgroup, for cleanup: pid 11's path
+        // names no valid UID, "self" is no pid.
+        let all = all_pod_uids(&p.0).unwrap();
+        assert_eq!(all, BTreeSet::from([UID.to_owned(), other.to_owned()]));
 
         let found = find_pods(&p.0, &BTreeSet::from([UID.to_uppercase()])).unwrap();
         assert_eq!(found.keys().collect::<Vec<_>>(), [UID]);

@@ -23,7 +23,7 @@ pub mod cgroup;
 pub mod loopback;
 pub mod plan;
 
-pub use cgroup::{PodNetns, find_pod, find_pods};
+pub use cgroup::{PodNetns, all_pod_uids, find_pod, find_pods};
 pub use loopback::{ADDR_PROTO, DEFAULT_PROC, LABEL_V4, Netns};
 pub use plan::{
     ArpSysctls, Backend, LoAddress, NsPlan, Observed, SysctlWrite, Target, VipReport, desired,
