@@ -5,8 +5,9 @@ CARGO ?= cargo
 
 .PHONY: demo test setup bpf bpf-check lint unit generate bench-dataplane chart-check chart-render
 
-## demo: kube-dsr's dataplane with real traffic in network namespaces
+## demo: kube-dsr end to end (stand-in API server, operator, agents) with real traffic in network namespaces
 demo: setup
+	$(CARGO) build --release --locked -q -p kube-dsr-agent -p kube-dsr-operator --bins
 	$(CARGO) run --release --locked -q -p kube-dsr-e2e --bin dsr-demo
 
 ## test: formatting, lints, generated files, Helm chart, unit tests, packet fixtures, namespace tests

@@ -113,7 +113,10 @@ impl Drop for Proc {
 /// missing (`make test` builds them before the tests).
 pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(Path::parent).context("test executable layout")?;
+    // Tests live in `<target>/<profile>/deps/`, binaries in `<target>/<profile>/`.
+    let dir = exe.parent().context("executable layout")?;
+    let profile_dir =
+        if dir.ends_with("deps") { dir.parent().context("deps layout")? } else { dir };
     let path = profile_dir.join(name);
     if !path.exists() {
         let target = profile_dir.parent().context("target dir")?;

@@ -1,102 +1,157 @@
-//! `make demo`: kube-dsr's dataplane with real traffic, in network
-//! namespaces on this machine (removed again at the end).
+//! `make demo`: kube-dsr end to end on this machine, in network namespaces
+//! (all removed again at the end, also on Ctrl-C).
 //!
-//! Until the one-host cluster exists this drives the node agent's dataplane
-//! library directly: it programs a VIP with three backends on the ingress
-//! node, sends real HTTP requests with curl from a client behind a router,
-//! and shows that every backend serves, that replies bypass the ingress node,
-//! and what draining a backend does.
+//! The one-host cluster of the tests (`kube_dsr_e2e::cluster`): an API
+//! server stand-in, the real `dsr-operator`, a real `dsr-agent` on an
+//! ingress node and on a worker node with three backend pods. The demo
+//! applies `examples/web-tcp.yaml`, sends real HTTP requests with curl from
+//! a client behind a router and prints a live table: requests answered per
+//! pod, packets through the ingress node, and what the ingress node
+//! received besides the requests it forwarded (replies never go there).
+//! Then one pod turns NotReady and gets no new connections, and the
+//! service is deleted.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec};
-use kube_dsr_e2e::topology::{Lab, TCP_PORT, VIP, forwarded};
+use kube::api::DeleteParams;
+use kube_dsr_e2e::{
+    cluster::{self, Cluster, counter, metric},
+    netns::sh,
+    topology::VIP,
+};
 
-const NAME: &str = "demo/web/v4";
-const REQUESTS: usize = 60;
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+const ROUNDS: usize = 6;
+const PER_ROUND: usize = 20;
+
+fn stopped() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// One round of `n` curl requests from the client; answers per pod.
+fn round(c: &Cluster, n: usize, served: &mut BTreeMap<String, usize>) -> Result<usize> {
+    let out = sh(&format!(
+        "ip netns exec {} sh -c 'for i in $(seq {n}); do curl -s -m 3 http://{VIP}/ || echo failed; done'",
+        c.n.client
+    ))?;
+    let mut failed = 0;
+    for line in out.lines() {
+        match line.strip_prefix("served by ") {
+            Some(b) => *served.entry(b.replace("backend-", "web-")).or_insert(0) += 1,
+            None => failed += 1,
+        }
+    }
+    Ok(failed)
+}
+
+fn table(c: &Cluster, served: &BTreeMap<String, usize>, rx: u64, failed: usize) -> Result<()> {
+    let m = c.ingress_metrics()?;
+    let forwarded = metric(&m, "kubedsr_agent_vip_packets_total{");
+    let total: usize = served.values().sum();
+    let cells: Vec<String> = served.iter().map(|(p, n)| format!("{p} {n:>3}")).collect();
+    println!(
+        "  requests {total:>3} (failed {failed})  |  {}  |  ingress eth0 rx {rx:>4} pkts, XDP forwarded {forwarded:>4}",
+        cells.join("  ")
+    );
+    Ok(())
+}
+
+async fn demo(c: &mut Cluster) -> Result<()> {
+    for i in 0..3 {
+        c.add_pod(&format!("web-{}", i + 1), "web", i).await?;
+    }
+    println!("pods web-1..3 Running and Ready on worker-1; applying examples/web-tcp.yaml");
+    let t = Instant::now();
+    c.apply_example("web-tcp.yaml").await?;
+    let st = c.wait_programmed("web", 3).await?;
+    let summary = st.summary.clone().unwrap_or_default();
+    println!(
+        "\nkubectl get dsrsvc web   (after {:.1} s)\nNAME  VIPS         PORTS          BACKENDS  PROGRAMMED  ANNOUNCED BY\nweb   {VIP}  {}  {:<8}  True        {}\n",
+        t.elapsed().as_secs_f64(),
+        summary.ports,
+        summary.backends,
+        st.vips.first().and_then(|v| v.announcing_node.clone()).unwrap_or_default()
+    );
+    println!(
+        "curl from the client (10.20.0.2) to http://{VIP}/, {PER_ROUND} requests per line (Ctrl-C stops):"
+    );
+    let mut served = BTreeMap::new();
+    let mut failed = 0;
+    let rx0 = counter(&c.n.ingress, "rx_packets")?;
+    for _ in 0..ROUNDS {
+        if stopped() {
+            return Ok(());
+        }
+        failed += round(c, PER_ROUND, &mut served)?;
+        // The agent samples its counters every 2 s.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        table(c, &served, counter(&c.n.ingress, "rx_packets")? - rx0, failed)?;
+    }
+    println!(
+        "\nDirect Server Return: the ingress node's eth0 received about what XDP forwarded \
+         (the client's packets, plus the agent's own API traffic);\nthe pods' replies went \
+         straight to the router and never reached it.\n"
+    );
+
+    if stopped() {
+        return Ok(());
+    }
+    println!("web-3 turns NotReady (its readiness probe fails): no new connections reach it");
+    c.set_pod_ready("web-3", false).await?;
+    c.wait_programmed("web", 2).await?;
+    let mut after = BTreeMap::new();
+    let f = round(c, PER_ROUND * 2, &mut after)?;
+    let cells: Vec<String> = after.iter().map(|(p, n)| format!("{p} {n:>3}")).collect();
+    println!("  {} requests (failed {f}): {}", PER_ROUND * 2, cells.join("  "));
+    if after.contains_key("web-3") {
+        bail!("a NotReady pod received new connections");
+    }
+
+    println!(
+        "\nkubectl delete dsrsvc web: the agents remove the VIP from the pods, the dataplane and ARP"
+    );
+    c.services.delete("web", &DeleteParams::default()).await?;
+    cluster::wait_for("the pods' VIPs removed", Duration::from_secs(30), || async {
+        for (ns, _, _) in &c.n.backends {
+            if cluster::lo_addrs(ns)?.contains("lo:kdsr") {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    println!("done: no pod holds {VIP} any more.");
+    Ok(())
+}
 
 fn main() -> Result<()> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and attaches XDP: run it as root");
     }
-    println!(
-        "kube-dsr demo: building client, router, ingress node and 3 backends in network namespaces…"
-    );
-    let lab = Lab::new(3)?;
-    let (pins, mut dp) = lab.open_dataplane()?;
-    println!(
-        "ingress node: XDP attached to eth0 in {} mode; pins under {}",
-        dp.attached().as_str(),
-        pins.path.display()
-    );
-    let mut spec = ServiceSpec {
-        name: NAME.into(),
-        vip: VIP.into(),
-        ports: vec![PortSpec { port: TCP_PORT, protocol: Protocol::Tcp }],
-        table_size: 65537,
-        backends: lab.backends.iter().map(|b| BackendSpec::new(b.addr.into(), b.mac)).collect(),
-        pin_all_flows: false,
-    };
-    dp.upsert_service(&spec)?;
-    println!(
-        "programmed VIP {VIP}:{TCP_PORT}/TCP -> {} backends (VIP on their lo, ARP suppressed)\n",
-        spec.backends.len()
-    );
-
-    let rx0 = lab.ingress_rx_packets()?;
-    let fwd0 = forwarded(&dp)?;
-    let served = curl_many(&lab, REQUESTS)?;
-    let (rx, fwd) = (lab.ingress_rx_packets()? - rx0, forwarded(&dp)? - fwd0);
-    println!("{REQUESTS} requests with curl from the client (10.20.0.2) to http://{VIP}/:");
-    for (name, n) in &served {
-        println!("  {name:<10} {n:>3} {}", "#".repeat(*n));
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     println!(
-        "\nDirect Server Return: the ingress node's eth0 received {rx} packets and XDP forwarded {fwd} \
-         of them (client -> VIP only).\nThe backends' replies (SYN-ACK, response, FIN for each request) \
-         went straight to the router: they never reached the ingress node.\n"
+        "kube-dsr demo: a client, a router, an ingress node and a worker with 3 pods in network \
+         namespaces;\nan API server stand-in, the real dsr-operator and a dsr-agent per node…"
     );
-
-    let drained = lab.backends[2].name.clone();
-    spec.backends[2].draining = true;
-    dp.upsert_service(&spec)?;
-    let served = curl_many(&lab, REQUESTS / 2)?;
-    println!("{drained} set to draining (existing connections would continue, no new ones):");
-    for (name, n) in &served {
-        println!("  {name:<10} {n:>3} {}", "#".repeat(*n));
+    let result = cluster::run(3, async |c: &mut Cluster| demo(c).await);
+    println!(
+        "cleaned up: namespaces, processes, pins (dsr-agent cleanup). `make test` runs every scenario."
+    );
+    if stopped() {
+        println!("(stopped early)");
     }
-    if served.contains_key(&drained) {
-        bail!("a draining backend received a new connection");
-    }
-
-    println!("\nper-backend counters on the ingress node (packets/bytes forwarded):");
-    for b in &spec.backends {
-        let t = dp.backend_traffic(NAME, b.addr)?;
-        let name = lab.backends.iter().find(|x| x.addr == b.addr).map_or("?", |x| &x.name);
-        println!("  {name:<10} {:>6} pkts {:>8} bytes", t.packets, t.bytes);
-    }
-    println!("verdict reasons on the ingress node:");
-    for (reason, n) in dp.reason_counts()? {
-        if n > 0 {
-            println!("  {reason:<22} {n}");
-        }
-    }
-    drop(dp);
-    println!("\ncleaning up namespaces and pins. Run `make test` for the full test suite.");
-    Ok(())
-}
-
-/// Runs `n` real curl requests from the client namespace; counts answers
-/// per backend.
-fn curl_many(lab: &Lab, n: usize) -> Result<BTreeMap<String, usize>> {
-    let mut served = BTreeMap::new();
-    for _ in 0..n {
-        let out = lab.client.exec(&format!("curl -sS --max-time 3 http://{VIP}:{TCP_PORT}/"))?;
-        let name = out.trim().trim_start_matches("served by ").to_string();
-        *served.entry(name).or_insert(0) += 1;
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(served)
+    result
 }
