@@ -229,9 +229,13 @@ impl Leases {
                 t.seen_since = Instant::now();
                 Ok(())
             }
-            // Lost a race (409) or the write failed: not ours this round.
+            // A conflict means someone else wrote the Lease since we read
+            // it: it is not ours (any more), stop at once. Any other
+            // failure keeps a held Lease until its limit (`held`), so a
+            // brief API outage does not flap the announcement.
             Ok(Err(e)) => {
-                if action != Action::Renew {
+                let conflict = matches!(&e, kube::Error::Api(s) if s.code == 409);
+                if action != Action::Renew || conflict {
                     t.written = None;
                 }
                 Err(format!("{action:?} Lease {name}: {e}"))
