@@ -36,6 +36,8 @@ use crate::topology::{Lab, ROUTER_LAN, VIP, VIP6};
 pub const API_PORT: u16 = 6443;
 pub const WORKER: &str = "worker-1";
 pub const INGRESS: &str = "ingress-1";
+/// The second ingress node ([`run_with`] with two ingress nodes).
+pub const INGRESS2: &str = "ingress-2";
 /// The ingress agent's /metrics, inside the ingress namespace.
 pub const INGRESS_METRICS: &str = "http://127.0.0.1:9477/metrics";
 
@@ -157,8 +159,12 @@ where
 /// stays on the test's thread).
 #[derive(Clone, Debug)]
 pub struct Names {
+    /// The bridge's namespace (the L2 segment).
+    pub lan: String,
     pub router: String,
     pub ingress: String,
+    /// The second ingress node's namespace, when there is one.
+    pub ingress2: Option<String>,
     pub client: String,
     /// Backend namespace, its IPv4 and IPv6 addresses.
     pub backends: Vec<(String, String, String)>,
@@ -273,13 +279,21 @@ impl Cluster {
         c.nodes.create(&pp, &ready_node(WORKER, worker_labels)?).await?;
         set_ready(&c.nodes, INGRESS).await?;
         set_ready(&c.nodes, WORKER).await?;
-        c.start_agent(INGRESS)?;
-        c.start_agent(WORKER)?;
+        let mut agents = vec![INGRESS, WORKER];
+        if c.n.ingress2.is_some() {
+            let labels = json!({"kubedsr.io/ingress": "true"});
+            c.nodes.create(&pp, &ready_node(INGRESS2, labels)?).await?;
+            set_ready(&c.nodes, INGRESS2).await?;
+            agents.push(INGRESS2);
+        }
+        for node in &agents {
+            c.start_agent(node)?;
+        }
         let operator = c.n.operator.clone();
         let args = ["--no-leader-election", "--http-addr", "127.0.0.1:18080"];
         let p = Proc::spawn("operator", &c.n.router, &[], &operator, &args, &c.kubeconfig)?;
         c.procs.insert("operator".into(), p);
-        for node in [INGRESS, WORKER] {
+        for node in agents {
             let reports = c.reports.clone();
             wait_for(&format!("{node}'s DsrNodeReport"), Duration::from_secs(60), || {
                 let reports = reports.clone();
@@ -292,10 +306,14 @@ impl Cluster {
 
     /// Starts (or restarts) the agent of `node` (`INGRESS` or `WORKER`).
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
-        let (ns, http, pins) = if node == INGRESS {
-            (self.n.ingress.clone(), "127.0.0.1:9477", self.n.pins.join("ingress"))
-        } else {
-            (self.n.router.clone(), "127.0.0.1:9478", self.n.pins.join("worker"))
+        let (ns, http, pins) = match node {
+            INGRESS => (self.n.ingress.clone(), "127.0.0.1:9477", self.n.pins.join("ingress")),
+            INGRESS2 => (
+                self.n.ingress2.clone().context("no second ingress node")?,
+                "127.0.0.1:9477",
+                self.n.pins.join("ingress2"),
+            ),
+            _ => (self.n.router.clone(), "127.0.0.1:9478", self.n.pins.join("worker")),
         };
         let pins = pins.to_str().context("pin path")?.to_string();
         let args = [
@@ -415,9 +433,19 @@ pub fn run<F>(backends: usize, scenario: F) -> Result<()>
 where
     F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
 {
+    run_with(backends, false, scenario)
+}
+
+/// [`run`], with a second ingress node (`ingress-2`, 10.10.0.3) when
+/// `two_ingress` is set.
+pub fn run_with<F>(backends: usize, two_ingress: bool, scenario: F) -> Result<()>
+where
+    F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
+{
     let agent = binary("kube-dsr-agent", "dsr-agent")?;
     let operator = binary("kube-dsr-operator", "dsr-operator")?;
     let lab = Lab::bare(backends)?;
+    let second = if two_ingress { Some(lab.add_second_ingress()?) } else { None };
     // ARP mode: the router resolves the VIP on the segment instead of
     // routing it to a fixed node.
     lab.router.exec(&format!(
@@ -426,8 +454,10 @@ where
     let pins = PinDir::new()?;
     fs::create_dir_all(&pins.path)?;
     let names = Names {
+        lan: lab.lan.name.clone(),
         router: lab.router.name.clone(),
         ingress: lab.ingress.name.clone(),
+        ingress2: second.as_ref().map(|(ns, _)| ns.name.clone()),
         client: lab.client.name.clone(),
         backends: lab
             .backends
@@ -440,9 +470,13 @@ where
         operator,
     };
     // The scenario's sockets (stand-in, client) live in the router's
-    // namespace: a current-thread runtime on a thread that entered it.
+    // namespace: a runtime on a thread that entered it. Its worker threads
+    // are created from that thread, so they are in it too; the stand-in
+    // runs on them, so a scenario's blocking calls (curl through `sh`) do
+    // not stall the API server the agents depend on.
     let result = lab.router.run(move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         rt.block_on(async move {
             let mut c = Cluster::start(names).await?;
             let result = scenario(&mut c).await;
@@ -453,13 +487,25 @@ where
             result
         })
     })?;
-    // `dsr-agent cleanup` removes the dataplane the ingress agent left.
-    let out = Command::new(&agent)
-        .args(["cleanup", "--bpffs-dir"])
-        .arg(pins.path.join("ingress"))
-        .output()?;
+    // `dsr-agent cleanup` removes the dataplanes the ingress agents left.
+    let mut cleaned = vec!["ingress"];
+    if second.is_some() {
+        cleaned.push("ingress2");
+    }
+    let mut outs = Vec::new();
+    for dir in &cleaned {
+        outs.push(
+            Command::new(&agent)
+                .args(["cleanup", "--bpffs-dir"])
+                .arg(pins.path.join(dir))
+                .output()?,
+        );
+    }
+    drop(second);
     result?;
-    ensure!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
-    ensure!(!pins.path.join("ingress").exists(), "cleanup left pins behind");
+    for (dir, out) in cleaned.iter().zip(outs) {
+        ensure!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(!pins.path.join(dir).exists(), "cleanup left pins behind in {dir}");
+    }
     Ok(())
 }

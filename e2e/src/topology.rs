@@ -47,6 +47,8 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 pub const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 pub const INGRESS: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+/// The second ingress node, when a scenario adds one.
+pub const INGRESS2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 3);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 9000;
@@ -203,6 +205,27 @@ impl Lab {
             self.servers.push(std::thread::spawn(move || udp_sink(udp, &seen, &stop)));
         }
         Ok(())
+    }
+
+    /// A second ingress node on the segment (10.10.0.3, fd10::3), for
+    /// scenarios with two: its namespace, and the pass program on its
+    /// bridge port (`XDP_TX` on a veth needs XDP on the peer), which must
+    /// be kept as long as the namespace is used.
+    pub fn add_second_ingress(&self) -> Result<(NetNs, Ebpf)> {
+        let ns = NetNs::new("kdj")?;
+        sh(&format!(
+            "ip -n {n} link add eth0 type veth peer name p-ingress2 netns {lan}",
+            n = ns.name,
+            lan = self.lan.name
+        ))?;
+        self.lan.exec("ip link set p-ingress2 master br0 && ip link set p-ingress2 up")?;
+        ns.exec(&format!(
+            "ip addr add {INGRESS2}/24 dev eth0 && ip -6 addr add fd10::3/64 dev eth0 nodad && \
+             ip link set eth0 up"
+        ))?;
+        let equipment = lan_attach_pass(&self.lan, "p-ingress2")?;
+        ns.exec(&format!("ping -c1 -W2 {ROUTER_LAN} >/dev/null"))?;
+        Ok((ns, equipment))
     }
 
     /// Opens the dataplane on the ingress node's eth0, pinned under a fresh
