@@ -133,6 +133,14 @@ impl Leases {
             .collect()
     }
 
+    /// When the first held Lease stops counting as held (`None`: none
+    /// is). A round must not run past it, or this node could keep
+    /// answering after another took over.
+    pub fn earliest_expiry(&self) -> Option<Instant> {
+        let limit = self.duration.saturating_sub(self.retry);
+        self.tracked.values().filter_map(|t| t.written).map(|w| w + limit).min()
+    }
+
     fn spec(&self, acquire: Option<MicroTime>, transitions: i32) -> LeaseSpec {
         let now = MicroTime(Timestamp::now());
         LeaseSpec {

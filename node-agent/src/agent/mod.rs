@@ -271,9 +271,23 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
             _ = lease_tick.tick() => {
                 let d = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let wanted = lease::candidates(&cfg.node_name, &d);
-                for (vip, e) in leases.round(&wanted).await {
-                    metrics.error("lease");
-                    warn!(%vip, error = %e, "announcement lease");
+                // A slow API must not keep this node answering past a
+                // held Lease's limit: the round stops there, and what is
+                // held is re-read below.
+                let deadline = leases
+                    .earliest_expiry()
+                    .unwrap_or_else(|| std::time::Instant::now() + 4 * cfg.lease_retry);
+                match tokio::time::timeout_at(deadline.into(), leases.round(&wanted)).await {
+                    Ok(errors) => {
+                        for (vip, e) in errors {
+                            metrics.error("lease");
+                            warn!(%vip, error = %e, "announcement lease");
+                        }
+                    }
+                    Err(_) => {
+                        metrics.error("lease");
+                        warn!("the Lease round reached a held Lease's limit; re-checking what is held");
+                    }
                 }
                 let interfaces = outcome_rx.borrow().as_ref().map(|o| o.interfaces.clone()).unwrap_or_default();
                 for e in announcer.maintain() {
