@@ -113,7 +113,7 @@ impl Drop for Proc {
 
 /// The workspace binaries next to this test's executable, built when
 /// missing (`make test` builds them before the tests).
-pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
+pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // Tests live in `<target>/<profile>/deps/`, binaries in `<target>/<profile>/`.
     let dir = exe.parent().context("executable layout")?;
@@ -124,7 +124,11 @@ pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
         let target = profile_dir.parent().context("target dir")?;
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", package, "--bin", name, "--target-dir"]).arg(target);
+        // `--workspace --bins`, as `make test` prebuilds: features are
+        // unified over what is built, so one package alone would rebuild
+        // its dependencies with other features.
+        cmd.args(["build", "--quiet", "--locked", "--workspace", "--bins", "--target-dir"])
+            .arg(target);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -442,8 +446,8 @@ pub fn run_with<F>(backends: usize, two_ingress: bool, scenario: F) -> Result<()
 where
     F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
 {
-    let agent = binary("kube-dsr-agent", "dsr-agent")?;
-    let operator = binary("kube-dsr-operator", "dsr-operator")?;
+    let agent = binary("dsr-agent")?;
+    let operator = binary("dsr-operator")?;
     let lab = Lab::bare(backends)?;
     let second = if two_ingress { Some(lab.add_second_ingress()?) } else { None };
     // ARP mode: the router resolves the VIP on the segment instead of

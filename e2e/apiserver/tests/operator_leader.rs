@@ -90,7 +90,11 @@ fn operator_binary() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "kube-dsr-operator", "--bin", "dsr-operator"])
+    // The same selection as `make test`'s prebuild (`--workspace --bins`):
+    // features are unified over the packages built, so `-p
+    // kube-dsr-operator` alone would rebuild dependencies with other
+    // features (minutes on a small machine) instead of finding them done.
+    cmd.args(["build", "--quiet", "--locked", "--workspace", "--bins"])
         .current_dir(&workspace)
         .env("CARGO_TARGET_DIR", target_dir);
     // The variables cargo sets for a test process (not the user's own
@@ -135,7 +139,7 @@ fn operator_binary() -> PathBuf {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(status.success(), "cargo build -p kube-dsr-operator failed");
+    assert!(status.success(), "cargo build --workspace --bins failed");
     let bin = profile_dir.join("dsr-operator");
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
