@@ -16,12 +16,14 @@
 //! backend; replies go backend → router → client and never touch the
 //! ingress node. Servers are real sockets on threads inside the backend
 //! namespaces: a line/HTTP TCP server on port 80 and a UDP sink that counts
-//! sequence numbers on port 9000.
+//! sequence numbers on port 9000, and a UDP echo on port 9001 (bound to
+//! each VIP, so replies come from the VIP as a DSR backend's must) that
+//! answers each datagram with the backend's name and the payload.
 
 use std::{
     collections::HashSet,
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -52,6 +54,8 @@ pub const INGRESS2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 3);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 9000;
+/// The UDP echo: `<backend name> <payload>` back to the sender, from the VIP.
+pub const UDP_ECHO_PORT: u16 = 9001;
 
 pub struct BackendNode {
     pub name: String,
@@ -203,6 +207,14 @@ impl Lab {
             big_receive_buffer(&udp)?;
             let (seen, stop) = (b.udp_seen.clone(), self.stop.clone());
             self.servers.push(std::thread::spawn(move || udp_sink(udp, &seen, &stop)));
+
+            for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+                let echo =
+                    b.ns.run(move || freebind_udp(SocketAddr::new(vip, UDP_ECHO_PORT)))??;
+                echo.set_read_timeout(Some(Duration::from_millis(50)))?;
+                let (name, stop) = (b.name.clone(), self.stop.clone());
+                self.servers.push(std::thread::spawn(move || udp_echo(echo, &name, &stop)));
+            }
         }
         Ok(())
     }
@@ -376,6 +388,84 @@ fn udp_sink(sock: UdpSocket, seen: &Mutex<HashSet<u64>>, stop: &AtomicBool) {
         {
             let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
             seen.lock().unwrap().insert(seq);
+        }
+    }
+}
+
+/// A UDP socket bound to `addr` even while the address is not configured
+/// (`IP_FREEBIND`): the echo listens on the VIP before the agent puts it on
+/// the pod's loopback, and, bound to it, replies from it.
+fn freebind_udp(addr: SocketAddr) -> Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    let (family, level, opt) = match addr {
+        SocketAddr::V4(_) => (libc::AF_INET, libc::SOL_IP, libc::IP_FREEBIND),
+        SocketAddr::V6(_) => (libc::AF_INET6, libc::SOL_IPV6, libc::IPV6_FREEBIND),
+    };
+    // SAFETY: a new socket; on success the fd is owned by the UdpSocket.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: fd is a socket we own; closed on drop from here on.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_FREEBIND");
+    }
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: storage holds a sockaddr of `len` bytes for this family.
+    if unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("bind {addr}"));
+    }
+    Ok(sock)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Answers each datagram with `<name> <payload>`.
+fn udp_echo(sock: UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut reply = format!("{name} ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = sock.send_to(&reply, from);
         }
     }
 }
