@@ -94,7 +94,8 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 /// A service's plan for this round.
 struct Planned {
-    iface: Iface,
+    /// `None`: no backend and no interface known yet; nothing to program.
+    iface: Option<Iface>,
     specs: Vec<ServiceSpec>,
     /// Backends that cannot be programmed, with the reason.
     unprogrammed: Vec<String>,
@@ -156,25 +157,44 @@ impl Worker {
     }
 
     /// Which interface serves `s`: the one the spec names, else the one the
-    /// route toward its first backend (or, without backends, its VIP)
-    /// leaves through.
-    fn interface_of(&mut self, s: &IngressService) -> Result<Iface, String> {
+    /// route toward its first backend leaves through, else the one whose
+    /// dataplane holds it already, else the route toward its VIP. `None`:
+    /// it has no backend yet and no interface is known — nothing to program.
+    fn interface_of(&mut self, s: &IngressService) -> Result<Option<Iface>, String> {
+        let held = self
+            .dataplanes
+            .iter()
+            .find(|(_, dp)| {
+                let names = names_of(&s.key);
+                dp.services().any(|x| names.contains(&x.name))
+            })
+            .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() });
         let r = self.resolver().map_err(|e| chain(&e))?;
         if let Some(name) = &s.interface {
-            return r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e)));
+            return r
+                .interface(name)
+                .map(Some)
+                .map_err(|e| format!("interface {name}: {}", chain(&e)));
         }
-        let toward: Vec<IpAddr> = s
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter().map(|b| b.addr))
-            .chain(s.vips.iter().map(|v| v.vip))
-            .collect();
-        for addr in toward {
+        let backends: Vec<IpAddr> =
+            s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
+        for &addr in &backends {
             match r.route(addr) {
-                Ok(Route::Unicast { oif, .. }) => return Ok(oif),
+                Ok(Route::Unicast { oif, .. }) => return Ok(Some(oif)),
                 Ok(_) => continue,
                 Err(e) => return Err(format!("route lookup for {addr}: {}", chain(&e))),
             }
+        }
+        if held.is_some() {
+            return Ok(held);
+        }
+        for vip in s.vips.iter().map(|v| v.vip) {
+            if let Ok(Route::Unicast { oif, .. }) = r.route(vip) {
+                return Ok(Some(oif));
+            }
+        }
+        if backends.is_empty() {
+            return Ok(None);
         }
         Err("no route toward the backends or the VIP to choose an interface from; \
              set spec.ingress.interface"
@@ -182,7 +202,14 @@ impl Worker {
     }
 
     fn plan_service(&mut self, s: &IngressService, periodic: bool) -> Result<Planned, String> {
-        let iface = self.interface_of(s)?;
+        let Some(iface) = self.interface_of(s)? else {
+            return Ok(Planned {
+                iface: None,
+                specs: Vec::new(),
+                unprogrammed: Vec::new(),
+                resolving: false,
+            });
+        };
         let addrs: Vec<IpAddr> =
             s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
         let r = self.resolver().map_err(|e| chain(&e))?;
@@ -245,7 +272,7 @@ impl Worker {
                 }
             })
             .collect();
-        Ok(Planned { iface, specs, unprogrammed, resolving })
+        Ok(Planned { iface: Some(iface), specs, unprogrammed, resolving })
     }
 
     /// One round: the dataplanes, then the backend pods.
@@ -268,19 +295,27 @@ impl Worker {
                 error: None,
             };
             match self.plan_service(s, periodic) {
-                Ok(p) => {
-                    out.interfaces.insert(s.key.clone(), p.iface.name.clone());
-                    out.resolving |= p.resolving;
-                    let names = p.specs.iter().map(|s| s.name.clone()).collect();
-                    wanted.entry(p.iface.name.clone()).or_default().extend(p.specs);
-                    if !p.unprogrammed.is_empty() {
+                Ok(Planned { iface: None, .. }) => {
+                    report.error = Some(
+                        "no backends yet, and no route toward the VIP to choose an interface \
+                         (set spec.ingress.interface to program it before backends exist)"
+                            .into(),
+                    );
+                    plans.insert(s.key.clone(), (String::new(), Vec::new()));
+                }
+                Ok(Planned { iface: Some(iface), specs, unprogrammed, resolving }) => {
+                    out.interfaces.insert(s.key.clone(), iface.name.clone());
+                    out.resolving |= resolving;
+                    let names = specs.iter().map(|s| s.name.clone()).collect();
+                    wanted.entry(iface.name.clone()).or_default().extend(specs);
+                    if !unprogrammed.is_empty() {
                         report.error = Some(format!(
                             "{} backend(s) not programmed: {}",
-                            p.unprogrammed.len(),
-                            p.unprogrammed.join("; ")
+                            unprogrammed.len(),
+                            unprogrammed.join("; ")
                         ));
                     }
-                    plans.insert(s.key.clone(), (p.iface.name, names));
+                    plans.insert(s.key.clone(), (iface.name, names));
                 }
                 Err(e) => {
                     self.metrics.error("neighbour");
