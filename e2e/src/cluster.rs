@@ -23,9 +23,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use kube_dsr_crds::nodereport::DsrNodeReport;
+use kube_dsr_crds::nodereport::{DsrNodeReport, IngressReport};
 use kube_dsr_crds::{DsrService, DsrServiceStatus};
 use serde_json::json;
 
@@ -38,6 +38,8 @@ pub const WORKER: &str = "worker-1";
 pub const INGRESS: &str = "ingress-1";
 /// The second ingress node ([`run_with`] with two ingress nodes).
 pub const INGRESS2: &str = "ingress-2";
+/// A pod UID no pod has (see the cleanup at the end of [`run_with`]).
+const NO_POD: &str = "00000000-0000-4000-8000-000000000000";
 /// The ingress agent's /metrics, inside the ingress namespace.
 pub const INGRESS_METRICS: &str = "http://127.0.0.1:9477/metrics";
 
@@ -371,6 +373,55 @@ impl Cluster {
         Ok(uid)
     }
 
+    /// Registers pod `name` as [`Cluster::add_pod`] does (on the worker,
+    /// labelled `app=<app>`, Running and Ready with backend `backend`'s
+    /// addresses) but starts no process: the worker's agent cannot find
+    /// its namespace until [`Cluster::start_pod_process`], like a pod whose
+    /// sandbox is not visible on the node yet. Returns the UID.
+    pub async fn add_pod_without_process(
+        &mut self,
+        name: &str,
+        app: &str,
+        backend: usize,
+    ) -> Result<String> {
+        let (_, v4, v6) = self.n.backends.get(backend).context("no such backend")?.clone();
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+            "spec": {"nodeName": WORKER, "containers": [{"name": "web", "image": "example/web"}]},
+        }))?;
+        let pod = self.pods.create(&PostParams::default(), &pod).await?;
+        let uid = pod.metadata.uid.clone().context("pod uid")?;
+        let status = json!({"status": {
+            "phase": "Running", "podIP": v4, "podIPs": [{"ip": v4}, {"ip": v6}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }});
+        self.pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        Ok(uid)
+    }
+
+    /// Starts the process of pod `name` (UID `uid`) in backend namespace
+    /// `backend`, in a kubelet-shaped cgroup, as [`Cluster::add_pod`] does.
+    pub fn start_pod_process(&mut self, name: &str, backend: usize, uid: &str) -> Result<()> {
+        let (ns, _, _) = self.n.backends.get(backend).context("no such backend")?.clone();
+        let layout = if backend.is_multiple_of(2) { Layout::Systemd } else { Layout::Cgroupfs };
+        self.fake_pods.insert(name.into(), FakePod::start_in(&ns, uid, layout, &v2_root())?);
+        Ok(())
+    }
+
+    /// Deletes pod `name`. `grace: None` is a user's delete: the pod gets
+    /// its deletionTimestamp and stays Terminating, its process serving.
+    /// `Some(0)` is kubelet finishing it: the process is killed, then the
+    /// object removed.
+    pub async fn delete_pod(&mut self, name: &str, grace: Option<u32>) -> Result<()> {
+        if grace == Some(0) {
+            self.fake_pods.remove(name);
+        }
+        let dp = DeleteParams { grace_period_seconds: grace, ..DeleteParams::default() };
+        self.pods.delete(name, &dp).await?;
+        Ok(())
+    }
+
     /// Flips pod `name`'s Ready condition, as kubelet does when a
     /// readiness probe fails or recovers.
     pub async fn set_pod_ready(&self, name: &str, ready: bool) -> Result<()> {
@@ -412,6 +463,12 @@ impl Cluster {
     /// The ingress agent's metrics.
     pub fn ingress_metrics(&self) -> Result<String> {
         sh(&format!("ip netns exec {} curl -s {INGRESS_METRICS}", self.n.ingress))
+    }
+
+    /// What the ingress agent reports for `service` (namespace default).
+    pub async fn ingress_report(&self, service: &str) -> Result<Option<IngressReport>> {
+        let report = self.reports.get_opt(INGRESS).await?;
+        Ok(report.and_then(|r| r.spec.ingress.into_iter().find(|i| i.name == service)))
     }
 
     /// The last log lines of every process (for a failing test).
@@ -492,6 +549,10 @@ where
         })
     })?;
     // `dsr-agent cleanup` removes the dataplanes the ingress agents left.
+    // Pods: this cluster's processes are gone by now, and without
+    // `--pod-uid` cleanup scans every pod process on the host, stripping
+    // the VIPs of other clusters' pods (other tests running meanwhile):
+    // it is narrowed to a UID no pod has.
     let mut cleaned = vec!["ingress"];
     if second.is_some() {
         cleaned.push("ingress2");
@@ -500,7 +561,7 @@ where
     for dir in &cleaned {
         outs.push(
             Command::new(&agent)
-                .args(["cleanup", "--bpffs-dir"])
+                .args(["cleanup", "--pod-uid", NO_POD, "--bpffs-dir"])
                 .arg(pins.path.join(dir))
                 .output()?,
         );
