@@ -62,7 +62,8 @@ impl Proc {
         args: &[&str],
         kubeconfig: &Path,
     ) -> Result<Self> {
-        let log = std::env::temp_dir().join(format!("kdsr-{name}-{}.log", std::process::id()));
+        // Unique per cluster: several may run at once in one test binary.
+        let log = std::env::temp_dir().join(format!("kdsr-{name}-{ns}.log"));
         let out = fs::File::create(&log)?;
         // Not `ip netns exec`: it remounts /sys, hiding the host's bpffs.
         // Like a hostNetwork pod with /sys/fs/bpf mounted, the process
@@ -85,7 +86,8 @@ impl Proc {
         let child = cmd
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            // `kube=warn` would also silence `kube_dsr_*` (a prefix match).
+            .env("RUST_LOG", "info,kube_client=warn,kube_runtime=warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -259,8 +261,7 @@ impl Cluster {
                 .await
                 .context("starting the API server stand-in")?;
         let url = format!("http://{ROUTER_LAN}:{API_PORT}");
-        let kubeconfig =
-            std::env::temp_dir().join(format!("kdsr-kubeconfig-{}", std::process::id()));
+        let kubeconfig = std::env::temp_dir().join(format!("kdsr-kubeconfig-{}", n.router));
         fs::write(&kubeconfig, kube_dsr_apiserver::kubeconfig(&url))?;
         let client = Client::try_from(kube::Config::new(url.parse()?))?;
         let mut c = Cluster {
@@ -355,21 +356,8 @@ impl Cluster {
     /// `n.backends`) on the worker, labelled `app=<app>`, with a process in
     /// a cgroup carrying its UID, Running and Ready. Returns the UID.
     pub async fn add_pod(&mut self, name: &str, app: &str, backend: usize) -> Result<String> {
-        let (ns, v4, v6) = self.n.backends.get(backend).context("no such backend")?.clone();
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
-            "spec": {"nodeName": WORKER, "containers": [{"name": "web", "image": "example/web"}]},
-        }))?;
-        let pod = self.pods.create(&PostParams::default(), &pod).await?;
-        let uid = pod.metadata.uid.clone().context("pod uid")?;
-        let layout = if backend.is_multiple_of(2) { Layout::Systemd } else { Layout::Cgroupfs };
-        self.fake_pods.insert(name.into(), FakePod::start_in(&ns, &uid, layout, &v2_root())?);
-        let status = json!({"status": {
-            "phase": "Running", "podIP": v4, "podIPs": [{"ip": v4}, {"ip": v6}],
-            "conditions": [{"type": "Ready", "status": "True"}],
-        }});
-        self.pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        let uid = self.add_pod_without_process(name, app, backend).await?;
+        self.start_pod_process(name, backend, &uid)?;
         Ok(uid)
     }
 

@@ -138,12 +138,18 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        // An agent pins one subdirectory per interface.
-        if let Ok(dir) = std::fs::read_dir(&self.path) {
-            for sub in dir.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
-                let _ = kube_dsr_agent::dataplane::Dataplane::remove_pins(&sub);
-            }
-        }
-        let _ = kube_dsr_agent::dataplane::Dataplane::remove_pins(&self.path);
+        remove_tree(&self.path);
     }
+}
+
+/// Removes pins depth first: an agent pins one subdirectory per interface,
+/// and the one-host cluster gives each agent a subdirectory of its own.
+/// Runs on drop, also when a test panicked.
+fn remove_tree(path: &std::path::Path) {
+    if let Ok(dir) = std::fs::read_dir(path) {
+        for sub in dir.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+            remove_tree(&sub);
+        }
+    }
+    let _ = kube_dsr_agent::dataplane::Dataplane::remove_pins(path);
 }
