@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::dataplane::{
-    AttachMode, Attached, BackendSpec, Config as DpConfig, Dataplane, Egress, ServiceSpec,
+    AttachMode, BackendSpec, Config as DpConfig, Dataplane, Egress, ServiceSpec,
 };
 use crate::neigh::{self, Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
@@ -541,11 +541,6 @@ impl Worker {
             }
         }
         self.metrics.set_traffic(samples);
-    }
-
-    /// The interfaces with a dataplane and their attach mode.
-    pub fn attached(&self) -> BTreeMap<String, Attached> {
-        self.dataplanes.iter().map(|(n, d)| (n.clone(), d.attached())).collect()
     }
 }
 
