@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -40,6 +41,8 @@ pub const INGRESS: &str = "ingress-1";
 pub const INGRESS2: &str = "ingress-2";
 /// A pod UID no pod has (see the cleanup at the end of [`run_with`]).
 const NO_POD: &str = "00000000-0000-4000-8000-000000000000";
+/// The operator replicas: identity and HTTP address (router namespace).
+pub const OPERATORS: [(&str, &str); 2] = [("op-1", "127.0.0.1:18080"), ("op-2", "127.0.0.1:18081")];
 /// The ingress agent's /metrics, inside the ingress namespace.
 pub const INGRESS_METRICS: &str = "http://127.0.0.1:9477/metrics";
 
@@ -296,10 +299,26 @@ impl Cluster {
         for node in &agents {
             c.start_agent(node)?;
         }
+        // Two operator replicas with leader election, as the chart runs
+        // them (shorter Lease timings, so a takeover fits in a test).
         let operator = c.n.operator.clone();
-        let args = ["--no-leader-election", "--http-addr", "127.0.0.1:18080"];
-        let p = Proc::spawn("operator", &c.n.router, &[], &operator, &args, &c.kubeconfig)?;
-        c.procs.insert("operator".into(), p);
+        for (identity, http) in OPERATORS {
+            let args = [
+                "--http-addr",
+                http,
+                "--lease-namespace",
+                "kube-dsr",
+                "--identity",
+                identity,
+                "--lease-duration",
+                "4",
+                "--lease-grace",
+                "1",
+            ];
+            let name = format!("operator-{identity}");
+            let p = Proc::spawn(&name, &c.n.router, &[], &operator, &args, &c.kubeconfig)?;
+            c.procs.insert(name, p);
+        }
         for node in agents {
             let reports = c.reports.clone();
             wait_for(&format!("{node}'s DsrNodeReport"), Duration::from_secs(60), || {
@@ -345,6 +364,24 @@ impl Cluster {
         // Replacing a running one kills it first (its Drop).
         self.procs.insert(name, p);
         Ok(())
+    }
+
+    /// The identity of the operator replica holding the leader Lease.
+    pub async fn operator_leader(&self) -> Result<String> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-dsr");
+        wait_for("an operator leader", Duration::from_secs(30), || {
+            let leases = leases.clone();
+            async move {
+                let l = leases.get_opt("dsr-operator").await?;
+                Ok(l.and_then(|l| l.spec?.holder_identity).filter(|h| !h.is_empty()))
+            }
+        })
+        .await
+    }
+
+    /// SIGKILLs operator replica `identity` (no Lease release).
+    pub fn kill_operator(&mut self, identity: &str) {
+        self.procs.remove(&format!("operator-{identity}"));
     }
 
     /// SIGKILLs the agent of `node`: no cleanup, no Lease release.

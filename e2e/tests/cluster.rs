@@ -76,6 +76,24 @@ async fn web_service(c: &mut Cluster) -> Result<()> {
     assert_eq!(report.spec.backends.len(), 3, "{:?}", report.spec.backends);
     ensure!(report.spec.backends.iter().all(|b| b.configured_vips == vec![VIP.to_string()]));
 
+    // SIGKILL the operator leader: the other replica takes the Lease over
+    // and programs a change made afterwards (web-3 turns NotReady → 2/3,
+    // its endpoint no longer ready, no new requests reach it).
+    let leader = c.operator_leader().await?;
+    c.kill_operator(&leader);
+    let killed_at = std::time::Instant::now();
+    c.set_pod_ready("web-3", false).await?;
+    c.wait_programmed("web", 2).await?;
+    let successor = c.operator_leader().await?;
+    assert_ne!(successor, leader, "the Lease still names the killed replica");
+    eprintln!("{leader} killed; {successor} programmed the change in {:?}", killed_at.elapsed());
+    let out = sh(&format!(
+        "ip netns exec {} sh -c 'for i in $(seq 30); do curl -s -m 3 http://{VIP}/; done'",
+        n.client
+    ))?;
+    assert_eq!(out.lines().filter(|l| l.starts_with("served by ")).count(), 30, "{out}");
+    ensure!(!out.contains("served by backend-3"), "a NotReady pod got new connections:\n{out}");
+
     // Delete the service: every VIP the agent added is gone from the pods,
     // the ingress node forwards nothing and stops answering ARP for it.
     c.services.delete("web", &DeleteParams::default()).await?;
