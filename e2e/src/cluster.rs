@@ -466,19 +466,36 @@ impl Cluster {
 
     /// Waits until `service` is Programmed with `ready` ready backends and
     /// every VIP announced (ARP mode).
+    ///
+    /// Status alone is not enough: a readiness change moves no generation,
+    /// so `Programmed` stays true while the agents catch up. Every ingress
+    /// node's report must also count `ready` backends (per VIP) in its
+    /// dataplane, with every MAC resolved.
     pub async fn wait_programmed(&self, service: &str, ready: i32) -> Result<DsrServiceStatus> {
         let services = self.services.clone();
+        let reports = self.reports.clone();
         wait_for(
             &format!("{service} Programmed with {ready} ready"),
             Duration::from_secs(60),
             || {
-                let services = services.clone();
+                let (services, reports) = (services.clone(), reports.clone());
                 async move {
                     let st = services.get(service).await?.status.unwrap_or_default();
                     let programmed =
                         st.conditions.iter().any(|c| c.type_ == "Programmed" && c.status == "True");
                     let announced = st.vips.iter().all(|v| v.announced);
-                    Ok((programmed && st.ready_backends == ready && announced).then_some(st))
+                    if !(programmed && st.ready_backends == ready && announced) {
+                        return Ok(None);
+                    }
+                    let per_node = ready * i32::try_from(st.vips.len()).unwrap_or(1);
+                    for node in &st.ingress_nodes {
+                        let r = reports.get(node).await?;
+                        let i = r.spec.ingress.iter().find(|i| i.name == service);
+                        if i.is_none_or(|i| i.backends != per_node || i.error.is_some()) {
+                            return Ok(None);
+                        }
+                    }
+                    Ok(Some(st))
                 }
             },
         )
