@@ -291,7 +291,12 @@ fn objects(
     // it is validated, defaulted and answered exactly as for real and
     // nothing is stored or sent to watchers. The answer keeps the stored
     // resourceVersion (none for a create), as the apiserver's.
-    let dry_run = q.get("dryRun").is_some_and(|d| d == "All") && *method != Method::GET;
+    // (kubectl delete sends it in the DeleteOptions body.)
+    let in_body = *method == Method::DELETE
+        && serde_json::from_slice::<Value>(body)
+            .is_ok_and(|b| b["dryRun"].as_array().is_some_and(|d| d.contains(&json!("All"))));
+    let dry_run =
+        (q.get("dryRun").is_some_and(|d| d == "All") || in_body) && *method != Method::GET;
     let mut copy = dry_run.then(|| live.dry_clone());
     let store: &mut Store = match copy.as_mut() {
         Some(c) => c,
