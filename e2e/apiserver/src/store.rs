@@ -556,7 +556,7 @@ impl Store {
             // someone else changed.
             let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
             for ((m, apply), fields) in managers.0.iter_mut() {
-                if !(*m == manager && !*apply) {
+                if *m != manager || *apply {
                     fields.retain(|f| !changed.iter().any(|c| patch::overlaps(f, c)));
                 }
             }

@@ -185,12 +185,14 @@ fn none_if_empty(s: String) -> String {
     if s.is_empty() { "<none>".into() } else { s }
 }
 
+/// Cells of one row from an object.
+type RowFn = Box<dyn Fn(&Value) -> Vec<Value>>;
+
 fn builtin_table(res: &Resource, objs: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>) {
     let name = column("Name", "string", "name", 0, NAME_DESCRIPTION);
     let age_col = column("Age", "string", "", 0, AGE_DESCRIPTION);
     let created = |o: &Value| json!(age(&o["metadata"]["creationTimestamp"]));
-    let (defs, row): (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>) = match (res.group, res.plural)
-    {
+    let (defs, row): (Vec<Value>, RowFn) = match (res.group, res.plural) {
         ("", "pods") => (
             vec![
                 name,
@@ -445,7 +447,7 @@ fn builtin_table(res: &Resource, objs: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>
             Box::new(move |o| vec![o["metadata"]["name"].clone(), created(o)]),
         ),
     };
-    let rows = objs.iter().map(|o| row(o)).collect();
+    let rows = objs.iter().map(row).collect();
     (defs, rows)
 }
 
