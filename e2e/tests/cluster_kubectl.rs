@@ -72,7 +72,12 @@ impl Kubectl {
     }
 
     fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<Out> {
+        self.run_full(args, stdin, &[])
+    }
+
+    fn run_full(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Result<Out> {
         let mut cmd = Command::new(&self.bin);
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
@@ -281,6 +286,9 @@ fn kubectl_apply_diff_and_dry_runs_against_the_stand_in() -> Result<()> {
     let header: Vec<&str> = table.lines().next().unwrap_or("").split_whitespace().collect();
     assert_eq!(header, ["NAME", "VIPS", "PORTS", "BACKENDS", "PROGRAMMED", "AGE"], "{table}");
     assert!(table.contains(r#"web    ["192.0.2.10"]"#), "{table}");
+    let wide = k.ok(&["get", "dsrsvc", "-o", "wide"])?;
+    let header: Vec<&str> = wide.lines().next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(header, ["NAME", "VIPS", "PORTS", "BACKENDS", "PROGRAMMED", "AGE"], "{wide}");
     Ok(())
 }
 
@@ -332,6 +340,62 @@ fn kubectl_validation_explain_and_core_kinds_against_the_stand_in() -> Result<()
     for field in ["name\t<string>", "port\t<integer> -required-", "protocol\t<string>"] {
         assert!(ex.contains(field), "explain lacks {field:?}:\n{ex}");
     }
+
+    // create, replace and edit validate through the server too (their
+    // default validation needs the OpenAPI documents).
+    let dns = example("udp-dns.yaml");
+    assert_eq!(k.ok(&["create", "-f", &dns])?.trim(), "dsrservice.kubedsr.io/dns created");
+    let live = k.json(&["get", "dsrsvc", "-n", "infra", "dns"])?;
+    let mut changed = live.clone();
+    changed["spec"]["hashing"]["tableSize"] = serde_json::json!(16381);
+    let out = k.run_with_stdin(&["replace", "-f", "-"], Some(&changed.to_string()))?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("dsrservice.kubedsr.io/dns replaced"), "{}", out.stdout);
+    // The "editor" sets tableSize in the file kubectl hands it.
+    let dir = tempdir("edit")?;
+    let editor = |size: u32| -> Result<String> {
+        let path = dir.join(format!("editor-{size}"));
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nsed -i 's/^    tableSize:.*/    tableSize: {size}/' \"$1\"\n"),
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(path.to_str().context("utf-8 path")?.to_string())
+    };
+    let out = k.run_full(
+        &["edit", "dsrsvc", "-n", "infra", "dns"],
+        None,
+        &[("KUBE_EDITOR", &editor(4093)?)],
+    )?;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("dsrservice.kubedsr.io/dns edited"), "{}", out.stdout);
+    let edited = k.json(&["get", "dsrsvc", "-n", "infra", "dns"])?;
+    assert_eq!(edited["spec"]["hashing"]["tableSize"], 4093);
+    assert_eq!(edited["metadata"]["generation"], 3, "created, replaced, edited");
+    // An edit the rules refuse is refused with the rule's message.
+    let out = k.run_full(
+        &["edit", "dsrsvc", "-n", "infra", "dns"],
+        None,
+        &[("KUBE_EDITOR", &editor(100)?)],
+    )?;
+    assert_ne!(out.code, 0);
+    // kubectl reopens the file with the server's causes as comments (the
+    // editor then changes nothing, so kubectl keeps a copy and gives up).
+    let copy = out
+        .stderr
+        .split('"')
+        .find(|p| p.starts_with("/tmp/kubectl-edit-"))
+        .with_context(|| format!("no copy kept: {}", out.stderr))?;
+    let kept = std::fs::read_to_string(copy)?;
+    let _ = std::fs::remove_file(copy);
+    assert!(
+        kept.contains(
+            r#"# * spec.hashing.tableSize: Invalid value: "integer": tableSize must be one of 251"#
+        ),
+        "{kept}"
+    );
+    k.ok(&["delete", "-f", &dns])?;
 
     // create namespace (kubectl sends it as protobuf), short names,
     // categories and the built-in columns.
