@@ -210,8 +210,17 @@ fn kubectl_apply_diff_and_dry_runs_against_the_stand_in() -> Result<()> {
     k.ok(&["apply", "-f", &example("web-tcp.yaml")])?;
     assert_eq!(k.versions()?, before, "a no-op apply moves neither resourceVersion nor generation");
     // A patch of an unknown field is pruned and changes nothing either.
-    let out = k.ok(&["patch", "dsrsvc", "web", "--type=merge", "-p", r#"{"spec":{"bogus":1}}"#])?;
-    assert_eq!(out.trim(), "dsrservice.kubedsr.io/web patched (no change)");
+    let out =
+        k.run(&["patch", "dsrsvc", "web", "--type=merge", "-p", r#"{"spec":{"bogus":1}}"#])?;
+    assert_eq!(
+        out.stdout.trim(),
+        "dsrservice.kubedsr.io/web patched (no change)",
+        "{}",
+        out.stderr
+    );
+    // (kubectl patch sends no fieldValidation: the apiserver's default,
+    // Warn, prunes with a warning.)
+    assert!(out.stderr.contains(r#"Warning: unknown field "spec.bogus""#), "{}", out.stderr);
     assert_eq!(k.versions()?, before, "a pruned unknown field changes nothing");
 
     // diff: nothing after apply (exit 0), then exactly the intended change.

@@ -181,6 +181,7 @@ fn write_opts(q: &HashMap<String, String>, headers: &HeaderMap) -> WriteOpts {
     WriteOpts {
         field_manager: q.get("fieldManager").cloned().or(agent),
         strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
+        warn: q.get("fieldValidation").is_none_or(|v| v == "Warn"),
         force: q.get("force").is_some_and(|v| v == "true"),
     }
 }
@@ -234,10 +235,20 @@ pub async fn handle(
         return watch(shared, target, &q).await;
     }
     match objects(&shared, &method, &target, &q, &headers, &content_type, &body) {
-        Ok((code, v)) if accept.contains("as=Table") && method == Method::GET => {
+        Ok((code, v, _)) if accept.contains("as=Table") && method == Method::GET => {
             json_response(code, &as_table(target.res, v, &q))
         }
-        Ok((code, v)) => json_response(code, &v),
+        Ok((code, v, warnings)) => {
+            let mut r = json_response(code, &v);
+            for w in warnings {
+                // RFC 7234 warn-code 299, as the apiserver sends them.
+                let text = format!("299 - {}", serde_json::Value::String(w));
+                if let Ok(h) = axum::http::HeaderValue::from_str(&text) {
+                    r.headers_mut().append(header::WARNING, h);
+                }
+            }
+            r
+        }
         Err(e) => error_response(&e),
     }
 }
@@ -283,7 +294,7 @@ fn objects(
     headers: &HeaderMap,
     content_type: &str,
     body: &[u8],
-) -> Result<(u16, Value)> {
+) -> Result<(u16, Value, Vec<String>)> {
     let res = t.res;
     let mut live = shared.store.lock().expect("store lock");
     let opts = write_opts(q, headers);
@@ -303,8 +314,9 @@ fn objects(
         None => &mut live,
     };
     let result = write(store, method, t, q, &opts, content_type, body);
+    let warnings = store.take_warnings();
     if !dry_run {
-        return result;
+        return result.map(|(code, v)| (code, v, warnings));
     }
     let (code, mut v) = result?;
     let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
@@ -319,7 +331,7 @@ fn objects(
             }
         }
     }
-    Ok((code, v))
+    Ok((code, v, warnings))
 }
 
 /// Reads and writes on `store` (the live one, or a dry run's copy).

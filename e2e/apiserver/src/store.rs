@@ -111,6 +111,9 @@ pub struct WriteOpts {
     pub field_manager: Option<String>,
     /// `fieldValidation=Strict`: unknown fields are refused, not pruned.
     pub strict: bool,
+    /// `fieldValidation` unset or `Warn` (the apiserver's default): each
+    /// pruned unknown field is a `Warning` header.
+    pub warn: bool,
     pub force: bool,
 }
 
@@ -144,6 +147,8 @@ pub struct Store {
     compacted: u64,
     schemas: Vec<Option<Value>>,
     notify: tokio::sync::watch::Sender<u64>,
+    /// Warnings for the current request's answer.
+    warnings: Vec<String>,
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
@@ -211,8 +216,14 @@ impl Store {
             compacted: 1,
             schemas,
             notify,
+            warnings: Vec::new(),
         };
         (store, rx)
+    }
+
+    /// The warnings the last request earned (`Warning` headers).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -257,6 +268,7 @@ impl Store {
             compacted: self.rv,
             schemas: self.schemas.clone(),
             notify,
+            warnings: Vec::new(),
         }
     }
 
@@ -301,7 +313,7 @@ impl Store {
     /// Schema defaults, then pruning (or, under `Strict`, refusal) of
     /// unknown fields: what the apiserver does while decoding a custom
     /// resource, before it compares or validates anything.
-    fn normalize(&self, res: &Resource, obj: &mut Value, strict: bool) -> Result<()> {
+    fn normalize(&mut self, res: &Resource, obj: &mut Value, opts: &WriteOpts) -> Result<()> {
         let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
         schema::apply_defaults(schema, obj);
         let unknown: Vec<String> = schema::validate(schema, obj)
@@ -309,7 +321,7 @@ impl Store {
             .filter(|m| schema::is_unknown_field(m))
             .collect();
         if !unknown.is_empty() {
-            if strict {
+            if opts.strict {
                 return Err(ApiError::bad_request(format!(
                     "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
                     res.kind,
@@ -319,6 +331,9 @@ impl Store {
                 )));
             }
             schema::prune(schema, obj);
+            if opts.warn {
+                self.warnings.extend(unknown);
+            }
         }
         Ok(())
     }
@@ -436,7 +451,7 @@ impl Store {
         {
             meta.remove(k);
         }
-        self.normalize(res, &mut obj, opts.strict)?;
+        self.normalize(res, &mut obj, opts)?;
         self.check(res, &obj, None)?;
         let (manager, fields) = applied.unwrap_or_else(|| {
             let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
@@ -532,7 +547,7 @@ impl Store {
             }
             meta.remove("managedFields")
         };
-        self.normalize(res, &mut new, opts.strict)?;
+        self.normalize(res, &mut new, opts)?;
         if spec_part(&new) != spec_part(old) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
             new["metadata"]["generation"] = json!(g + 1);
