@@ -18,7 +18,7 @@ use anyhow::{Context, Result, ensure};
 use kube_dsr_e2e::{
     cluster::{self, API_PORT, Cluster},
     privileged,
-    topology::VIP,
+    topology::{ROUTER_LAN, VIP},
 };
 use serde_json::Value;
 
@@ -229,7 +229,7 @@ fn kubectl_apply_diff_and_dry_runs_against_the_stand_in() -> Result<()> {
     let changed = std::fs::read_to_string(example("web-tcp.yaml"))?
         .replace("      port: 443        # protocol defaults to TCP", "      port: 8443");
     let dir = tempdir("diff")?;
-    let file = dir.join("web.yaml");
+    let file = dir.0.join("web.yaml");
     std::fs::write(&file, &changed)?;
     let file = file.to_str().context("utf-8 path")?;
     let d = k.run(&["diff", "-f", file])?;
@@ -363,7 +363,7 @@ fn kubectl_validation_explain_and_core_kinds_against_the_stand_in() -> Result<()
     // The "editor" sets tableSize in the file kubectl hands it.
     let dir = tempdir("edit")?;
     let editor = |size: u32| -> Result<String> {
-        let path = dir.join(format!("editor-{size}"));
+        let path = dir.0.join(format!("editor-{size}"));
         std::fs::write(
             &path,
             format!("#!/bin/sh\nsed -i 's/^    tableSize:.*/    tableSize: {size}/' \"$1\"\n"),
@@ -444,11 +444,20 @@ fn kubectl_gitops_reapply_of_examples_is_a_no_op() -> Result<()> {
     Ok(())
 }
 
-fn tempdir(what: &str) -> Result<PathBuf> {
+/// A directory removed again when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(what: &str) -> Result<TempDir> {
     let n = RUNS.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("kdsr-kubectl-{what}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    Ok(TempDir(dir))
 }
 
 /// The one-host cluster driven with kubectl: apply, wait, get (the
@@ -458,9 +467,10 @@ async fn web_with_kubectl(c: &mut Cluster) -> Result<()> {
     for i in 0..c.n.backends.len() {
         c.add_pod(&format!("web-{}", i + 1), "web", i).await?;
     }
-    // kubectl runs in the router's namespace (the scenario's), where the
-    // stand-in listens.
-    let k = Kubectl::new(&kube_dsr_apiserver::kubeconfig(&format!("http://127.0.0.1:{API_PORT}")))?;
+    // kubectl runs in the router's namespace (the scenario's), and names
+    // the API server as the cluster's own kubeconfig does.
+    let url = format!("http://{ROUTER_LAN}:{API_PORT}");
+    let k = Kubectl::new(&kube_dsr_apiserver::kubeconfig(&url))?;
     let k = std::sync::Arc::new(k);
     let blocking = |args: Vec<String>| {
         let k = std::sync::Arc::clone(&k);

@@ -19,7 +19,7 @@ use anyhow::{Result, bail};
 use kube_dsr_e2e::{
     cluster::{self, Cluster, counter, metric},
     netns::sh,
-    topology::VIP,
+    topology::{ROUTER_LAN, VIP},
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -66,7 +66,7 @@ fn table(c: &Cluster, served: &BTreeMap<String, usize>, rx: u64, failed: usize) 
 /// Runs the real kubectl (`make setup` puts the pinned one in `.venv`)
 /// against the cluster's API server and prints the command line and its
 /// output. The scenario runs in the router's namespace, where the API
-/// server listens on port 6443.
+/// server listens (at the address the cluster's kubeconfig names).
 fn kubectl(args: &[&str]) -> Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = root.join(".venv/bin/kubectl");
@@ -74,7 +74,7 @@ fn kubectl(args: &[&str]) -> Result<()> {
         bail!("{} is missing: run `make setup`", bin.display());
     }
     let config = std::env::temp_dir().join(format!("kdsr-demo-kubeconfig-{}", std::process::id()));
-    let url = format!("http://127.0.0.1:{}", cluster::API_PORT);
+    let url = format!("http://{ROUTER_LAN}:{}", cluster::API_PORT);
     std::fs::write(&config, kube_dsr_apiserver::kubeconfig(&url))?;
     println!("$ kubectl {}", args.join(" "));
     let out = std::process::Command::new(&bin)
