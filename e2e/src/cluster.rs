@@ -34,7 +34,7 @@ use serde_json::json;
 
 use crate::netns::{PinDir, sh};
 use crate::pods::{FakePod, Layout, v2_root};
-use crate::topology::{NodeInfo, PodNet, ROUTER_LAN, World, WorldOptions};
+use crate::topology::{NodeInfo, PodNet, ROUTER_LAN, VIP, VIP6, World, WorldOptions};
 
 pub const API_PORT: u16 = 6443;
 pub const WORKER: &str = "worker-1";
@@ -544,6 +544,54 @@ impl Cluster {
         counter(&self.n.node(node)?.ns, stat)
     }
 
+    /// Counts the pods' replies (packets whose source is a VIP) with
+    /// iptables rules in the raw table, which count and change nothing:
+    /// on every node's `eth0` (a reply reaching a node's stack there), and
+    /// on the router's segment interface per sending node (by source MAC).
+    /// Read them with [`Cluster::replies`].
+    pub fn count_replies(&self) -> Result<()> {
+        for n in &self.n.nodes {
+            let mac = sh(&format!("ip netns exec {} cat /sys/class/net/eth0/address", n.ns))?;
+            for (fam, vip) in [("iptables", VIP.to_string()), ("ip6tables", VIP6.to_string())] {
+                sh(&format!(
+                    "ip netns exec {ns} {fam} -t raw -A PREROUTING -i eth0 -s {vip} \
+                     -m comment --comment kdsr-seen && \
+                     ip netns exec {r} {fam} -t raw -A PREROUTING -i eth0 -s {vip} \
+                     -m mac --mac-source {mac} -m comment --comment kdsr-from-{node}",
+                    ns = n.ns,
+                    r = self.n.router,
+                    mac = mac.trim(),
+                    node = n.name,
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per node: replies its `eth0` received, and replies the router
+    /// received from it (see [`Cluster::count_replies`]).
+    pub fn replies(&self) -> Result<BTreeMap<String, (u64, u64)>> {
+        let count = |ns: &str, comment: &str| -> Result<u64> {
+            let mut total = 0;
+            for fam in ["iptables", "ip6tables"] {
+                let out = sh(&format!("ip netns exec {ns} {fam} -t raw -L PREROUTING -v -x -n"))?;
+                total += out
+                    .lines()
+                    .filter(|l| l.contains(&format!("/* {comment} */")))
+                    .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            Ok(total)
+        };
+        let mut out = BTreeMap::new();
+        for n in &self.n.nodes {
+            let seen = count(&n.ns, "kdsr-seen")?;
+            let from = count(&self.n.router, &format!("kdsr-from-{}", n.name))?;
+            out.insert(n.name.clone(), (seen, from));
+        }
+        Ok(out)
+    }
+
     /// `node`'s agent's metrics.
     pub fn node_metrics(&self, node: &str) -> Result<String> {
         sh(&format!("ip netns exec {} curl -s {INGRESS_METRICS}", self.n.node(node)?.ns))
@@ -634,6 +682,19 @@ impl Cluster {
     pub async fn ingress_report(&self, service: &str) -> Result<Option<IngressReport>> {
         let report = self.reports.get_opt(INGRESS).await?;
         Ok(report.and_then(|r| r.spec.ingress.into_iter().find(|i| i.name == service)))
+    }
+
+    /// The warnings and errors every agent logged so far (for a run's
+    /// report; [`Cluster::logs`] shows only the last lines).
+    pub fn agent_warnings(&self) -> String {
+        let mut out = String::new();
+        for (name, p) in self.procs.iter().filter(|(n, _)| n.starts_with("agent-")) {
+            let text = fs::read_to_string(&p.log).unwrap_or_default();
+            for l in text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+                out.push_str(&format!("{name}: {l}\n"));
+            }
+        }
+        out
     }
 
     /// The last log lines of every process (for a failing test).
