@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::dataplane::{
-    AttachMode, BackendSpec, Config as DpConfig, Dataplane, Egress, ServiceSpec,
+    AttachMode, BackendSpec, Config as DpConfig, Dataplane, Egress, Reach, ServiceSpec, Stage,
 };
 use crate::neigh::{self, Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
@@ -259,6 +259,7 @@ impl Worker {
                             draining: b.draining,
                             egress: (t.egress.index != iface.index)
                                 .then_some(Egress { ifindex: t.egress.index, mac: t.mac }),
+                            reach: Reach::Direct,
                         })
                     })
                     .collect();
@@ -269,6 +270,7 @@ impl Worker {
                     table_size: s.table_size,
                     backends,
                     pin_all_flows: false,
+                    stage: Stage::Ingress,
                 }
             })
             .collect();
