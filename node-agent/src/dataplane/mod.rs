@@ -268,8 +268,16 @@ impl Dataplane {
                     path: link_path.clone(),
                     source: std::io::Error::other(e),
                 })?;
-                prog.attach_to_link(link)
+                let id = prog
+                    .attach_to_link(link)
                     .map_err(|e| Error::Program { action: "replace", source: Box::new(e) })?;
+                // The pin holds the link; the program must not keep a
+                // reference of its own (the Dataplane keeps the object
+                // loaded, and removing the pin must detach).
+                drop(
+                    prog.take_link(id)
+                        .map_err(|e| Error::Program { action: "link", source: Box::new(e) })?,
+                );
                 (Start::Upgraded, attached_from(meta.attach_mode))
             }
             stale => {
@@ -881,8 +889,14 @@ fn adopt_replies(prog: &mut SchedClassifier, pin_dir: &Path, replace: bool) -> R
         let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(e.to_string()))?;
         let link = SchedClassifierLink::try_from(FdLink::from(pinned))
             .map_err(|e| link_err(e.to_string()))?;
-        prog.attach_to_link(link)
+        let id = prog
+            .attach_to_link(link)
             .map_err(|e| Error::Program { action: "replace (reply)", source: Box::new(e) })?;
+        // Only the pin may hold the link (see the XDP link above).
+        drop(
+            prog.take_link(id)
+                .map_err(|e| Error::Program { action: "link (reply)", source: Box::new(e) })?,
+        );
     }
     Ok(kept)
 }
