@@ -46,6 +46,11 @@ struct Env {
 impl Env {
     fn new() -> Self {
         let ns = NetNs::new("kdsrfx").unwrap();
+        // No IPv6 on these links: the kernel's own neighbour discovery and
+        // MLD frames would reach the program while a fixture runs and be
+        // counted with it.
+        ns.exec("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+            .unwrap();
         ns.exec("ip link add dsr0 type veth peer name dsr1 && ip link add dsr2 type veth peer name dsr3 && ip link set dsr0 up && ip link set dsr1 up && ip link set dsr2 up && ip link set dsr3 up").unwrap();
         let pins = PinDir::new().unwrap();
         let mut cfg = Config::new("dsr0");
