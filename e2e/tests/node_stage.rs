@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use kube_dsr_agent::dataplane::{
     BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Stage, Start,
 };
@@ -246,5 +247,23 @@ fn tcp_through_the_node_stage_and_the_reply_program() {
         .unwrap();
     assert!(dp.replies().is_empty());
     assert!(ask(&lab, Duration::from_secs(2)).is_err());
+
+    // `dsr-agent cleanup` (Dataplane::remove_pins) takes reply links with
+    // everything else.
+    let dp = node
+        .run(move || {
+            let mut dp = dp;
+            dp.attach_reply(ifx).unwrap();
+            dp
+        })
+        .unwrap();
+    let tcx = |node: &NetNs| {
+        node.run(|| SchedClassifier::query_tcx("vp0", TcAttachType::Ingress).unwrap().1.len())
+            .unwrap()
+    };
+    assert_eq!(tcx(&node), 1);
+    drop(dp);
+    Dataplane::remove_pins(&node_pins.path).unwrap();
+    assert_eq!(tcx(&node), 0, "a reply program stayed attached after cleanup");
     drop(ingress);
 }

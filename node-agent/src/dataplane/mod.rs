@@ -821,8 +821,10 @@ impl Dataplane {
             .ok_or_else(|| Error::ServicesFull { service: name.to_string(), max })
     }
 
-    /// Removes every pin under `pin_dir`: the link (which detaches the
-    /// program) and the maps. Forwarding stops. For `dsr-agent cleanup`.
+    /// Removes every pin under `pin_dir`: the XDP link and the reply links
+    /// (a pin is a link's last reference, so removing it detaches the
+    /// program) and the maps. Forwarding stops. For `dsr-agent cleanup`;
+    /// no `Dataplane` of the directory may be open.
     pub fn remove_pins(pin_dir: &Path) -> Result<()> {
         let link = pin_dir.join(LINK_PIN);
         if link.exists() {
