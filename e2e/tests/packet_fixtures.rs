@@ -10,7 +10,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use kube_dsr_agent::{
-    dataplane::{BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec},
+    dataplane::{BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Stage},
     maglev,
 };
 use kube_dsr_common::{flow_hash, port_word, v4_words, v6_words};
@@ -116,6 +116,7 @@ fn service(
             .map(|&(a, m)| BackendSpec::new(a.parse().unwrap(), mac_of(m)))
             .collect(),
         pin_all_flows: false,
+        stage: Stage::Ingress,
     }
 }
 

@@ -27,7 +27,7 @@ use aya::{
 };
 use clap::Parser;
 use kube_dsr_agent::dataplane::{
-    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, object,
+    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, Stage, object,
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
@@ -167,6 +167,7 @@ fn service(args: &Args, set: u8, pin_all_flows: bool) -> ServiceSpec {
         ports: vec![PortSpec { port: 80, protocol: Protocol::Udp }],
         table_size: args.table_size,
         pin_all_flows,
+        stage: Stage::Ingress,
         backends: (0..backends)
             .map(|i| {
                 let addr = Ipv4Addr::new(10, 1 + set, (i >> 8) as u8, i as u8).into();

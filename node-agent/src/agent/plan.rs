@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use kube_dsr_crds::nodereport::IngressReport;
 use sha2::{Digest, Sha256};
 
-use crate::dataplane::{BackendSpec, ServiceSpec};
+use crate::dataplane::{BackendSpec, ServiceSpec, Stage};
 use crate::neigh::{self, Iface, Lookup, Route};
 
 use super::desired::{Desired, IngressService, SvcKey};
@@ -140,13 +140,7 @@ pub fn plan_service(
                     // Backends are looked up on the ingress interface only,
                     // so every frame leaves where it came in (`XDP_TX`).
                     debug_assert_eq!(t.egress.index, iface.index);
-                    Some(BackendSpec {
-                        addr: b.addr,
-                        mac: t.mac,
-                        weight: 1,
-                        draining: b.draining,
-                        egress: None,
-                    })
+                    Some(BackendSpec { draining: b.draining, ..BackendSpec::new(b.addr, t.mac) })
                 })
                 .collect();
             ServiceSpec {
@@ -156,6 +150,7 @@ pub fn plan_service(
                 table_size: s.table_size,
                 backends,
                 pin_all_flows: false,
+                stage: Stage::Ingress,
             }
         })
         .collect();
@@ -172,6 +167,7 @@ pub fn same_spec(held: &ServiceSpec, want: &ServiceSpec) -> bool {
         && held.table_size == want.table_size
         && held.backends == b
         && held.pin_all_flows == want.pin_all_flows
+        && held.stage == want.stage
 }
 
 /// What to change on one dataplane.
@@ -467,6 +463,7 @@ mod tests {
                 .map(|a| BackendSpec::new(ip(a), [2, 0, 0, 0, 0, 9]))
                 .collect(),
             pin_all_flows: false,
+            stage: Stage::Ingress,
         }
     }
 

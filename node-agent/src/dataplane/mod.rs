@@ -36,7 +36,7 @@ use kube_dsr_common::{
     VIP_PINS, VipValue, reason,
 };
 use sha2::{Digest, Sha256};
-pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
+pub use spec::{BackendSpec, Egress, PortSpec, Protocol, Reach, ServiceSpec, Stage};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -615,6 +615,33 @@ impl Dataplane {
         (0..reason::COUNT).map(|r| Ok((reason::NAMES[r as usize], self.maps.counter(r)?))).collect()
     }
 
+    /// Sets the peers: the MACs of the other kube-dsr nodes' ingress-stage
+    /// interfaces on this segment (the whole set). A VIP frame from a peer
+    /// goes to the node stage and is never balanced again.
+    pub fn set_peers(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        let _ = macs;
+        Err(not_yet("set_peers"))
+    }
+
+    /// Attaches the reply program on a local backend pod's host-side
+    /// interface (idempotent). The link is pinned: it survives restarts.
+    pub fn attach_reply(&mut self, ifindex: u32) -> Result<()> {
+        let _ = ifindex;
+        Err(not_yet("attach_reply"))
+    }
+
+    /// Detaches the reply program from an interface (idempotent).
+    pub fn detach_reply(&mut self, ifindex: u32) -> Result<()> {
+        let _ = ifindex;
+        Err(not_yet("detach_reply"))
+    }
+
+    /// Interfaces the reply program is attached to (pinned links, also
+    /// those a previous agent attached).
+    pub fn replies(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
     fn check_conflicts(&self, spec: &ServiceSpec) -> Result<()> {
         for other in self.services.values().filter(|o| o.spec.name != spec.name) {
             if other.spec.vip != spec.vip {
@@ -699,6 +726,10 @@ fn attached_from(mode: u32) -> Attached {
     if mode == ATTACH_GENERIC { Attached::Generic } else { Attached::Native }
 }
 
+fn not_yet(what: &'static str) -> Error {
+    Error::Io { what, source: std::io::Error::from(std::io::ErrorKind::Unsupported) }
+}
+
 fn next_generation(previous: u32) -> u32 {
     match previous.wrapping_add(1) {
         0 => 1,
@@ -750,6 +781,7 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
                     table_size: slot.table_size,
                     backends: Vec::new(),
                     pin_all_flows: false,
+                    stage: Stage::Ingress,
                 },
                 ids: Vec::new(),
                 current_row: slot.current_row,
@@ -789,6 +821,7 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
             weight: b.weight,
             draining: b.flags & BACKEND_DRAINING != 0,
             egress,
+            reach: Reach::Direct,
         });
         s.ids.push(id);
     }

@@ -48,10 +48,43 @@ pub struct Egress {
     pub mac: [u8; 6],
 }
 
+/// Which of a node's two stages a service belongs to.
+///
+/// The ingress stage balances frames from clients over backends anywhere on
+/// the segment. The node stage of a service on a node delivers frames that
+/// an ingress stage (this node's or a peer's) sent to this node, to one of
+/// the node's local backend pods; it never sends a frame back onto the
+/// segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    #[default]
+    Ingress,
+    Node,
+}
+
+/// How a backend is reached: one rewrite each in the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reach {
+    /// The backend's own MAC on the segment (bridged or macvlan pods,
+    /// static backends); on the node stage, the pod's MAC behind its
+    /// host-side interface (`egress`).
+    #[default]
+    Direct,
+    /// Through the backend's node: destination MAC = the node's MAC on the
+    /// segment; that node's node stage delivers to a pod. `addr` is the
+    /// node's address, `weight` its number of ready backend pods.
+    ViaNode,
+    /// This node: the frame continues into this node's node stage for the
+    /// same VIP:port in the same program run. `mac` and `egress` are
+    /// ignored; `addr` is this node's address.
+    Local,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub addr: IpAddr,
-    /// The backend's MAC on the shared L2 segment.
+    /// The backend's MAC on the shared L2 segment (`Direct`), its node's
+    /// (`ViaNode`), or the pod's behind `egress` (node stage).
     pub mac: [u8; 6],
     /// Relative Maglev weight; 0 takes the backend out of the table.
     pub weight: u32,
@@ -59,12 +92,31 @@ pub struct BackendSpec {
     pub draining: bool,
     /// `None`: the attach interface (`XDP_TX`).
     pub egress: Option<Egress>,
+    pub reach: Reach,
 }
 
 impl BackendSpec {
-    /// A backend with weight 1, not draining, behind the attach interface.
+    /// A `Direct` backend with weight 1, not draining, behind the attach
+    /// interface.
     pub fn new(addr: IpAddr, mac: [u8; 6]) -> Self {
-        Self { addr, mac, weight: 1, draining: false, egress: None }
+        Self { addr, mac, weight: 1, draining: false, egress: None, reach: Reach::Direct }
+    }
+
+    /// A node reached through its MAC on the segment, weighted by its
+    /// number of ready backend pods.
+    pub fn via_node(node_addr: IpAddr, node_mac: [u8; 6], ready_pods: u32) -> Self {
+        Self { weight: ready_pods, reach: Reach::ViaNode, ..Self::new(node_addr, node_mac) }
+    }
+
+    /// This node, weighted by its number of ready local backend pods.
+    pub fn local(node_addr: IpAddr, ready_pods: u32) -> Self {
+        Self { weight: ready_pods, reach: Reach::Local, ..Self::new(node_addr, [0; 6]) }
+    }
+
+    /// A local pod for a node stage: its eth0 MAC behind its host-side
+    /// interface.
+    pub fn pod(addr: IpAddr, pod_mac: [u8; 6], host_side: Egress) -> Self {
+        Self { egress: Some(host_side), ..Self::new(addr, pod_mac) }
     }
 
     /// Whether new flows may be given to this backend.
@@ -88,6 +140,7 @@ pub struct ServiceSpec {
     /// [`kube_dsr_common::VIP_PIN_ALL`]); by default only flows whose
     /// backend a table change would move are pinned.
     pub pin_all_flows: bool,
+    pub stage: Stage,
 }
 
 pub const MAX_NAME_LEN: usize = 64;
@@ -132,9 +185,27 @@ impl ServiceSpec {
             if b.addr.is_ipv4() != self.vip.is_ipv4() {
                 return Err(bad(format!("backend {} is not of the VIP's family", b.addr)));
             }
-            if b.mac == [0; 6] || b.mac[0] & 1 == 1 {
+            if b.reach != Reach::Local && (b.mac == [0; 6] || b.mac[0] & 1 == 1) {
                 return Err(bad(format!("backend {} has no unicast MAC", b.addr)));
             }
+            match (self.stage, b.reach) {
+                (Stage::Node, Reach::ViaNode | Reach::Local) => {
+                    return Err(bad(format!(
+                        "backend {} of a node stage must be a local pod (reach Direct), not {:?}",
+                        b.addr, b.reach
+                    )));
+                }
+                (Stage::Node, Reach::Direct) if b.egress.is_none() => {
+                    return Err(bad(format!(
+                        "backend {} of a node stage needs its host-side interface (egress)",
+                        b.addr
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if self.backends.iter().filter(|b| b.reach == Reach::Local).count() > 1 {
+            return Err(bad("more than one Local backend".into()));
         }
         Ok(())
     }
@@ -243,6 +314,7 @@ mod tests {
             ports: vec![PortSpec { port: 80, protocol: Protocol::Tcp }],
             table_size: 251,
             pin_all_flows: false,
+            stage: Stage::Ingress,
             backends: vec![
                 BackendSpec::new("10.0.0.2".parse().unwrap(), [2, 0, 0, 0, 0, 2]),
                 BackendSpec::new("10.0.0.3".parse().unwrap(), [2, 0, 0, 0, 0, 3]),
