@@ -11,6 +11,7 @@ pub mod desired;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod plan;
 pub mod report;
 pub mod worker;
 

@@ -14,17 +14,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use kube_dsr_crds::nodereport::{BackendReport, IngressReport};
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use crate::dataplane::{
-    AttachMode, BackendSpec, Config as DpConfig, Dataplane, Egress, ServiceSpec,
-};
-use crate::neigh::{self, Iface, Lookup, Resolver, Route};
+use crate::dataplane::{AttachMode, Config as DpConfig, Dataplane, ServiceSpec};
+use crate::neigh::{Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
 
 use super::desired::{Desired, IngressService, SvcKey};
 use super::metrics::{Metrics, TrafficSample};
+use super::plan::{self, InterfaceObs, RoundPlan, ServicePlan, names_of};
 
 /// How the worker is set up.
 #[derive(Clone, Debug)]
@@ -59,27 +57,6 @@ pub struct Outcome {
     pub resolving: bool,
 }
 
-/// The dataplane's name for one VIP of a service: `<ns>/<name>/<v4|v6>`, or
-/// a digest of it when that is longer than the dataplane allows.
-pub fn dataplane_name(key: &SvcKey, vip: IpAddr) -> String {
-    let family = if vip.is_ipv4() { "v4" } else { "v6" };
-    let name = format!("{key}/{family}");
-    if name.len() <= crate::dataplane::spec::MAX_NAME_LEN {
-        return name;
-    }
-    let digest = Sha256::digest(name.as_bytes());
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}/{family}")
-}
-
-/// Both names a service may hold (so an erroring service keeps its state).
-fn names_of(key: &SvcKey) -> [String; 2] {
-    [
-        dataplane_name(key, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-        dataplane_name(key, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
-    ]
-}
-
 /// An error with its causes, `a: b: c`, for logs and reports.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -90,17 +67,6 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
-}
-
-/// A service's plan for this round.
-struct Planned {
-    /// `None`: no backend and no interface known yet; nothing to program.
-    iface: Option<Iface>,
-    specs: Vec<ServiceSpec>,
-    /// Backends that cannot be programmed, with the reason.
-    unprogrammed: Vec<String>,
-    /// Some of them are being resolved.
-    resolving: bool,
 }
 
 /// The worker's state between rounds.
@@ -156,64 +122,60 @@ impl Worker {
         Ok(self.resolver.as_mut().expect("set above"))
     }
 
-    /// Which interface serves `s`: the one the spec names, else the one the
-    /// route toward its first backend leaves through, else the one whose
-    /// dataplane holds it already, else the route toward its VIP. `None`:
-    /// it has no backend yet and no interface is known — nothing to program.
-    fn interface_of(&mut self, s: &IngressService) -> Result<Option<Iface>, String> {
+    /// What is seen of `s`'s surroundings to choose its interface.
+    fn observe_interface(&mut self, s: &IngressService) -> Result<InterfaceObs, String> {
+        let names = names_of(&s.key);
         let held = self
             .dataplanes
             .iter()
-            .find(|(_, dp)| {
-                let names = names_of(&s.key);
-                dp.services().any(|x| names.contains(&x.name))
-            })
+            .find(|(_, dp)| dp.services().any(|x| names.contains(&x.name)))
             .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() });
         let r = self.resolver().map_err(|e| chain(&e))?;
+        let mut obs = InterfaceObs { held, ..Default::default() };
         if let Some(name) = &s.interface {
-            return r
-                .interface(name)
-                .map(Some)
-                .map_err(|e| format!("interface {name}: {}", chain(&e)));
+            obs.named =
+                Some(r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e))));
+            return Ok(obs);
         }
-        let backends: Vec<IpAddr> =
-            s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
-        for &addr in &backends {
-            match r.route(addr) {
-                Ok(Route::Unicast { oif, .. }) => return Ok(Some(oif)),
-                Ok(_) => continue,
-                Err(e) => return Err(format!("route lookup for {addr}: {}", chain(&e))),
+        for addr in s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)) {
+            let route = r.route(addr).map_err(|e| chain(&e));
+            let decisive = !matches!(route, Ok(Route::Other { .. } | Route::Unroutable { .. }));
+            obs.backend_routes.push((addr, route));
+            if decisive {
+                // The choice takes the first decisive route; the rest is
+                // not needed.
+                return Ok(obs);
             }
-        }
-        if held.is_some() {
-            return Ok(held);
         }
         for vip in s.vips.iter().map(|v| v.vip) {
-            if let Ok(Route::Unicast { oif, .. }) = r.route(vip) {
-                return Ok(Some(oif));
+            if let Ok(route) = r.route(vip) {
+                obs.vip_routes.push(route);
             }
         }
-        if backends.is_empty() {
-            return Ok(None);
-        }
-        Err("no route toward the backends or the VIP to choose an interface from; \
-             set spec.ingress.interface"
-            .into())
+        Ok(obs)
     }
 
-    fn plan_service(&mut self, s: &IngressService, periodic: bool) -> Result<Planned, String> {
-        let Some(iface) = self.interface_of(s)? else {
-            return Ok(Planned {
-                iface: None,
-                specs: Vec::new(),
-                unprogrammed: Vec::new(),
-                resolving: false,
-            });
+    /// Observes what `s` needs (interface, neighbour lookups) and plans it.
+    fn plan_service(&mut self, s: &IngressService, periodic: bool) -> ServicePlan {
+        let obs = match self.observe_interface(s) {
+            Ok(o) => o,
+            Err(e) => return ServicePlan::Keep(e),
+        };
+        let iface = match plan::choose_interface(&obs) {
+            Ok(Some(i)) => i,
+            Ok(None) => return ServicePlan::NoInterface,
+            Err(e) => return ServicePlan::Keep(e),
         };
         let addrs: Vec<IpAddr> =
             s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
-        let r = self.resolver().map_err(|e| chain(&e))?;
-        let lookups = r.lookup_all(&iface, &[], addrs.iter().copied()).map_err(|e| chain(&e))?;
+        let r = match self.resolver() {
+            Ok(r) => r,
+            Err(e) => return ServicePlan::Keep(chain(&e)),
+        };
+        let lookups = match r.lookup_all(&iface, &[], addrs.iter().copied()) {
+            Ok(l) => l,
+            Err(e) => return ServicePlan::Keep(chain(&e)),
+        };
         if periodic {
             // FAILED entries are not re-probed every round (they linger);
             // the resync cadence gives unreachable backends another chance.
@@ -225,131 +187,30 @@ impl Worker {
                 }
             }
         }
-        let plan = neigh::plan(&addrs, &lookups);
-        let mut unprogrammed = Vec::new();
-        let mut resolving = false;
-        for (addr, status) in &plan.status {
-            match status {
-                neigh::Status::Resolved => {}
-                neigh::Status::Pending => {
-                    resolving = true;
-                    unprogrammed.push(format!("{addr}: resolving its MAC"))
-                }
-                neigh::Status::Unknown => unprogrammed.push(format!("{addr}: not looked up")),
-                neigh::Status::Unreachable(why) | neigh::Status::NotAdjacent(why) => {
-                    unprogrammed.push(why.clone())
-                }
-            }
-        }
-        let specs = s
-            .vips
-            .iter()
-            .map(|v| {
-                let mut ports = v.ports.clone();
-                ports.sort();
-                let backends = v
-                    .backends
-                    .iter()
-                    .filter_map(|b| {
-                        let t = plan.program.get(&b.addr)?;
-                        Some(BackendSpec {
-                            addr: b.addr,
-                            mac: t.mac,
-                            weight: 1,
-                            draining: b.draining,
-                            egress: (t.egress.index != iface.index)
-                                .then_some(Egress { ifindex: t.egress.index, mac: t.mac }),
-                        })
-                    })
-                    .collect();
-                ServiceSpec {
-                    name: dataplane_name(&s.key, v.vip),
-                    vip: v.vip,
-                    ports,
-                    table_size: s.table_size,
-                    backends,
-                    pin_all_flows: false,
-                }
-            })
-            .collect();
-        Ok(Planned { iface: Some(iface), specs, unprogrammed, resolving })
+        plan::plan_service(s, &iface, &lookups)
     }
 
-    /// One round: the dataplanes, then the backend pods.
-    pub fn round(&mut self, d: &Desired, periodic: bool) -> Outcome {
-        let started = Instant::now();
-        let mut out = Outcome::default();
-        let mut wanted: BTreeMap<String, Vec<ServiceSpec>> = BTreeMap::new();
-        // Names kept untouched because their service could not be planned.
-        let mut keep: BTreeSet<String> = BTreeSet::new();
-        let mut reports: BTreeMap<SvcKey, IngressReport> = BTreeMap::new();
-        let mut plans: BTreeMap<SvcKey, (String, Vec<String>)> = BTreeMap::new();
-        for s in &d.ingress {
-            let mut report = IngressReport {
-                namespace: s.key.namespace.clone(),
-                name: s.key.name.clone(),
-                observed_generation: 0,
-                programmed_vips: Vec::new(),
-                announced_vips: Vec::new(),
-                backends: 0,
-                error: None,
-            };
-            match self.plan_service(s, periodic) {
-                Ok(Planned { iface: None, .. }) => {
-                    report.error = Some(
-                        "no backends yet, and no route toward the VIP to choose an interface \
-                         (set spec.ingress.interface to program it before backends exist)"
-                            .into(),
-                    );
-                    plans.insert(s.key.clone(), (String::new(), Vec::new()));
-                }
-                Ok(Planned { iface: Some(iface), specs, unprogrammed, resolving }) => {
-                    out.interfaces.insert(s.key.clone(), iface.name.clone());
-                    out.resolving |= resolving;
-                    let names = specs.iter().map(|s| s.name.clone()).collect();
-                    wanted.entry(iface.name.clone()).or_default().extend(specs);
-                    if !unprogrammed.is_empty() {
-                        report.error = Some(format!(
-                            "{} backend(s) not programmed: {}",
-                            unprogrammed.len(),
-                            unprogrammed.join("; ")
-                        ));
-                    }
-                    plans.insert(s.key.clone(), (iface.name, names));
-                }
-                Err(e) => {
-                    self.metrics.error("neighbour");
-                    warn!(service = %s.key, error = %e, "cannot plan the service; leaving it as it is");
-                    keep.extend(names_of(&s.key));
-                    report.error = Some(e);
-                }
-            }
-            reports.insert(s.key.clone(), report);
-        }
-
-        // Removals first, on every dataplane (a service may have moved to
-        // another interface, or released a port another one now claims).
-        for ifname in wanted.keys().cloned().collect::<Vec<_>>() {
-            if let Err(e) = self.dataplane(&ifname) {
+    /// Applies the plan: removals first, on every dataplane (a service may
+    /// have moved to another interface, or released a port another one now
+    /// claims), then upserts of what differs. Returns per spec name the
+    /// number of backends taking new flows, or why programming failed.
+    fn apply(&mut self, plan: &RoundPlan) -> BTreeMap<String, Result<usize, String>> {
+        for ifname in plan.wanted.keys() {
+            if let Err(e) = self.dataplane(ifname) {
                 self.metrics.error("dataplane");
                 warn!(interface = %ifname, error = %chain(&e), "cannot open the dataplane");
             }
         }
-        for (ifname, dp) in &mut self.dataplanes {
-            let want: BTreeSet<&str> = wanted
-                .get(ifname)
-                .into_iter()
-                .flatten()
-                .map(|s| s.name.as_str())
-                .chain(keep.iter().map(String::as_str))
-                .collect();
-            let stale: Vec<String> = dp
-                .services()
-                .map(|s| s.name.clone())
-                .filter(|n| !want.contains(n.as_str()))
-                .collect();
-            for name in stale {
-                match dp.remove_service(&name) {
+        let held: BTreeMap<String, Vec<ServiceSpec>> = self
+            .dataplanes
+            .iter()
+            .map(|(name, dp)| (name.clone(), dp.services().cloned().collect()))
+            .collect();
+        let changes = plan::diff(&plan.wanted, &plan.keep, &held);
+        for (ifname, c) in &changes {
+            let Some(dp) = self.dataplanes.get_mut(ifname) else { continue };
+            for name in &c.remove {
+                match dp.remove_service(name) {
                     Ok(()) => {
                         info!(interface = %ifname, service = %name, "removed from the dataplane")
                     }
@@ -360,37 +221,26 @@ impl Worker {
                 }
             }
         }
-        // Then upserts of what differs.
         let mut programmed: BTreeMap<String, Result<usize, String>> = BTreeMap::new();
-        for (ifname, specs) in &wanted {
+        let active = |s: &ServiceSpec| s.backends.iter().filter(|b| b.takes_new_flows()).count();
+        for (ifname, specs) in &plan.wanted {
+            let c = changes.get(ifname).cloned().unwrap_or_default();
             let Some(dp) = self.dataplanes.get_mut(ifname) else {
                 for s in specs {
                     programmed.insert(s.name.clone(), Err(format!("no dataplane on {ifname}")));
                 }
                 continue;
             };
-            for spec in specs {
-                let active = spec.backends.iter().filter(|b| b.takes_new_flows()).count();
-                let current = dp.services().find(|s| s.name == spec.name);
-                let same = current.is_some_and(|c| {
-                    let mut b = spec.backends.clone();
-                    b.sort_by_key(|b| b.addr);
-                    c.vip == spec.vip
-                        && c.ports == spec.ports
-                        && c.table_size == spec.table_size
-                        && c.backends == b
-                        && c.pin_all_flows == spec.pin_all_flows
-                });
-                if same {
-                    programmed.insert(spec.name.clone(), Ok(active));
-                    continue;
-                }
+            for spec in specs.iter().filter(|s| c.unchanged.contains(&s.name)) {
+                programmed.insert(spec.name.clone(), Ok(active(spec)));
+            }
+            for spec in &c.upsert {
                 let t = Instant::now();
                 match dp.upsert_service(spec) {
                     Ok(()) => {
                         self.metrics.programmed(t.elapsed());
                         info!(interface = %ifname, service = %spec.name, backends = spec.backends.len(), "programmed");
-                        programmed.insert(spec.name.clone(), Ok(active));
+                        programmed.insert(spec.name.clone(), Ok(active(spec)));
                     }
                     Err(e) => {
                         self.metrics.error("dataplane");
@@ -400,31 +250,32 @@ impl Worker {
                 }
             }
         }
-        let vip_of = |name: &str| wanted.values().flatten().find(|s| s.name == name).map(|s| s.vip);
+        programmed
+    }
+
+    /// One round: the dataplanes, then the backend pods.
+    pub fn round(&mut self, d: &Desired, periodic: bool) -> Outcome {
+        let started = Instant::now();
+        let mut out = Outcome::default();
+        let mut services = BTreeMap::new();
         for s in &d.ingress {
-            let Some(report) = reports.get_mut(&s.key) else { continue };
-            let Some((_, names)) = plans.get(&s.key) else { continue };
-            let mut all_ok = true;
-            for name in names {
-                match programmed.get(name) {
-                    Some(Ok(n)) => {
-                        report.backends += i32::try_from(*n).unwrap_or(i32::MAX);
-                        if let Some(vip) = vip_of(name) {
-                            report.programmed_vips.push(vip.to_string());
-                        }
-                    }
-                    Some(Err(e)) => {
-                        all_ok = false;
-                        report.error = Some(e.clone());
-                    }
-                    None => all_ok = false,
+            let p = self.plan_service(s, periodic);
+            match &p {
+                ServicePlan::Keep(e) => {
+                    self.metrics.error("neighbour");
+                    warn!(service = %s.key, error = %e, "cannot plan the service; leaving it as it is");
                 }
+                ServicePlan::Program { iface, resolving, .. } => {
+                    out.interfaces.insert(s.key.clone(), iface.name.clone());
+                    out.resolving |= resolving;
+                }
+                ServicePlan::NoInterface => {}
             }
-            if all_ok {
-                report.observed_generation = s.generation;
-            }
+            services.insert(s.key.clone(), p);
         }
-        out.ingress = reports.into_values().collect();
+        let plan = plan::round_plan(services);
+        let programmed = self.apply(&plan);
+        out.ingress = plan::ingress_reports(d, &plan, &programmed);
 
         if periodic {
             let age = self.cfg.resync;
@@ -651,24 +502,4 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Ve
         failed.push(format!("{t:?}: {}", chain(&e)));
     }
     failed
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dataplane_names_fit_and_are_stable() {
-        let short = SvcKey { namespace: "default".into(), name: "web".into() };
-        assert_eq!(dataplane_name(&short, "192.0.2.1".parse().unwrap()), "default/web/v4");
-        assert_eq!(dataplane_name(&short, "2001:db8::1".parse().unwrap()), "default/web/v6");
-        let long = SvcKey { namespace: "n".repeat(63), name: "s".repeat(63) };
-        let a = dataplane_name(&long, "192.0.2.1".parse().unwrap());
-        assert!(a.len() <= crate::dataplane::spec::MAX_NAME_LEN, "{a}");
-        assert!(a.ends_with("/v4"));
-        assert_eq!(a, dataplane_name(&long, "192.0.2.9".parse().unwrap()), "family, not address");
-        let other = SvcKey { namespace: "n".repeat(63), name: "t".repeat(63) };
-        assert_ne!(a, dataplane_name(&other, "192.0.2.1".parse().unwrap()));
-        assert_eq!(names_of(&short), ["default/web/v4".to_string(), "default/web/v6".to_string()]);
-    }
 }
