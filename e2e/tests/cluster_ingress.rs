@@ -66,8 +66,8 @@ async fn arp_failover(c: &mut Cluster) -> Result<()> {
     // ingress node (a Linux bridge does when the port goes down, and XDP
     // there would forward them, hiding whether the takeover worked).
     sh(&format!(
-        "ip netns exec {} sh -c 'bridge link set dev p-ingress flood off && \
-         bridge link set dev p-ingress2 flood off'",
+        "ip netns exec {} sh -c 'bridge link set dev p-ingress-1 flood off && \
+         bridge link set dev p-ingress-2 flood off'",
         c.n.lan
     ))?;
     for _ in 0..10 {
