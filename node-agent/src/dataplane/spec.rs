@@ -3,7 +3,8 @@
 use std::net::IpAddr;
 
 use kube_dsr_common::{
-    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey4, VipKey6, port_word, v4_words, v6_words,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, STAGE_NODE, VipKey4, VipKey6, port_word, v4_words,
+    v6_words,
 };
 
 use crate::{
@@ -279,9 +280,11 @@ pub enum VipKey {
     V6(VipKey6),
 }
 
-/// The VIP map key of `vip` on `port`.
-pub fn vip_key(vip: IpAddr, port: PortSpec) -> VipKey {
-    let (port, proto) = (port_word(port.port), port.protocol.number());
+/// The VIP map key of `vip` on `port` in `stage`: the node stage's keys
+/// carry `STAGE_NODE` on the protocol byte.
+pub fn vip_key(vip: IpAddr, port: PortSpec, stage: Stage) -> VipKey {
+    let proto = port.protocol.number() | if stage == Stage::Node { STAGE_NODE } else { 0 };
+    let port = port_word(port.port);
     match vip {
         IpAddr::V4(a) => {
             VipKey::V4(VipKey4 { addr: v4_words(a.octets())[0], port, proto, _pad: 0 })
@@ -291,15 +294,16 @@ pub fn vip_key(vip: IpAddr, port: PortSpec) -> VipKey {
 }
 
 impl VipKey {
-    /// The VIP and port the key stands for (`None` for a protocol the
-    /// dataplane does not program).
-    pub fn decode(&self) -> Option<(IpAddr, PortSpec)> {
+    /// The VIP, port and stage the key stands for (`None` for a protocol
+    /// the dataplane does not program).
+    pub fn decode(&self) -> Option<(IpAddr, PortSpec, Stage)> {
         let (addr, port, proto) = match self {
             Self::V4(k) => (words_addr([k.addr, 0, 0, 0], FAMILY_V4), k.port, k.proto),
             Self::V6(k) => (words_addr(k.addr, FAMILY_V6), k.port, k.proto),
         };
-        let protocol = Protocol::from_number(proto)?;
-        Some((addr, PortSpec { port: u16::from_be(port), protocol }))
+        let stage = if proto & STAGE_NODE != 0 { Stage::Node } else { Stage::Ingress };
+        let protocol = Protocol::from_number(proto & !STAGE_NODE)?;
+        Some((addr, PortSpec { port: u16::from_be(port), protocol }, stage))
     }
 }
 
@@ -366,8 +370,36 @@ mod tests {
         for (vip, port) in [("192.0.2.1", 80), ("2001:db8::1", 443)] {
             let p = PortSpec { port, protocol: Protocol::Udp };
             let vip: IpAddr = vip.parse().unwrap();
-            assert_eq!(vip_key(vip, p).decode(), Some((vip, p)));
+            for stage in [Stage::Ingress, Stage::Node] {
+                assert_eq!(vip_key(vip, p, stage).decode(), Some((vip, p, stage)));
+            }
+            assert_ne!(vip_key(vip, p, Stage::Ingress), vip_key(vip, p, Stage::Node));
         }
+    }
+
+    #[test]
+    fn node_stages_take_only_local_pods_behind_an_interface() {
+        let host_side = Egress { ifindex: 7, mac: [2, 0, 0, 0, 0, 7] };
+        let mut s = spec();
+        s.stage = Stage::Node;
+        assert!(s.validate().unwrap_err().to_string().contains("host-side interface"));
+        for b in &mut s.backends {
+            b.egress = Some(host_side);
+        }
+        s.validate().unwrap();
+        s.backends[0].reach = Reach::ViaNode;
+        assert!(s.validate().unwrap_err().to_string().contains("local pod"));
+        s.backends[0] = BackendSpec::local("10.0.0.2".parse().unwrap(), 1);
+        assert!(s.validate().unwrap_err().to_string().contains("local pod"));
+    }
+
+    #[test]
+    fn an_ingress_stage_takes_one_local_backend_without_a_mac() {
+        let mut s = spec();
+        s.backends.push(BackendSpec::local("10.0.0.9".parse().unwrap(), 2));
+        s.validate().unwrap();
+        s.backends.push(BackendSpec::local("10.0.0.8".parse().unwrap(), 1));
+        assert!(s.validate().unwrap_err().to_string().contains("more than one Local"));
     }
 
     #[test]
