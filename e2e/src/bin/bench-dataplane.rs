@@ -291,6 +291,7 @@ fn run(
     let mut base_hit = Vec::new();
     let mut base_miss = Vec::new();
     let mut ns_node = 0.0;
+    let (mut base_ns_maglev, mut base_ns_hit) = (0.0, 0.0);
     let mut ns_floor = 0.0;
     let mut ns_hit = 0.0;
     let mut ns_maglev = 0.0;
@@ -422,6 +423,16 @@ fn run(
             dp.settle(Duration::ZERO)?;
             bench.configure(MODE_NEW, 0)?;
             base_miss.push(bench.live(&tmpl, args.frames)?);
+            if round == 0 {
+                // The same non-live ns/packet figures as this build's:
+                // settled (Maglev), then pin-all (a connection-table hit).
+                let mut copy = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object)?;
+                let p: &mut Xdp = copy.program_mut("kube_dsr").unwrap().try_into()?;
+                p.load()?;
+                base_ns_maglev = ns_per_packet(p, &tmpl, args.repeat)?;
+                dp.upsert_service(&service(args, 1, true))?;
+                base_ns_hit = ns_per_packet(p, &tmpl, args.repeat)?;
+            }
             let prog: &mut Xdp = old.program_mut("kube_dsr").unwrap().try_into()?;
             prog.detach(link)?;
             drop(dp);
@@ -446,7 +457,8 @@ fn run(
     let node_ratio = ratio(&node);
     let baseline_line = if baseline.is_some() {
         format!(
-            "baseline object ({}): hit_ratio={:.3} miss_ratio={:.3} (same rounds)\n",
+            "baseline object ({}): hit_ratio={:.3} miss_ratio={:.3} (same rounds); \
+             ns_per_packet hit={base_ns_hit:.1} maglev={base_ns_maglev:.1}\n",
             args.baseline_object.as_ref().unwrap().display(),
             ratio(&base_hit),
             ratio(&base_miss)

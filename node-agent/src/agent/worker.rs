@@ -36,6 +36,10 @@ pub struct WorkerConfig {
     pub resync: Duration,
     /// Counters are read this often for `/metrics`.
     pub counters_every: Duration,
+    /// This node's name.
+    pub node_name: String,
+    /// `--node-interface`: where the node stage attaches (else found).
+    pub node_interface: Option<String>,
     /// Pod UIDs prepared by an earlier run (from this node's last report),
     /// so that what was added to them is removed if they are no longer
     /// backends.
@@ -73,6 +77,8 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 pub struct Worker {
     cfg: WorkerConfig,
     dataplanes: BTreeMap<String, Dataplane>,
+    /// Peers last written, per dataplane.
+    peers: BTreeMap<String, Vec<[u8; 6]>>,
     resolver: Option<Resolver>,
     known_pods: BTreeSet<String>,
     metrics: Arc<Metrics>,
@@ -81,8 +87,14 @@ pub struct Worker {
 impl Worker {
     pub fn new(cfg: WorkerConfig, metrics: Arc<Metrics>) -> Self {
         let known_pods = cfg.known_pods.clone();
-        let mut w =
-            Worker { cfg, dataplanes: BTreeMap::new(), resolver: None, known_pods, metrics };
+        let mut w = Worker {
+            cfg,
+            dataplanes: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            resolver: None,
+            known_pods,
+            metrics,
+        };
         w.adopt_pinned();
         w
     }
@@ -123,21 +135,34 @@ impl Worker {
     }
 
     /// What is seen of `s`'s surroundings to choose its interface.
-    fn observe_interface(&mut self, s: &IngressService) -> Result<InterfaceObs, String> {
+    fn observe_interface(
+        &mut self,
+        s: &IngressService,
+        node_iface: Option<&Iface>,
+    ) -> Result<InterfaceObs, String> {
         let names = names_of(&s.key);
         let held = self
             .dataplanes
             .iter()
             .find(|(_, dp)| dp.services().any(|x| names.contains(&x.name)))
             .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() });
+        let me = self.cfg.node_name.clone();
         let r = self.resolver().map_err(|e| chain(&e))?;
-        let mut obs = InterfaceObs { held, ..Default::default() };
+        let mut obs = InterfaceObs { held, node: node_iface.cloned(), ..Default::default() };
         if let Some(name) = &s.interface {
             obs.named =
                 Some(r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e))));
             return Ok(obs);
         }
-        for addr in s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)) {
+        // Pods of this node are behind their own interfaces: the route
+        // toward them says nothing about where clients come in.
+        let remote = s
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter())
+            .filter(|b| b.node.as_deref() != Some(me.as_str()))
+            .map(|b| b.addr);
+        for addr in remote {
             let route = r.route(addr).map_err(|e| chain(&e));
             let decisive = !matches!(route, Ok(Route::Other { .. } | Route::Unroutable { .. }));
             obs.backend_routes.push((addr, route));
@@ -155,9 +180,17 @@ impl Worker {
         Ok(obs)
     }
 
-    /// Observes what `s` needs (interface, neighbour lookups) and plans it.
-    fn plan_service(&mut self, s: &IngressService, periodic: bool) -> ServicePlan {
-        let obs = match self.observe_interface(s) {
+    /// Observes what `s` needs (interface, neighbour lookups of its
+    /// backends and of their nodes) and plans it.
+    fn plan_service(
+        &mut self,
+        s: &IngressService,
+        d: &Desired,
+        node_iface: Option<&Iface>,
+        local: &BTreeMap<IpAddr, plan::Delivered>,
+        periodic: bool,
+    ) -> ServicePlan {
+        let obs = match self.observe_interface(s, node_iface) {
             Ok(o) => o,
             Err(e) => return ServicePlan::Keep(e),
         };
@@ -166,16 +199,33 @@ impl Worker {
             Ok(None) => return ServicePlan::NoInterface,
             Err(e) => return ServicePlan::Keep(e),
         };
-        let addrs: Vec<IpAddr> =
-            s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
-        let r = match self.resolver() {
-            Ok(r) => r,
-            Err(e) => return ServicePlan::Keep(chain(&e)),
-        };
-        let lookups = match r.lookup_all(&iface, &[], addrs.iter().copied()) {
+        let me = self.cfg.node_name.clone();
+        let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
+        for b in s.vips.iter().flat_map(|v| v.backends.iter()) {
+            addrs.insert(b.addr);
+            if let Some(n) = b.node.as_deref().filter(|n| *n != me) {
+                addrs.extend(d.nodes.get(n).into_iter().flatten().copied());
+            }
+        }
+        let lookups = match self.lookup(&iface, &[], &addrs, periodic) {
             Ok(l) => l,
-            Err(e) => return ServicePlan::Keep(chain(&e)),
+            Err(e) => return ServicePlan::Keep(e),
         };
+        let ctx = plan::IngressCtx { me: &me, nodes: &d.nodes, lookups: &lookups, local };
+        plan::plan_service(s, &iface, &ctx)
+    }
+
+    /// Neighbour lookups of `addrs` on `iface` (and `allowed`); on periodic
+    /// rounds unreachable ones are probed again.
+    fn lookup(
+        &mut self,
+        iface: &Iface,
+        allowed: &[Iface],
+        addrs: &BTreeSet<IpAddr>,
+        periodic: bool,
+    ) -> Result<BTreeMap<IpAddr, Lookup>, String> {
+        let r = self.resolver().map_err(|e| chain(&e))?;
+        let lookups = r.lookup_all(iface, allowed, addrs.iter().copied()).map_err(|e| chain(&e))?;
         if periodic {
             // FAILED entries are not re-probed every round (they linger);
             // the resync cadence gives unreachable backends another chance.
@@ -187,7 +237,121 @@ impl Worker {
                 }
             }
         }
-        plan::plan_service(s, &iface, &lookups)
+        Ok(lookups)
+    }
+
+    /// The node interface: `--node-interface`, else the one holding the
+    /// node's first address (its InternalIP), else the one the on-link route
+    /// toward another node leaves through. `None` when none is known.
+    fn node_interface(&mut self, d: &Desired) -> Option<Iface> {
+        let me = self.cfg.node_name.clone();
+        let named = self.cfg.node_interface.clone();
+        let r = match self.resolver() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %chain(&e), "cannot open the resolver");
+                return None;
+            }
+        };
+        if let Some(name) = named {
+            return match r.interface(&name) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    warn!(interface = %name, error = %chain(&e), "--node-interface not found");
+                    None
+                }
+            };
+        }
+        for a in d.nodes.get(&me).into_iter().flatten() {
+            match r.interface_with_address(*a) {
+                Ok(Some(i)) => return Some(i),
+                Ok(None) => {}
+                Err(e) => debug!(addr = %a, error = %chain(&e), "address lookup failed"),
+            }
+        }
+        for (_, addrs) in d.nodes.iter().filter(|(n, _)| **n != me) {
+            for a in addrs {
+                if let Ok(Route::Unicast { oif, gateway: None }) = r.route(*a) {
+                    return Some(oif);
+                }
+            }
+        }
+        None
+    }
+
+    /// Observes the local pods of the node stage: the node's route toward
+    /// each, both ends of its veth, and its MAC behind the host side.
+    fn observe_local(
+        &mut self,
+        d: &Desired,
+        node_iface: Option<&Iface>,
+        links: &BTreeMap<String, Result<netns::PodLink, String>>,
+        periodic: bool,
+    ) -> plan::LocalObs {
+        let mut obs = plan::LocalObs::default();
+        let mut hosts: BTreeMap<u32, Iface> = BTreeMap::new();
+        let mut behind: BTreeSet<IpAddr> = BTreeSet::new();
+        for (uid, l) in links {
+            obs.gro.insert(uid.clone(), l.as_ref().map(|l| l.gro).map_err(Clone::clone));
+        }
+        let pods: Vec<(IpAddr, String)> = d
+            .node_stage
+            .iter()
+            .flat_map(|s| s.vips.iter().flat_map(|v| v.pods.iter()))
+            .map(|p| (p.addr, p.uid.to_ascii_lowercase()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let r = match self.resolver() {
+            Ok(r) => r,
+            Err(e) => {
+                let why = chain(&e);
+                for (addr, _) in pods {
+                    obs.paths.insert(addr, plan::LocalPath::Unreachable(why.clone()));
+                }
+                return obs;
+            }
+        };
+        for (addr, uid) in pods {
+            let route = r.route(addr).map_err(|e| chain(&e));
+            let pod = links.get(&uid).and_then(|l| l.as_ref().ok());
+            let (host_peer, host_mac) = match &route {
+                Ok(Route::Unicast { oif, gateway: None }) => match r.link_info(oif.index) {
+                    Ok(info) => (info.peer, info.mac),
+                    Err(_) => (None, None),
+                },
+                _ => (None, None),
+            };
+            let path = plan::local_path(
+                addr,
+                &route,
+                pod.and_then(|p| p.peer),
+                host_peer,
+                pod.map(|p| p.iface.index),
+                node_iface,
+            );
+            if let plan::LocalPath::NodeStage { host } = &path {
+                if let Some(m) = host_mac {
+                    obs.host_macs.insert(host.index, m);
+                }
+                hosts.insert(host.index, host.clone());
+                behind.insert(addr);
+            }
+            obs.paths.insert(addr, path);
+        }
+        if !behind.is_empty() {
+            let allowed: Vec<Iface> = hosts.into_values().collect();
+            let ingress = node_iface.cloned().unwrap_or(Iface { index: 0, name: String::new() });
+            match self.lookup(&ingress, &allowed, &behind, periodic) {
+                Ok(l) => obs.lookups = l,
+                Err(e) => {
+                    for addr in behind {
+                        obs.paths.insert(addr, plan::LocalPath::Unreachable(e.clone()));
+                    }
+                }
+            }
+        }
+        obs
     }
 
     /// Applies the plan: removals first, on every dataplane (a service may
@@ -253,13 +417,113 @@ impl Worker {
         programmed
     }
 
-    /// One round: the dataplanes, then the backend pods.
+    /// The reply program on each host-side interface of a node-stage pod
+    /// (on the node interface's dataplane, whose interface is the uplink),
+    /// and off every other interface. Returns per wanted ifindex whether it
+    /// is attached.
+    fn apply_replies(
+        &mut self,
+        node_iface: Option<&Iface>,
+        want: &BTreeSet<u32>,
+    ) -> BTreeMap<u32, Result<(), String>> {
+        let mut out = BTreeMap::new();
+        let node_name = node_iface.map(|i| i.name.clone());
+        for (ifname, dp) in &mut self.dataplanes {
+            let mine = node_name.as_deref() == Some(ifname.as_str());
+            for ifindex in dp.replies() {
+                if mine && want.contains(&ifindex) {
+                    continue;
+                }
+                match dp.detach_reply(ifindex) {
+                    Ok(()) => info!(interface = %ifname, ifindex, "reply program detached"),
+                    Err(e) => {
+                        self.metrics.error("dataplane");
+                        warn!(interface = %ifname, ifindex, error = %chain(&e), "detaching the reply program failed");
+                    }
+                }
+            }
+        }
+        let Some(dp) = node_name.as_deref().and_then(|n| self.dataplanes.get_mut(n)) else {
+            for i in want {
+                out.insert(*i, Err("no dataplane on the node interface".to_string()));
+            }
+            return out;
+        };
+        let attached: BTreeSet<u32> = dp.replies().into_iter().collect();
+        for &ifindex in want {
+            if attached.contains(&ifindex) {
+                out.insert(ifindex, Ok(()));
+                continue;
+            }
+            let r = dp.attach_reply(ifindex).map_err(|e| chain(&e));
+            match &r {
+                Ok(()) => info!(ifindex, "reply program attached"),
+                Err(e) => {
+                    self.metrics.error("dataplane");
+                    warn!(ifindex, error = %e, "attaching the reply program failed");
+                }
+            }
+            out.insert(ifindex, r);
+        }
+        out
+    }
+
+    /// Each dataplane's peers: the other ingress nodes' MACs on its
+    /// interface. Written only when they change.
+    fn apply_peers(&mut self, d: &Desired, periodic: bool) {
+        let me = self.cfg.node_name.clone();
+        let addrs: BTreeSet<IpAddr> = plan::peer_nodes(d, &me)
+            .iter()
+            .flat_map(|n| d.nodes.get(n).into_iter().flatten().copied())
+            .collect();
+        let ifaces: Vec<Iface> = self
+            .dataplanes
+            .iter()
+            .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() })
+            .collect();
+        for iface in ifaces {
+            let lookups = match self.lookup(&iface, &[], &addrs, periodic) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.metrics.error("neighbour");
+                    warn!(interface = %iface, error = %e, "looking peers up failed");
+                    continue;
+                }
+            };
+            let want = plan::peers(d, &me, &lookups);
+            // Nothing written before and nothing wanted: leave the
+            // dataplane's set as it is (empty unless a peer set pinned by
+            // an earlier run, which the first non-empty set replaces).
+            if self.peers.get(&iface.name).map_or(want.is_empty(), |p| *p == want) {
+                continue;
+            }
+            let Some(dp) = self.dataplanes.get_mut(&iface.name) else { continue };
+            match dp.set_peers(&want) {
+                Ok(()) => {
+                    info!(interface = %iface, peers = want.len(), "peers set");
+                    self.peers.insert(iface.name.clone(), want);
+                }
+                Err(e) => {
+                    self.metrics.error("dataplane");
+                    warn!(interface = %iface, error = %chain(&e), "setting peers failed");
+                }
+            }
+        }
+    }
+
+    /// One round: the pod namespaces, the node stage, the ingress
+    /// services, then the dataplanes.
     pub fn round(&mut self, d: &Desired, periodic: bool) -> Outcome {
         let started = Instant::now();
         let mut out = Outcome::default();
+        let (facts, links) = self.pods(d);
+        let node_iface = self.node_interface(d);
+        let local = self.observe_local(d, node_iface.as_ref(), &links, periodic);
+        let node_plan = plan::plan_node_stage(d, node_iface.as_ref(), &local);
+        out.resolving |= node_plan.resolving;
         let mut services = BTreeMap::new();
         for s in &d.ingress {
-            let p = self.plan_service(s, periodic);
+            let p = self.plan_service(s, d, node_iface.as_ref(), &node_plan.delivered, periodic);
             match &p {
                 ServicePlan::Keep(e) => {
                     self.metrics.error("neighbour");
@@ -273,9 +537,12 @@ impl Worker {
             }
             services.insert(s.key.clone(), p);
         }
-        let plan = plan::round_plan(services);
+        let plan = plan::round_plan(services, &node_plan);
         let programmed = self.apply(&plan);
+        let replies = self.apply_replies(node_iface.as_ref(), &node_plan.replies);
+        self.apply_peers(d, periodic);
         out.ingress = plan::ingress_reports(d, &plan, &programmed);
+        out.backends = plan::backend_reports(d, &facts, &node_plan, &programmed, &replies);
 
         if periodic {
             let age = self.cfg.resync;
@@ -292,21 +559,24 @@ impl Worker {
                 }
             }
         }
-
-        out.backends = self.backends(d);
         self.metrics.round(started.elapsed());
         self.sample_counters();
         out
     }
 
     /// Backend pods on this node: VIPs on their loopback and the ARP
-    /// sysctls; what kube-dsr added to pods that stopped being backends is
-    /// removed.
-    fn backends(&mut self, d: &Desired) -> Vec<BackendReport> {
+    /// sysctls, GRO on the interface of each pod with a node stage; what
+    /// kube-dsr added to pods that stopped being backends is removed.
+    /// Returns per pod UID (lowercase) what was found, and its interface.
+    #[allow(clippy::type_complexity)]
+    fn pods(
+        &mut self,
+        d: &Desired,
+    ) -> (BTreeMap<String, plan::PodFacts>, BTreeMap<String, Result<netns::PodLink, String>>) {
         let current: BTreeSet<String> = d.pods.iter().map(|p| p.uid.to_ascii_lowercase()).collect();
         let others: Vec<String> = self.known_pods.difference(&current).cloned().collect();
         if d.pods.is_empty() && others.is_empty() {
-            return Vec::new();
+            return Default::default();
         }
         let backends: Vec<netns::Backend> = d
             .pods
@@ -317,7 +587,15 @@ impl Worker {
                 vips: p.vips.clone(),
             })
             .collect();
-        let round = netns::converge(&self.cfg.proc_dir, &backends, &others);
+        // One address per pod finds its interface (both families sit on
+        // the same one).
+        let links: BTreeMap<String, IpAddr> = d
+            .node_stage
+            .iter()
+            .flat_map(|s| s.vips.iter().flat_map(|v| v.pods.iter()))
+            .map(|p| (p.uid.to_ascii_lowercase(), p.addr))
+            .collect();
+        let round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
         if let Some(e) = &round.scan {
             self.metrics.error("netns");
             warn!(error = %chain(&e), "scanning /proc for pod namespaces failed");
@@ -340,7 +618,26 @@ impl Worker {
             .cloned()
             .chain(others.into_iter().filter(|u| failed.contains(u)))
             .collect();
-        d.pods
+        let mut pod_links: BTreeMap<String, Result<netns::PodLink, String>> = round
+            .links
+            .iter()
+            .map(|(u, l)| {
+                let l = match l {
+                    Ok(p) => Ok(p.clone()),
+                    Err(e) => Err(chain(e)),
+                };
+                (u.clone(), l)
+            })
+            .collect();
+        if let Some(e) = &round.scan {
+            for uid in links.keys() {
+                pod_links
+                    .entry(uid.clone())
+                    .or_insert_with(|| Err(format!("scanning /proc: {}", chain(e))));
+            }
+        }
+        let facts = d
+            .pods
             .iter()
             .map(|p| {
                 let uid = p.uid.to_ascii_lowercase();
@@ -350,18 +647,15 @@ impl Worker {
                     .filter(|r| r.uid == p.uid && r.configured)
                     .map(|r| r.vip.to_string())
                     .collect();
-                let error = round.errors.get(&Target::Pod(uid)).map(|e| chain(e)).or_else(|| {
-                    round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
-                });
-                BackendReport {
-                    pod_uid: p.uid.clone(),
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    configured_vips: configured,
-                    error,
-                }
+                let error =
+                    round.errors.get(&Target::Pod(uid.clone())).map(|e| chain(e)).or_else(|| {
+                        round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
+                    });
+                let gro = pod_links.get(&uid).and_then(|l| l.as_ref().ok()).and_then(|l| l.gro);
+                (uid, plan::PodFacts { configured, error, gro })
             })
-            .collect()
+            .collect();
+        (facts, pod_links)
     }
 
     /// Reads the per-CPU counters of every programmed service and backend.
