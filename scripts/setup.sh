@@ -12,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # System packages: network test tools, and LLVM 22 for bpf-linker.
-packages=(iproute2 ethtool iputils-ping curl llvm-22-dev libpolly-22-dev)
+# iptables: the one-host cluster's nodes carry kube-proxy's and kindnet's rules.
+packages=(iproute2 ethtool iputils-ping curl iptables llvm-22-dev libpolly-22-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
