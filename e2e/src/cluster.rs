@@ -254,6 +254,18 @@ fn node_addresses(n: &NodeInfo) -> serde_json::Value {
     ]}})
 }
 
+/// Packets an agent's ingress stage forwarded (every VIP), from its
+/// metrics: the `kubedsr_agent_vip_packets_total` series of the ingress
+/// stage, not those of its node stage (`service="<ns>/<name>/v4/node"`),
+/// which count a local pod's packets a second time.
+pub fn ingress_forwarded(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kubedsr_agent_vip_packets_total{") && !l.contains("/node\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 pub fn ready_node(name: &str, labels: serde_json::Value) -> Result<Node> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
