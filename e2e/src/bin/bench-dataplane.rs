@@ -437,7 +437,7 @@ fn run(
                     p.load()?;
                     copies.push(copy);
                 }
-                let mut both = |into: &mut [Vec<f64>; 2]| -> Result<()> {
+                let both = |into: &mut [Vec<f64>; 2]| -> Result<()> {
                     for _ in 0..7 {
                         for (i, c) in copies.iter().enumerate() {
                             let p: &Xdp = c.program("kube_dsr").unwrap().try_into()?;
