@@ -223,6 +223,7 @@ fn tcp_through_the_node_stage_and_the_reply_program() {
     assert_eq!(dp.start(), Start::Upgraded);
     assert_eq!(dp.replies(), vec![vp0.ifindex]);
     assert_eq!(dp.services().cloned().collect::<Vec<_>>(), vec![node_spec]);
+    assert_eq!(dp.peers(), vec![lab.ingress.mac("eth0").unwrap()]);
     for i in 0..5 {
         let answer = ask(&lab, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("connection {i} after the upgrade failed: {e}"));
