@@ -123,7 +123,7 @@ pub struct UnreachedBackend {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// The node stage redirects the frame into the pod's host-side
-    /// interface (routed pods: kindnet, flannel host-gw, Calico, Cilium).
+    /// interface (routed pods behind their own veth: kindnet, Calico, Cilium).
     NodeStage,
     /// The pod sits on the node's segment; ingress nodes reach its MAC
     /// directly (bridged or macvlan pods).
