@@ -26,8 +26,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use kube_dsr_crds::nodereport::{DsrNodeReport, IngressReport};
 use kube_dsr_crds::{DsrService, DsrServiceStatus};
@@ -653,20 +652,17 @@ impl Cluster {
     ///
     /// Status alone is not enough: a readiness change moves no generation,
     /// so `Programmed` stays true while the agents catch up. Every ingress
-    /// node's report must also count the Maglev entries those ready pods
-    /// make (per VIP: one per pod on the segment, one per node of routed
-    /// pods), with every MAC resolved.
+    /// node's report must also count `ready` backends (per VIP) reached by
+    /// its dataplane (directly, through their node, or locally), with
+    /// every MAC resolved.
     pub async fn wait_programmed(&self, service: &str, ready: i32) -> Result<DsrServiceStatus> {
         let services = self.services.clone();
         let reports = self.reports.clone();
-        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), "default");
-        let bridged = self.n.opts.bridged;
         wait_for(
             &format!("{service} Programmed with {ready} ready"),
             Duration::from_secs(60),
             || {
-                let (services, reports, slices) =
-                    (services.clone(), reports.clone(), slices.clone());
+                let (services, reports) = (services.clone(), reports.clone());
                 async move {
                     let st = services.get(service).await?.status.unwrap_or_default();
                     let programmed =
@@ -675,28 +671,7 @@ impl Cluster {
                     if !(programmed && st.ready_backends == ready && announced) {
                         return Ok(None);
                     }
-                    // Ready pods (from the operator's EndpointSlices) and
-                    // their nodes. An ingress node's Maglev table holds one
-                    // entry per ready pod on the segment (bridged) and one
-                    // per node with ready pods (routed: the node hop).
-                    let lp =
-                        ListParams::default().labels(&format!("kubedsr.io/service-name={service}"));
-                    let mut pods = BTreeMap::new();
-                    for slice in slices.list(&lp).await?.items {
-                        for e in slice.endpoints {
-                            let ready = e.conditions.as_ref().and_then(|c| c.ready) == Some(true);
-                            if let (true, Some(pod)) = (ready, e.target_ref.and_then(|t| t.name)) {
-                                pods.insert(pod, e.node_name.unwrap_or_default());
-                            }
-                        }
-                    }
-                    let entries = if bridged {
-                        pods.len()
-                    } else {
-                        pods.values().collect::<std::collections::BTreeSet<_>>().len()
-                    };
-                    let entries = i32::try_from(entries)?;
-                    let per_node = entries * i32::try_from(st.vips.len()).unwrap_or(1);
+                    let per_node = ready * i32::try_from(st.vips.len()).unwrap_or(1);
                     for node in &st.ingress_nodes {
                         let r = reports.get(node).await?;
                         let i = r.spec.ingress.iter().find(|i| i.name == service);

@@ -27,7 +27,6 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{Map, MapData, PerCpuArray};
 use kube_dsr_common::reason;
-use kube_dsr_crds::nodereport::IngressReport;
 use kube_dsr_e2e::{
     cluster::{self, Cluster, INGRESS, lo_addrs, metric},
     privileged,
@@ -364,21 +363,18 @@ fn xdp_prog_id(ns: &str) -> Result<u32> {
     id.with_context(|| format!("no XDP program on {ns} eth0: {out}"))?.parse().context("prog id")
 }
 
-/// Waits until the ingress agent reports `service` reaching at least
-/// `active` pods (directly, through their nodes or locally) and none it
-/// cannot reach. (Its Maglev entries are one per node of routed pods:
-/// [`Cluster::wait_programmed`] checks those.)
+/// Waits until the ingress agent reports `service` with `active` ready
+/// backends reached by its dataplane.
 async fn ingress_backends(c: &Cluster, service: &str, active: i32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = c.ingress_report(service).await?;
-        let reached = |r: &IngressReport| r.reach.direct + r.reach.via_node + r.reach.local;
-        if r.as_ref().is_some_and(|r| reached(r) >= active && r.unreached.is_empty()) {
+        if r.as_ref().is_some_and(|r| r.backends == active) {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "ingress node not reaching {active} backends within 30 s: {r:?}"
+            "ingress dataplane not at {active} active backends within 30 s: {r:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
