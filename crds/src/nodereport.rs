@@ -70,7 +70,9 @@ pub struct IngressReport {
     /// VIPs this node currently answers ARP / neighbour discovery for.
     #[serde(default)]
     pub announced_vips: Vec<String>,
-    /// Backends in the Maglev table (ready ones only).
+    /// Ready backends this node sends new flows to: one per direct entry
+    /// of the Maglev table, and for an entry through a node (or this
+    /// node's own stage) as many as that node's ready pods (its weight).
     #[serde(default)]
     pub backends: i32,
     /// Why programming failed, when it did (the last error, for humans).
@@ -123,7 +125,7 @@ pub struct UnreachedBackend {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
     /// The node stage redirects the frame into the pod's host-side
-    /// interface (routed pods: kindnet, flannel host-gw, Calico, Cilium).
+    /// interface (routed pods behind their own veth: kindnet, Calico, Cilium).
     NodeStage,
     /// The pod sits on the node's segment; ingress nodes reach its MAC
     /// directly (bridged or macvlan pods).

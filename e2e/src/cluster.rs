@@ -253,6 +253,18 @@ fn node_addresses(n: &NodeInfo) -> serde_json::Value {
     ]}})
 }
 
+/// Packets an agent's ingress stage forwarded (every VIP), from its
+/// metrics: the `kubedsr_agent_vip_packets_total` series of the ingress
+/// stage, not those of its node stage (`service="<ns>/<name>/v4/node"`),
+/// which count a local pod's packets a second time.
+pub fn ingress_forwarded(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kubedsr_agent_vip_packets_total{") && !l.contains("/node\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 pub fn ready_node(name: &str, labels: serde_json::Value) -> Result<Node> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
@@ -640,8 +652,9 @@ impl Cluster {
     ///
     /// Status alone is not enough: a readiness change moves no generation,
     /// so `Programmed` stays true while the agents catch up. Every ingress
-    /// node's report must also count `ready` backends (per VIP) in its
-    /// dataplane, with every MAC resolved.
+    /// node's report must also count `ready` backends (per VIP) reached by
+    /// its dataplane (directly, through their node, or locally), with
+    /// every MAC resolved.
     pub async fn wait_programmed(&self, service: &str, ready: i32) -> Result<DsrServiceStatus> {
         let services = self.services.clone();
         let reports = self.reports.clone();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use kube::api::DeleteParams;
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, INGRESS, Options, counter, lo_addrs, metric, sysctl, wait_for},
+    cluster::{self, Cluster, INGRESS, Options, counter, lo_addrs, sysctl, wait_for},
     netns::sh,
     privileged,
     topology::VIP,
@@ -60,7 +60,7 @@ async fn web_service(c: &mut Cluster) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let forwarded = wait_for("the VIP's packet counter", Duration::from_secs(10), || async {
         let m = sh(&format!("ip netns exec {} curl -s http://127.0.0.1:9477/metrics", n.ingress))?;
-        let f = metric(&m, "kubedsr_agent_vip_packets_total{");
+        let f = cluster::ingress_forwarded(&m);
         Ok((f >= (requests as u64) * 4).then_some(f))
     })
     .await?;

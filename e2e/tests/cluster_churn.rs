@@ -363,8 +363,8 @@ fn xdp_prog_id(ns: &str) -> Result<u32> {
     id.with_context(|| format!("no XDP program on {ns} eth0: {out}"))?.parse().context("prog id")
 }
 
-/// Waits until the ingress agent reports `service` with `active` backends
-/// taking new flows in its dataplane.
+/// Waits until the ingress agent reports `service` with `active` ready
+/// backends reached by its dataplane.
 async fn ingress_backends(c: &Cluster, service: &str, active: i32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -91,6 +91,18 @@ async fn six_pods_on_three_nodes(c: &mut Cluster) -> Result<()> {
     })
     .await?;
     eprintln!("status: {why}");
+    // How the ingress node reaches them: its own two through its node
+    // stage, the other four through their nodes.
+    let report = c.ingress_report("web").await?.context("ingress-1 reports web")?;
+    eprintln!("ingress-1 reaches: {:?}, unreached {:?}", report.reach, report.unreached);
+    ensure!(
+        (report.reach.local, report.reach.via_node, report.reach.direct) == (2, 4, 0),
+        "ingress-1 reach {:?}",
+        report.reach
+    );
+    // web-w3 never becomes a backend (its node cannot deliver), so the
+    // ingress node has nothing to report about it.
+    ensure!(report.unreached.is_empty(), "unreached: {:?}", report.unreached);
 
     c.count_replies()?;
     let before = c.replies()?;

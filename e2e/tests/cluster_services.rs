@@ -22,7 +22,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube_dsr_crds::{DsrService, messages};
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, INGRESS, counter, lo_addrs, metric, wait_for},
+    cluster::{self, Cluster, INGRESS, counter, lo_addrs, wait_for},
     netns::sh,
     privileged,
     topology::{TCP_PORT, UDP_ECHO_PORT, UDP_PORT, VIP, VIP6},
@@ -129,7 +129,7 @@ fn tcp80() -> serde_json::Value {
 async fn forwarded_at_least(c: &Cluster, at_least: u64) -> Result<u64> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     wait_for("the VIP packet counters", Duration::from_secs(10), || async {
-        let f = metric(&c.ingress_metrics()?, "kubedsr_agent_vip_packets_total{");
+        let f = cluster::ingress_forwarded(&c.ingress_metrics()?);
         Ok((f >= at_least).then_some(f))
     })
     .await
@@ -262,7 +262,7 @@ async fn udp_service(c: &mut Cluster) -> Result<()> {
 
     // The echo port: replies from the VIP, straight to the client.
     let rx_before = counter(&n.ingress, "rx_packets")?;
-    let fwd_before = metric(&c.ingress_metrics()?, "kubedsr_agent_vip_packets_total{");
+    let fwd_before = cluster::ingress_forwarded(&c.ingress_metrics()?);
     let (flows, per_flow) = (64, 4);
     let client = n.client.clone();
     let t = Instant::now();
@@ -355,7 +355,7 @@ async fn ipv6_service(c: &mut Cluster) -> Result<()> {
     }
 
     let rx_before = counter(&n.ingress, "rx_packets")?;
-    let fwd_before = metric(&c.ingress_metrics()?, "kubedsr_agent_vip_packets_total{");
+    let fwd_before = cluster::ingress_forwarded(&c.ingress_metrics()?);
     let requests = 60;
     let t = Instant::now();
     let (answers, failed) =

@@ -66,8 +66,10 @@ fn nodes_route_pods_like_kindnet_with_kube_proxy_rules() -> Result<()> {
         // others: via the pod's node), TCP included (through FORWARD,
         // conntrack and the masquerade rules).
         for n in &world.nodes {
-            sh(&format!("ip netns exec {} ping -c1 -W2 {} >/dev/null", n.ns, p.addr))?;
-            sh(&format!("ip netns exec {} ping -6 -c1 -W2 {} >/dev/null", n.ns, p.addr6))?;
+            // Reachable: a reply within 5 s (a ping a second; the first
+            // may wait for neighbour resolution on three links).
+            sh(&format!("ip netns exec {} ping -c1 -w5 {} >/dev/null", n.ns, p.addr))?;
+            sh(&format!("ip netns exec {} ping -6 -c1 -w5 {} >/dev/null", n.ns, p.addr6))?;
             let out =
                 sh(&format!("ip netns exec {} curl -s -m 3 http://{}/ || true", n.ns, p.addr))?;
             ensure!(

@@ -346,21 +346,36 @@ pub struct PeerSlot {
 }
 const _: () = assert!(core::mem::size_of::<PeerSlot>() == 8);
 
+const PEER_BITS: u32 = 10;
 /// Slots of the peer table (a power of two).
-pub const PEER_SLOTS: u32 = 1024;
+pub const PEER_SLOTS: u32 = 1 << PEER_BITS;
 /// Slots a peer lookup probes.
 pub const PEER_PROBES: u32 = 8;
 
-/// First slot probed for a peer MAC.
+/// First slot probed for a peer MAC, given as [`PeerSlot::mac_word`]: one
+/// multiply (Fibonacci hashing), as every VIP packet computes it.
 #[inline(always)]
-pub fn peer_slot(mac_hi: u32, mac_lo: u16) -> u32 {
-    fmix(mac_hi ^ u32::from(mac_lo).rotate_left(16)) & (PEER_SLOTS - 1)
+pub fn peer_slot(mac: u64) -> u32 {
+    (mac.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - PEER_BITS)) as u32
 }
 
 impl PeerSlot {
     /// The `mac_hi`, `mac_lo` words of a MAC.
     pub const fn words(mac: [u8; 6]) -> (u32, u16) {
         (u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]), u16::from_ne_bytes([mac[4], mac[5]]))
+    }
+
+    /// A MAC's six bytes as the low 48 bits of a native word, as the
+    /// program reads them from a frame (one load and a mask).
+    pub const fn mac_word(mac: [u8; 6]) -> u64 {
+        u64::from_ne_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+    }
+
+    /// The whole slot as one native word: `mac_word | state << 48` (the
+    /// padding byte is always zero), so a probe is one load and compare.
+    pub const fn as_word(&self) -> u64 {
+        let (h, l) = (self.mac_hi.to_ne_bytes(), self.mac_lo.to_ne_bytes());
+        u64::from_ne_bytes([h[0], h[1], h[2], h[3], l[0], l[1], self.state, self._pad])
     }
 }
 
@@ -603,6 +618,18 @@ mod tests {
         let bytes: [u8; 12] = unsafe { core::mem::transmute(b.macs) };
         assert_eq!(&bytes[..6], &dst);
         assert_eq!(&bytes[6..], &src);
+    }
+
+    #[test]
+    fn a_used_peer_slot_is_its_mac_word_with_the_state_on_top() {
+        let mac = [0x02, 0xee, 0x12, 0x34, 0x56, 0x78];
+        let (mac_hi, mac_lo) = PeerSlot::words(mac);
+        let slot = PeerSlot { mac_hi, mac_lo, state: SLOT_USED, _pad: 0 };
+        assert_eq!(slot.as_word(), PeerSlot::mac_word(mac) | u64::from(SLOT_USED) << 48);
+        // What the program reads from a frame's bytes 6..14 (MAC, ethertype).
+        let frame = [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0x08, 0x00];
+        assert_eq!(u64::from_ne_bytes(frame) & 0xffff_ffff_ffff, PeerSlot::mac_word(mac));
+        assert!(peer_slot(PeerSlot::mac_word(mac)) < PEER_SLOTS);
     }
 
     #[test]

@@ -202,7 +202,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 #[map(name = "DSR_PEERS_V1")]
 static PEERS: Array<PeerSlot> = Array::pinned(PEER_SLOTS, BPF_F_MMAPABLE as u32);
 
+// Inlined into the section's entry point: left to itself, LLVM keeps a
+// program this size as a BPF-to-BPF call, one call and return per packet.
 #[xdp]
+#[inline(always)]
 pub fn kube_dsr(ctx: XdpContext) -> u32 {
     let (action, why) = match parse::parse(&ctx) {
         Parsed::Pass(why) => (xdp_action::XDP_PASS, why),
@@ -224,21 +227,21 @@ fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
             if flow.icmp { reason::PASS_ICMP_NOT_VIP } else { reason::PASS_NOT_VIP },
         );
     };
-    if vip.flags & VIP_NODE_ONLY != 0 || from_peer(ctx) {
-        return node_stage(ctx, flow);
+    // One call site of `node_stage`, so the program holds one copy of it.
+    if vip.flags & VIP_NODE_ONLY == 0 && !from_peer(ctx) {
+        let Some((backend_id, backend, why)) = pick(&vip, flow) else {
+            return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND);
+        };
+        count(ctx, vip.svc_id, backend_id);
+        if backend.flags & BACKEND_LOCAL == 0 {
+            return if backend.flags & BACKEND_VIA_NODE != 0 {
+                via_node(ctx, &backend, why)
+            } else {
+                direct(ctx, &backend, why)
+            };
+        }
     }
-    let Some((backend_id, backend, why)) = pick(&vip, flow) else {
-        return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND);
-    };
-    count(ctx, vip.svc_id, backend_id);
-    if backend.flags & BACKEND_LOCAL != 0 {
-        return node_stage(ctx, flow);
-    }
-    if backend.flags & BACKEND_VIA_NODE != 0 {
-        via_node(ctx, &backend, why)
-    } else {
-        direct(ctx, &backend, why)
-    }
+    node_stage(ctx, flow)
 }
 
 /// Delivers a frame to one of this node's local backend pods of the VIP,
@@ -335,24 +338,23 @@ fn count(ctx: &XdpContext, svc_id: u32, backend_id: u32) {
 #[inline(always)]
 fn from_peer(ctx: &XdpContext) -> bool {
     let start = ctx.data();
-    if start + 12 > ctx.data_end() {
+    // Bytes 6..14: the source MAC and the ethertype (parsed already).
+    if start + 14 > ctx.data_end() {
         return false;
     }
-    let (hi, lo) = unsafe {
-        (
-            ((start + 6) as *const u32).read_unaligned(),
-            ((start + 10) as *const u16).read_unaligned(),
-        )
-    };
-    let first = peer_slot(hi, lo);
+    let mac = unsafe { ((start + 6) as *const u64).read_unaligned() } & 0xffff_ffff_ffff;
+    let used = mac | (u64::from(SLOT_USED) << 48);
+    let first = peer_slot(mac);
     for i in 0..PEER_PROBES {
         let Some(s) = PEERS.get((first + i) & (PEER_SLOTS - 1)) else {
             return false;
         };
-        if s.mac_hi == hi && s.mac_lo == lo && s.state == SLOT_USED {
+        // The slot as one word (see `PeerSlot::as_word`).
+        let w = unsafe { (s as *const PeerSlot as *const u64).read() };
+        if w == used {
             return true;
         }
-        if s.state == SLOT_EMPTY {
+        if (w >> 48) as u8 == SLOT_EMPTY {
             return false;
         }
     }

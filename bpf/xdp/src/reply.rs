@@ -26,6 +26,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const HEADERS: usize = ETH_LEN + 40 + 4;
 
 #[classifier]
+#[inline(always)]
 pub fn kube_dsr_reply(ctx: TcContext) -> i32 {
     if ctx.data() + HEADERS > ctx.data_end() {
         // Headers outside the linear part (rare on a veth): pull them in.

@@ -291,7 +291,9 @@ fn run(
     let mut base_hit = Vec::new();
     let mut base_miss = Vec::new();
     let mut ns_node = 0.0;
-    let (mut base_ns_maglev, mut base_ns_hit) = (0.0, 0.0);
+    // [baseline, this build], alternating runs.
+    let mut ab_maglev: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut ab_hit: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut ns_floor = 0.0;
     let mut ns_hit = 0.0;
     let mut ns_maglev = 0.0;
@@ -306,7 +308,7 @@ fn run(
     for round in 0..args.rounds {
         // (a) the floor.
         bench.configure(MODE_FIXED, 1)?;
-        let link = bench.xdp("bench_floor")?.attach("dut0", XdpMode::Driver)?;
+        let link = attach_when_free(bench.xdp("bench_floor")?, "dut0")?;
         floor.push(bench.live(&tmpl, args.frames)?);
         bench.xdp("bench_floor")?.detach(link)?;
 
@@ -405,7 +407,7 @@ fn run(
 
         // (g) the baseline object on the same maps: the ingress service
         // again, the baseline program on dut0 instead of this build's.
-        if let Some(object) = &baseline {
+        if let Some(baseline_object) = &baseline {
             drop(dp);
             Dataplane::remove_pins(pin_dir)?;
             let mut dp = Dataplane::open(&cfg)?;
@@ -413,10 +415,11 @@ fn run(
             dp.upsert_service(&service(args, 1, false))?;
             // Removing the pin detaches this build's program.
             std::fs::remove_file(pin_dir.join("xdp_link"))?;
-            let mut old = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object)?;
+            let mut old =
+                EbpfLoader::new().default_map_pin_directory(pin_dir).load(baseline_object)?;
             let prog: &mut Xdp = old.program_mut("kube_dsr").unwrap().try_into()?;
             prog.load()?;
-            let link = prog.attach("dut0", XdpMode::Driver)?;
+            let link = attach_when_free(prog, "dut0")?;
             bench.configure(MODE_CYCLE, args.flows)?;
             bench.live(&tmpl, args.flows * 2)?;
             base_hit.push(bench.live(&tmpl, args.frames)?);
@@ -424,14 +427,28 @@ fn run(
             bench.configure(MODE_NEW, 0)?;
             base_miss.push(bench.live(&tmpl, args.frames)?);
             if round == 0 {
-                // The same non-live ns/packet figures as this build's:
-                // settled (Maglev), then pin-all (a connection-table hit).
-                let mut copy = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object)?;
-                let p: &mut Xdp = copy.program_mut("kube_dsr").unwrap().try_into()?;
-                p.load()?;
-                base_ns_maglev = ns_per_packet(p, &tmpl, args.repeat)?;
+                // Non-live ns/packet of both builds on the same maps in the
+                // same state, alternating: settled (Maglev), then pin-all
+                // (the fixed frame hits the connection table).
+                let mut copies = Vec::new();
+                for o in [baseline_object.as_slice(), object()] {
+                    let mut copy = EbpfLoader::new().default_map_pin_directory(pin_dir).load(o)?;
+                    let p: &mut Xdp = copy.program_mut("kube_dsr").unwrap().try_into()?;
+                    p.load()?;
+                    copies.push(copy);
+                }
+                let both = |into: &mut [Vec<f64>; 2]| -> Result<()> {
+                    for _ in 0..7 {
+                        for (i, c) in copies.iter().enumerate() {
+                            let p: &Xdp = c.program("kube_dsr").unwrap().try_into()?;
+                            into[i].push(ns_per_packet(p, &tmpl, args.repeat / 4)?);
+                        }
+                    }
+                    Ok(())
+                };
+                both(&mut ab_maglev)?;
                 dp.upsert_service(&service(args, 1, true))?;
-                base_ns_hit = ns_per_packet(p, &tmpl, args.repeat)?;
+                both(&mut ab_hit)?;
             }
             let prog: &mut Xdp = old.program_mut("kube_dsr").unwrap().try_into()?;
             prog.detach(link)?;
@@ -458,10 +475,15 @@ fn run(
     let baseline_line = if baseline.is_some() {
         format!(
             "baseline object ({}): hit_ratio={:.3} miss_ratio={:.3} (same rounds); \
-             ns_per_packet hit={base_ns_hit:.1} maglev={base_ns_maglev:.1}\n",
+             ns_per_packet, same maps and state, alternating (median of 7): \
+             baseline hit={:.1} maglev={:.1}, this build hit={:.1} maglev={:.1}\n",
             args.baseline_object.as_ref().unwrap().display(),
             ratio(&base_hit),
-            ratio(&base_miss)
+            ratio(&base_miss),
+            median(ab_hit[0].clone()),
+            median(ab_maglev[0].clone()),
+            median(ab_hit[1].clone()),
+            median(ab_maglev[1].clone()),
         )
     } else {
         String::new()
@@ -506,6 +528,20 @@ fn run(
         mpps(median(node.clone())),
         node_ratio,
     ))
+}
+
+/// Attaches once the interface's previous XDP link is gone: a link whose
+/// pin was just removed is released after an RCU grace period, and until
+/// then the interface is busy.
+fn attach_when_free(prog: &mut Xdp, iface: &str) -> Result<aya::programs::xdp::XdpLinkId> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match prog.attach(iface, XdpMode::Driver) {
+            Ok(link) => return Ok(link),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn ifindex(name: &str) -> Result<u32> {

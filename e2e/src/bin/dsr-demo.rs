@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, INGRESS, Options, WORKER, WORKER2, metric},
+    cluster::{self, Cluster, INGRESS, Options, WORKER, WORKER2},
     netns::sh,
     topology::{ROUTER_LAN, VIP},
 };
@@ -58,7 +58,7 @@ fn round(c: &Cluster, n: usize, served: &mut BTreeMap<String, usize>) -> Result<
 
 fn table(c: &Cluster, served: &BTreeMap<String, usize>, failed: usize) -> Result<()> {
     let m = c.ingress_metrics()?;
-    let forwarded = metric(&m, "kubedsr_agent_vip_packets_total{");
+    let forwarded = cluster::ingress_forwarded(&m);
     let total: usize = served.values().sum();
     let cells: Vec<String> = served
         .iter()

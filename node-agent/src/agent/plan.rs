@@ -12,7 +12,7 @@ use kube_dsr_crds::nodereport::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::dataplane::{BackendSpec, Egress, ServiceSpec, Stage};
+use crate::dataplane::{BackendSpec, Egress, Reach, ServiceSpec, Stage};
 use crate::neigh::{Iface, Lookup, Route};
 
 use super::desired::{Desired, IngressService, SvcKey};
@@ -505,6 +505,17 @@ pub fn peer_nodes(d: &Desired, me: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Ready backends a spec sends new flows to: a direct entry is one, an
+/// entry through a node (or this node's own stage) stands for as many ready
+/// pods as its weight.
+pub fn ready_reached(spec: &ServiceSpec) -> usize {
+    spec.backends
+        .iter()
+        .filter(|b| b.takes_new_flows())
+        .map(|b| if b.reach == Reach::Direct { 1 } else { b.weight as usize })
+        .sum()
+}
+
 /// Whether the dataplane's copy `held` already equals `want` (backends are
 /// held sorted by address).
 pub fn same_spec(held: &ServiceSpec, want: &ServiceSpec) -> bool {
@@ -751,7 +762,7 @@ mod tests {
     use crate::agent::desired::{
         DesiredBackend, LocalEndpoint, LocalPod, NodeService, NodeVip, VipService,
     };
-    use crate::dataplane::{PortSpec, Protocol, Reach};
+    use crate::dataplane::{PortSpec, Protocol};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -1027,6 +1038,9 @@ mod tests {
             ]
         );
         specs[0].validate().expect("the dataplane accepts the plan");
+        // The report counts ready pods reached: 1 direct + 2 on w1 + 2 local
+        // (w2's only pod drains).
+        assert_eq!(ready_reached(&specs[0]), 5);
         let why: BTreeMap<&str, &str> =
             unreached.iter().map(|u| (u.address.as_str(), u.reason.as_str())).collect();
         assert_eq!(

@@ -386,7 +386,7 @@ impl Worker {
             }
         }
         let mut programmed: BTreeMap<String, Result<usize, String>> = BTreeMap::new();
-        let active = |s: &ServiceSpec| s.backends.iter().filter(|b| b.takes_new_flows()).count();
+        let active = plan::ready_reached;
         for (ifname, specs) in &plan.wanted {
             let c = changes.get(ifname).cloned().unwrap_or_default();
             let Some(dp) = self.dataplanes.get_mut(ifname) else {

@@ -776,9 +776,10 @@ impl Dataplane {
     /// an interface that is gone).
     pub fn detach_reply(&mut self, ifindex: u32) -> Result<()> {
         let path = self.pin_dir.join(format!("{REPLY_PIN_PREFIX}{ifindex}"));
+        // Detached now (fails harmlessly for a link whose interface is
+        // gone); the pin, its last reference, goes next.
+        let _ = sys::detach_pinned_link(&path);
         match std::fs::remove_file(&path) {
-            // The pin was the link's last reference: it is released, which
-            // detaches the program.
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(Error::Pin { path, source }),
@@ -828,6 +829,8 @@ impl Dataplane {
     pub fn remove_pins(pin_dir: &Path) -> Result<()> {
         let link = pin_dir.join(LINK_PIN);
         if link.exists() {
+            // Detached now, not after bpffs frees the pin's inode.
+            let _ = sys::detach_pinned_link(&link);
             match PinnedLink::from_pin(&link) {
                 Ok(l) => {
                     l.unpin().map_err(|source| Error::Pin { path: link.clone(), source })?;
@@ -843,6 +846,14 @@ impl Dataplane {
         };
         for entry in entries {
             let path = entry.map_err(|source| Error::Pin { path: pin_dir.into(), source })?.path();
+            let is_reply = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(REPLY_PIN_PREFIX));
+            if is_reply {
+                // Detached now, not after bpffs frees the pin's inode.
+                let _ = sys::detach_pinned_link(&path);
+            }
             std::fs::remove_file(&path).map_err(|source| Error::Pin { path, source })?;
         }
         std::fs::remove_dir(pin_dir)

@@ -12,8 +12,7 @@ use kube_dsr_common::{PEER_PROBES, PEER_SLOTS, PeerSlot, SLOT_DELETED, SLOT_USED
 use super::sys::Mapped;
 
 fn probe(mac: [u8; 6]) -> impl Iterator<Item = usize> {
-    let (hi, lo) = PeerSlot::words(mac);
-    let first = peer_slot(hi, lo);
+    let first = peer_slot(PeerSlot::mac_word(mac));
     (0..PEER_PROBES).map(move |i| ((first + i) & (PEER_SLOTS - 1)) as usize)
 }
 

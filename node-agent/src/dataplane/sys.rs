@@ -106,7 +106,29 @@ pub fn pinned_tcx_link_ifindex(path: &Path) -> io::Result<u32> {
     pinned_link_ifindex(path, BPF_LINK_TYPE_TCX)
 }
 
-fn pinned_link_ifindex(path: &Path, want_type: u32) -> io::Result<u32> {
+/// Detaches the pinned link at `path` now. Removing a pin alone releases
+/// the link only once bpffs frees the inode, after an RCU grace period;
+/// meanwhile the program keeps running (and the interface stays busy).
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let fd = obj_get(path)?;
+    let link_fd: [u32; 2] = [fd.as_raw_fd() as u32, 0];
+    // SAFETY: BPF_LINK_DETACH reads the link fd from `link_fd`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            link_fd.as_ptr(),
+            std::mem::size_of_val(&link_fd),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = cpath(path)?;
     let attr =
         ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
@@ -123,7 +145,11 @@ fn pinned_link_ifindex(path: &Path, want_type: u32) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd is a fresh, valid descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pinned_link_ifindex(path: &Path, want_type: u32) -> io::Result<u32> {
+    let fd = obj_get(path)?;
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
     // whose xdp and tcx members start with the ifindex.
     let mut info = [0u64; 32];
