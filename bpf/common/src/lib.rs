@@ -352,8 +352,27 @@ pub mod reason {
     pub const PASS_ICMP_NOT_VIP: u32 = 14;
     /// More than one VLAN tag: passed.
     pub const PASS_VLAN_STACK: u32 = 15;
+    /// The destination MAC is not the interface's own unicast address
+    /// (broadcast, multicast, another host's frame seen through a flooding
+    /// bridge or promiscuous mode): passed, the kernel treats it as usual.
+    pub const PASS_NOT_OUR_MAC: u32 = 16;
+    /// IPv4 total length shorter than its header or longer than the frame,
+    /// or IPv6 payload length longer than the frame: passed, the kernel's IP
+    /// input drops it.
+    pub const PASS_IP_LEN: u32 = 17;
+    /// VIP TCP segment whose header does not fit in the IP payload (data
+    /// offset below 5 or past the payload's end): dropped, because a routing
+    /// node's kernel would send it on unchecked.
+    pub const DROP_TCP_LEN: u32 = 18;
+    /// VIP UDP datagram whose length field is below 8 or past the IP
+    /// payload's end: dropped, like `DROP_TCP_LEN`.
+    pub const DROP_UDP_LEN: u32 = 19;
+    /// ICMP error whose quoted packet is not whole enough to name a flow
+    /// (quote cut before 8 bytes of its L4 header, inner lengths too short,
+    /// a non-first fragment): passed.
+    pub const PASS_ICMP_QUOTE: u32 = 20;
 
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 21;
 
     /// Fixed metric label for each reason, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -373,6 +392,11 @@ pub mod reason {
         "pass_ipv6_ext",
         "pass_icmp_not_vip",
         "pass_vlan_stack",
+        "pass_not_our_mac",
+        "pass_ip_len",
+        "drop_tcp_len",
+        "drop_udp_len",
+        "pass_icmp_quote",
     ];
 }
 

@@ -7,9 +7,10 @@
 //! `flow_hash % M`; only the two MAC addresses change, then `XDP_TX` (or a
 //! redirect when the backend sits behind another interface).
 //!
-//! Nothing that is not fully understood is ever transmitted: IP options,
-//! fragments, IPv6 extension headers and truncated headers go to the kernel,
-//! each counted by reason. All the table building happens in user space; the
+//! Nothing that is not fully understood is ever transmitted: frames not sent
+//! to this interface's MAC, IP options, fragments, IPv6 extension headers,
+//! truncated headers and inconsistent lengths go to the kernel (VIP flows
+//! with a malformed TCP/UDP header are dropped), each counted by reason. All the table building happens in user space; the
 //! kernel side only looks up.
 #![no_std]
 #![no_main]
@@ -199,6 +200,10 @@ fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
             if flow.icmp { reason::PASS_ICMP_NOT_VIP } else { reason::PASS_NOT_VIP },
         );
     };
+    // A malformed TCP/UDP header towards a VIP (see `parse`).
+    if flow.bad != 0 {
+        return (xdp_action::XDP_DROP, flow.bad);
+    }
     let (backend_id, backend, why) = match pick(&vip, flow) {
         Some(found) => found,
         None => return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND),
