@@ -12,6 +12,7 @@ mod maps;
 pub mod spec;
 mod sys;
 mod viptable;
+mod vlan;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -38,6 +39,7 @@ use kube_dsr_common::{
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
 use tracing::{info, warn};
+pub use vlan::VlanTags;
 
 use crate::error::{Error, Result};
 
@@ -193,6 +195,7 @@ pub struct Dataplane {
     mac: [u8; 6],
     attached: Attached,
     start: Start,
+    vlan: VlanTags,
     services: BTreeMap<String, Installed>,
 }
 
@@ -212,6 +215,10 @@ impl Dataplane {
             .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
         let mac = sys::mac(&cfg.interface)
             .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
+        // Before anything is attached: a tag stripped by the NIC would be
+        // lost on XDP_TX.
+        let vlan = vlan::keep_tags_inline(&cfg.interface)
+            .map_err(|source| Error::VlanOffload { name: cfg.interface.clone(), source })?;
 
         // ROWS_PER_SERVICE rows per service, two slots per element.
         let ring_entries =
@@ -302,13 +309,19 @@ impl Dataplane {
             mode = attached.as_str(),
             start = ?start,
             services = services.len(),
+            vlan_tags = vlan.as_str(),
             "dataplane ready"
         );
-        Ok(Self { maps, ifindex, mac, attached, start, services })
+        Ok(Self { maps, ifindex, mac, attached, start, vlan, services })
     }
 
     pub fn attached(&self) -> Attached {
         self.attached
+    }
+
+    /// How 802.1Q tags reach the program on the attach interface.
+    pub fn vlan_tags(&self) -> &VlanTags {
+        &self.vlan
     }
 
     pub fn start(&self) -> Start {
