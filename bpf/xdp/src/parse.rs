@@ -162,12 +162,24 @@ const fn be16(v: u16) -> u16 {
 /// interface's unicast MAC (a frame flooded by a bridge, seen in
 /// promiscuous mode, or sent to broadcast or multicast belongs to someone
 /// else, or to everyone: forwarding it would send the backend a copy).
+/// The MAC is checked once the frame is known to be IP, so ARP and other
+/// non-IP broadcasts still count as `PASS_NOT_IP`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
-    match headers(ctx) {
-        Parsed::Pass(why) => Parsed::Pass(why),
-        _ if !to_us(ctx) => Parsed::Pass(reason::PASS_NOT_OUR_MAC),
-        flow => flow,
+    let mut ethertype = be16(get!(ctx, u16, 12));
+    let mut l3 = ETH_LEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(get!(ctx, u16, ETH_LEN + 2));
+        l3 += VLAN_LEN;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            return Parsed::Pass(reason::PASS_VLAN_STACK);
+        }
+    }
+    match ethertype {
+        ETH_P_IP | ETH_P_IPV6 if !to_us(ctx) => Parsed::Pass(reason::PASS_NOT_OUR_MAC),
+        ETH_P_IP => ipv4(ctx, l3),
+        ETH_P_IPV6 => ipv6(ctx, l3),
+        _ => Parsed::Pass(reason::PASS_NOT_IP),
     }
 }
 
@@ -183,24 +195,6 @@ fn to_us(ctx: &XdpContext) -> bool {
     dst[0] == ours[0]
         && (dst[1] ^ ours[1]) & u32::from_ne_bytes([0xff, 0xff, 0, 0]) == 0
         && ours != [0, 0]
-}
-
-#[inline(always)]
-fn headers(ctx: &XdpContext) -> Parsed {
-    let mut ethertype = be16(get!(ctx, u16, 12));
-    let mut l3 = ETH_LEN;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = be16(get!(ctx, u16, ETH_LEN + 2));
-        l3 += VLAN_LEN;
-        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            return Parsed::Pass(reason::PASS_VLAN_STACK);
-        }
-    }
-    match ethertype {
-        ETH_P_IP => ipv4(ctx, l3),
-        ETH_P_IPV6 => ipv6(ctx, l3),
-        _ => Parsed::Pass(reason::PASS_NOT_IP),
-    }
 }
 
 /// Bytes from `off` to the end of the frame.
