@@ -216,9 +216,12 @@ impl Dataplane {
         let mac = sys::mac(&cfg.interface)
             .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
         // Before anything is attached: a tag stripped by the NIC would be
-        // lost on XDP_TX.
-        let vlan = vlan::keep_tags_inline(&cfg.interface)
-            .map_err(|source| Error::VlanOffload { name: cfg.interface.clone(), source })?;
+        // lost on a native XDP_TX. Generic XDP keeps it with the packet.
+        let vlan = match cfg.attach {
+            AttachMode::Generic => VlanTags::KeptWithPacket,
+            AttachMode::Auto | AttachMode::Native => vlan::keep_tags_inline(&cfg.interface)
+                .map_err(|source| Error::VlanOffload { name: cfg.interface.clone(), source })?,
+        };
 
         // ROWS_PER_SERVICE rows per service, two slots per element.
         let ring_entries =
@@ -302,6 +305,11 @@ impl Dataplane {
             },
             mac: [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0],
         })?;
+
+        let vlan = match attached {
+            Attached::Generic => VlanTags::KeptWithPacket,
+            Attached::Native => vlan,
+        };
 
         let services = read_back(&mut maps)?;
         info!(

@@ -36,8 +36,11 @@ pub enum VlanTags {
     Inline,
     /// Receive VLAN offload was on; the agent turned it off.
     OffloadTurnedOff,
-    /// veth: the sender decides (see the module comment).
+    /// veth in native mode: the sender decides (see the module comment).
     PeerDecides,
+    /// Generic XDP: a tag the interface strips stays with the packet and
+    /// leaves with it.
+    KeptWithPacket,
 }
 
 impl VlanTags {
@@ -46,6 +49,7 @@ impl VlanTags {
             Self::Inline => "inline",
             Self::OffloadTurnedOff => "inline (rx-vlan-offload turned off)",
             Self::PeerDecides => "veth: inline only if the peer sends tags in the frame",
+            Self::KeptWithPacket => "generic XDP: a stripped tag stays with the packet",
         }
     }
 }
