@@ -175,7 +175,12 @@ fn tcp_through_the_node_stage_and_the_reply_program() {
     // connection opens, although the SYN is delivered.
     let refused = ask(&lab, Duration::from_secs(2));
     assert!(refused.is_err(), "a connection opened without the reply program: {refused:?}");
-    assert!(count(&dp, "fwd_node_local") > 0, "the node stage never delivered the SYN");
+    assert!(
+        count(&dp, "fwd_node_local") > 0,
+        "the node stage never delivered the SYN; node: {:?}; ingress: {:?}",
+        dp.reason_counts().unwrap().into_iter().filter(|r| r.1 > 0).collect::<Vec<_>>(),
+        ingress.reason_counts().unwrap().into_iter().filter(|r| r.1 > 0).collect::<Vec<_>>()
+    );
 
     // With it, replies leave through the uplink directly.
     let ifx = vp0.ifindex;
@@ -223,6 +228,7 @@ fn tcp_through_the_node_stage_and_the_reply_program() {
     assert_eq!(dp.start(), Start::Upgraded);
     assert_eq!(dp.replies(), vec![vp0.ifindex]);
     assert_eq!(dp.services().cloned().collect::<Vec<_>>(), vec![node_spec]);
+    assert_eq!(dp.peers(), vec![lab.ingress.mac("eth0").unwrap()]);
     for i in 0..5 {
         let answer = ask(&lab, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("connection {i} after the upgrade failed: {e}"));
