@@ -347,6 +347,13 @@ fn packet_fixtures() {
         reason,
         out: Out::Unchanged,
     };
+    let drop = |name, frame: Vec<u8>, reason| Case {
+        name,
+        frame,
+        verdict: XDP_DROP,
+        reason,
+        out: Out::Unchanged,
+    };
     let tx = |name, frame: Vec<u8>, reason, to: Mac| Case {
         name,
         frame,
@@ -355,6 +362,175 @@ fn packet_fixtures() {
         out: Out::To(to),
     };
 
+    // Hostile and malformed frames (issue 11): every class is passed or
+    // dropped under its own reason, never forwarded.
+    let malformed = {
+        let set16 = |mut f: Vec<u8>, at: usize, v: u16| {
+            f[at..at + 2].copy_from_slice(&v.to_be_bytes());
+            f
+        };
+        let (l3, l4_4, l4_6) = (14, 14 + 20, 14 + 40);
+        let tcp4_at = |sport| tcp_frame(dut, CLIENT_MAC, (client, sport), (vip, 80), syn);
+        let udp4_at =
+            |payload: &[u8]| udp_frame(dut, CLIENT_MAC, (client, 40001), (vip, 53), payload);
+        let to_mac = |mac: Mac| {
+            let mut f = tcp4.clone();
+            f[..6].copy_from_slice(&mac);
+            f
+        };
+        let mut with_opts = tcp(client, vip, 40000, 80, syn, &[2, 4, 5, 0xb4, 1, 1, 4, 2]);
+        with_opts[12] = 7 << 4;
+        let tcp4_opts = l3_frame(dut, CLIENT_MAC, &[], client, vip, PROTO_TCP, &with_opts);
+        let mut padded = tcp4.clone();
+        padded.resize(60, 0);
+        // A UDP length shorter than the IP payload: the rest is trailer.
+        let udp_trailer = set16(udp4_at(b"query"), l4_4 + 4, 8 + 2);
+        let inner4 = l4_4 + 8;
+        let too_big_inner = l4_6 + 8;
+        vec![
+            pass(
+                "IPv4 total length 1400 > frame",
+                set16(tcp4.clone(), l3 + 2, 1400),
+                "pass_ip_len",
+            ),
+            pass("IPv4 total length 65535", set16(tcp4.clone(), l3 + 2, 65535), "pass_ip_len"),
+            pass("IPv4 total length 0", set16(tcp4.clone(), l3 + 2, 0), "pass_ip_len"),
+            pass("IPv4 total length 19", set16(tcp4.clone(), l3 + 2, 19), "pass_ip_len"),
+            drop(
+                "IPv4 total length 20: no room for TCP",
+                set16(tcp4.clone(), l3 + 2, 20),
+                "drop_tcp_len",
+            ),
+            drop("IPv4 total length 30: TCP cut", set16(tcp4.clone(), l3 + 2, 30), "drop_tcp_len"),
+            drop(
+                "IPv4 total length 20: no room for UDP",
+                set16(udp4_at(b"q"), l3 + 2, 20),
+                "drop_udp_len",
+            ),
+            pass("IPv6 payload length > frame", set16(tcp6.clone(), 14 + 4, 21), "pass_ip_len"),
+            pass("IPv6 payload length 65535", set16(tcp6.clone(), 14 + 4, 65535), "pass_ip_len"),
+            drop(
+                "IPv6 payload length 0 (no jumbo header)",
+                set16(tcp6.clone(), 14 + 4, 0),
+                "drop_tcp_len",
+            ),
+            drop(
+                "IPv6 payload length 12: TCP cut",
+                set16(tcp6.clone(), 14 + 4, 12),
+                "drop_tcp_len",
+            ),
+            drop(
+                "TCP data offset 4",
+                {
+                    let mut f = tcp4_at(40010);
+                    f[l4_4 + 12] = 4 << 4;
+                    f
+                },
+                "drop_tcp_len",
+            ),
+            drop(
+                "TCP data offset 0",
+                {
+                    let mut f = tcp4_at(40011);
+                    f[l4_4 + 12] = 0;
+                    f
+                },
+                "drop_tcp_len",
+            ),
+            drop(
+                "TCP data offset 15, past the packet",
+                {
+                    let mut f = tcp4_at(40012);
+                    f[l4_4 + 12] = 15 << 4;
+                    f
+                },
+                "drop_tcp_len",
+            ),
+            drop(
+                "TCPv6 data offset 6, past the packet",
+                {
+                    let mut f = tcp6.clone();
+                    f[l4_6 + 12] = 6 << 4;
+                    f
+                },
+                "drop_tcp_len",
+            ),
+            drop("UDP length 0", set16(udp4_at(b"query"), l4_4 + 4, 0), "drop_udp_len"),
+            drop("UDP length 4", set16(udp4_at(b"query"), l4_4 + 4, 4), "drop_udp_len"),
+            drop(
+                "UDP length past the packet",
+                set16(udp4_at(b"query"), l4_4 + 4, 200),
+                "drop_udp_len",
+            ),
+            drop(
+                "UDPv6 length past the packet",
+                set16(
+                    udp_frame(dut, CLIENT_MAC, (client6, 40003), (vip6, 443), b"quic"),
+                    l4_6 + 4,
+                    13,
+                ),
+                "drop_udp_len",
+            ),
+            pass(
+                "malformed TCP to no VIP is the kernel's",
+                {
+                    let mut f = tcp_frame(dut, CLIENT_MAC, (client, 40000), (other, 80), syn);
+                    f[l4_4 + 12] = 0;
+                    f
+                },
+                "pass_not_vip",
+            ),
+            pass(
+                "TCP header cut by the frame, lengths consistent",
+                set16(tcp4[..l4_4 + 12].to_vec(), l3 + 2, 32),
+                "pass_truncated",
+            ),
+            tx("TCP with options (data offset 7)", tcp4_opts, "fwd_maglev", tcp4_to),
+            tx("Ethernet padding past the IP packet", padded, "fwd_maglev", tcp4_to),
+            tx(
+                "UDP length shorter than the IP payload",
+                udp_trailer,
+                "fwd_maglev",
+                predict(&web, client, 40001, 53, PROTO_UDP),
+            ),
+            pass("VIP frame to broadcast MAC", to_mac([0xff; 6]), "pass_not_our_mac"),
+            pass(
+                "VIP frame to IPv4 multicast MAC",
+                to_mac([1, 0, 0x5e, 0, 0, 1]),
+                "pass_not_our_mac",
+            ),
+            pass(
+                "VIP frame to IPv6 multicast MAC",
+                to_mac([0x33, 0x33, 0, 0, 0, 1]),
+                "pass_not_our_mac",
+            ),
+            pass(
+                "VIP frame to another host's MAC",
+                to_mac([0x02, 0xaa, 0, 0, 0, 9]),
+                "pass_not_our_mac",
+            ),
+            pass(
+                "ICMP error whose quote ends past the outer packet",
+                set16(frag_needed.clone(), l3 + 2, 20 + 8 + 20 + 4),
+                "pass_icmp_quote",
+            ),
+            pass(
+                "ICMP error quoting a non-first fragment",
+                set16(frag_needed.clone(), inner4 + 6, 0x2000 | 185),
+                "pass_icmp_quote",
+            ),
+            pass(
+                "ICMP error quoting a packet shorter than its ports",
+                set16(frag_needed.clone(), inner4 + 2, 24),
+                "pass_icmp_quote",
+            ),
+            pass(
+                "ICMPv6 error quoting a payload shorter than its ports",
+                set16(too_big.clone(), too_big_inner + 4, 4),
+                "pass_icmp_quote",
+            ),
+        ]
+    };
     let mut cases = vec![
         tx("tcp4 SYN to VIP: Maglev slot", tcp4.clone(), "fwd_maglev", tcp4_to),
         tx("tcp4 same flow again: same backend", tcp4.clone(), "fwd_maglev", tcp4_to),
@@ -425,12 +601,14 @@ fn packet_fixtures() {
         ),
         pass("truncated IPv4 header", tcp4[..14 + 12].to_vec(), "pass_truncated"),
         pass("truncated IPv6 header", tcp6[..14 + 30].to_vec(), "pass_truncated"),
-        pass("truncated TCP header", short_tcp, "pass_truncated"),
-        pass("truncated UDP header", short_udp, "pass_truncated"),
+        // Cut frames whose IP header still claims the whole packet: the IP
+        // length check sees them first.
+        pass("truncated TCP header", short_tcp, "pass_ip_len"),
+        pass("truncated UDP header", short_udp, "pass_ip_len"),
         pass(
             "truncated ICMP error (inner header cut)",
             frag_needed[..14 + 20 + 8 + 10].to_vec(),
-            "pass_truncated",
+            "pass_ip_len",
         ),
         tx(
             "ICMP fragmentation-needed for a VIP flow goes to its backend",
@@ -453,6 +631,7 @@ fn packet_fixtures() {
             out: Out::Unchanged,
         },
     ];
+    cases.extend(malformed);
     let mut total = check(&env, std::mem::take(&mut cases));
 
     // Pin-all mode (Katran's behaviour): every new flow gets an entry.

@@ -14,6 +14,15 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error(
+        "interface {name:?} strips 802.1Q tags (rx-vlan-offload) and it cannot be turned off: tagged frames would leave untagged, so the interface is refused"
+    )]
+    VlanOffload {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("loading the XDP object")]
     Load(#[source] Box<aya::EbpfError>),
 
@@ -130,6 +139,7 @@ impl Error {
         match self {
             Self::NotBpffs { .. } => "not_bpffs",
             Self::UnknownInterface { .. } => "unknown_interface",
+            Self::VlanOffload { .. } => "vlan_offload",
             Self::Load(_) => "load",
             Self::Program { .. } => "program",
             Self::Link { .. } => "link",

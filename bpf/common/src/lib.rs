@@ -428,21 +428,38 @@ pub mod reason {
     pub const PASS_ICMP_NOT_VIP: u32 = 14;
     /// More than one VLAN tag: passed.
     pub const PASS_VLAN_STACK: u32 = 15;
+    /// The destination MAC is not the interface's own unicast address
+    /// (broadcast, multicast, another host's frame seen through a flooding
+    /// bridge or promiscuous mode): passed, the kernel treats it as usual.
+    pub const PASS_NOT_OUR_MAC: u32 = 16;
+    /// IPv4 total length shorter than its header or longer than the frame,
+    /// or IPv6 payload length longer than the frame: passed, the kernel's IP
+    /// input drops it.
+    pub const PASS_IP_LEN: u32 = 17;
+    /// VIP TCP segment whose header does not fit in the IP payload (data
+    /// offset below 5 or past the payload's end): dropped, because a routing
+    /// node's kernel would send it on unchecked.
+    pub const DROP_TCP_LEN: u32 = 18;
+    /// VIP UDP datagram whose length field is below 8 or past the IP
+    /// payload's end: dropped, like `DROP_TCP_LEN`.
+    pub const DROP_UDP_LEN: u32 = 19;
+    /// ICMP error whose quoted packet is not whole enough to name a flow
+    /// (quote cut before 8 bytes of its L4 header, inner lengths too short,
+    /// a non-first fragment): passed.
+    pub const PASS_ICMP_QUOTE: u32 = 20;
     /// Node stage: delivered to a local backend pod.
-    pub const FWD_NODE_LOCAL: u32 = 16;
+    pub const FWD_NODE_LOCAL: u32 = 21;
     /// Node stage: no usable local backend (or no node stage) for the VIP.
-    pub const DROP_NODE_NO_BACKEND: u32 = 17;
+    pub const DROP_NODE_NO_BACKEND: u32 = 22;
     /// Node stage: the backend's egress is the arrival interface; the frame
     /// would go back onto the segment (refused by user space, so never
     /// expected).
-    pub const DROP_NODE_LOOP: u32 = 18;
-    /// Node stage: the frame's destination MAC is not the interface's.
-    pub const PASS_NOT_OUR_MAC: u32 = 19;
+    pub const DROP_NODE_LOOP: u32 = 23;
     /// Reply program: a backend pod's packet from a node-stage VIP:port,
     /// sent out of the node's uplink past netfilter.
-    pub const FWD_REPLY: u32 = 20;
+    pub const FWD_REPLY: u32 = 24;
 
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 25;
 
     /// Fixed metric label for each reason, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -462,10 +479,14 @@ pub mod reason {
         "pass_ipv6_ext",
         "pass_icmp_not_vip",
         "pass_vlan_stack",
+        "pass_not_our_mac",
+        "pass_ip_len",
+        "drop_tcp_len",
+        "drop_udp_len",
+        "pass_icmp_quote",
         "fwd_node_local",
         "drop_node_no_backend",
         "drop_node_loop",
-        "pass_not_our_mac",
         "fwd_reply",
     ];
     const _: () = assert!(COUNT <= super::COUNTER_SLOTS);

@@ -26,9 +26,11 @@
 //! `bpf_redirect_neigh`, past netfilter (conntrack sees only half a flow
 //! and would call them INVALID) and reverse-path filtering.
 //!
-//! Nothing that is not fully understood is ever transmitted: IP options,
-//! fragments, IPv6 extension headers and truncated headers go to the kernel,
-//! each counted by reason. All the table building happens in user space; the
+//! Nothing that is not fully understood is ever transmitted: frames not sent
+//! to this interface's MAC, IP options, fragments, IPv6 extension headers,
+//! truncated headers and inconsistent lengths go to the kernel (VIP flows
+//! with a malformed TCP/UDP header are dropped), each counted by reason. All
+//! the table building happens in user space; the
 //! kernel side only looks up.
 #![no_std]
 #![no_main]
@@ -227,6 +229,10 @@ fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
             if flow.icmp { reason::PASS_ICMP_NOT_VIP } else { reason::PASS_NOT_VIP },
         );
     };
+    // A malformed TCP/UDP header towards a VIP (see `parse`).
+    if flow.bad != 0 {
+        return (xdp_action::XDP_DROP, flow.bad);
+    }
     // One call site of `node_stage`, so the program holds one copy of it.
     if vip.flags & VIP_NODE_ONLY == 0 && !from_peer(ctx) {
         let Some((backend_id, backend, why)) = pick(&vip, flow) else {
@@ -249,9 +255,7 @@ fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
 /// table and pins). Never sends it back out of the arrival interface.
 #[inline(always)]
 fn node_stage<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
-    if !to_us(ctx) {
-        return (xdp_action::XDP_PASS, reason::PASS_NOT_OUR_MAC);
-    }
+    // `parse` passed frames not addressed to this interface already.
     let Some(vip) = flow.keys.vip(STAGE_NODE) else {
         return (xdp_action::XDP_DROP, reason::DROP_NODE_NO_BACKEND);
     };
@@ -359,25 +363,6 @@ fn from_peer(ctx: &XdpContext) -> bool {
         }
     }
     false
-}
-
-/// Whether the frame is addressed to the attach interface's own MAC (a
-/// frame flooded by a bridge or seen in promiscuous mode is not).
-#[inline(always)]
-fn to_us(ctx: &XdpContext) -> bool {
-    let start = ctx.data();
-    if start + 6 > ctx.data_end() {
-        return false;
-    }
-    let Some(meta) = META.get(0) else {
-        return false;
-    };
-    let m = &meta.mac;
-    let (hi, lo) = (u32::from_ne_bytes([m[0], m[1], m[2], m[3]]), u16::from_ne_bytes([m[4], m[5]]));
-    unsafe {
-        (start as *const u32).read_unaligned() == hi
-            && ((start + 4) as *const u16).read_unaligned() == lo
-    }
 }
 
 /// The connection table pins only flows whose backend changed with the

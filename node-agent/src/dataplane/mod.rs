@@ -13,6 +13,7 @@ mod peers;
 pub mod spec;
 mod sys;
 mod viptable;
+mod vlan;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -41,6 +42,7 @@ use kube_dsr_common::{
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, Reach, ServiceSpec, Stage};
 use tracing::{info, warn};
+pub use vlan::VlanTags;
 
 use crate::error::{Error, Result};
 
@@ -203,6 +205,7 @@ pub struct Dataplane {
     mac: [u8; 6],
     attached: Attached,
     start: Start,
+    vlan: VlanTags,
     services: BTreeMap<String, Installed>,
 }
 
@@ -222,6 +225,13 @@ impl Dataplane {
             .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
         let mac = sys::mac(&cfg.interface)
             .map_err(|source| Error::UnknownInterface { name: cfg.interface.clone(), source })?;
+        // Before anything is attached: a tag stripped by the NIC would be
+        // lost on a native XDP_TX. Generic XDP keeps it with the packet.
+        let vlan = match cfg.attach {
+            AttachMode::Generic => VlanTags::KeptWithPacket,
+            AttachMode::Auto | AttachMode::Native => vlan::keep_tags_inline(&cfg.interface)
+                .map_err(|source| Error::VlanOffload { name: cfg.interface.clone(), source })?,
+        };
 
         // ROWS_PER_SERVICE rows per service, two slots per element.
         let ring_entries =
@@ -323,6 +333,10 @@ impl Dataplane {
         let reply = reply_program_of(&mut ebpf)?;
         reply.load().map_err(|e| Error::Program { action: "load (reply)", source: Box::new(e) })?;
         let replies = adopt_replies(reply, &cfg.pin_dir, start != Start::Adopted)?;
+        let vlan = match attached {
+            Attached::Generic => VlanTags::KeptWithPacket,
+            Attached::Native => vlan,
+        };
 
         let services = read_back(&mut maps)?;
         info!(
@@ -331,6 +345,7 @@ impl Dataplane {
             start = ?start,
             services = services.len(),
             replies,
+            vlan_tags = vlan.as_str(),
             "dataplane ready"
         );
         Ok(Self {
@@ -341,12 +356,18 @@ impl Dataplane {
             mac,
             attached,
             start,
+            vlan,
             services,
         })
     }
 
     pub fn attached(&self) -> Attached {
         self.attached
+    }
+
+    /// How 802.1Q tags reach the program on the attach interface.
+    pub fn vlan_tags(&self) -> &VlanTags {
+        &self.vlan
     }
 
     pub fn start(&self) -> Start {
