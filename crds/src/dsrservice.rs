@@ -302,6 +302,12 @@ pub struct DsrServiceStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["address".into()]))]
     pub vips: Vec<VipStatus>,
 
+    /// Per ingress node, how it reaches the backends (from its
+    /// DsrNodeReport).
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
+    pub reach: Vec<NodeReach>,
+
     /// Human-readable summaries for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<StatusSummary>,
@@ -320,6 +326,26 @@ pub struct VipStatus {
     /// Whether that node's agent reports the announcement in place.
     #[serde(default)]
     pub announced: bool,
+}
+
+/// How one ingress node reaches the backends: counts per kind.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReach {
+    /// The ingress node.
+    pub node: String,
+    /// Backends reached by their own MAC on the segment.
+    #[serde(default)]
+    pub direct: i32,
+    /// Backends reached through their node's MAC (that node's stage delivers).
+    #[serde(default)]
+    pub via_node: i32,
+    /// Pods on the ingress node itself.
+    #[serde(default)]
+    pub local: i32,
+    /// Backends it does not reach (its report says why).
+    #[serde(default)]
+    pub unreached: i32,
 }
 
 /// Columns for `kubectl get dsrsvc`.

@@ -10,10 +10,13 @@ pub mod validation;
 
 pub use dsrservice::{
     Announcement, BackendSetup, DsrService, DsrServiceSpec, DsrServiceStatus, Hashing, Ingress,
-    Protocol, ServicePort, StaticBackend, StatusSummary, VipStatus,
+    NodeReach, Protocol, ServicePort, StaticBackend, StatusSummary, VipStatus,
 };
 pub use error::Error;
-pub use nodereport::{BackendReport, DsrNodeReport, DsrNodeReportSpec, IngressReport};
+pub use nodereport::{
+    BackendReport, Delivery, DsrNodeReport, DsrNodeReportSpec, IngressReport, ReachCounts,
+    UnreachedBackend,
+};
 
 use kube::CustomResourceExt;
 

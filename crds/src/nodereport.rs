@@ -76,6 +76,58 @@ pub struct IngressReport {
     /// Why programming failed, when it did (the last error, for humans).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How this node's ingress stage reaches the backends it programs
+    /// (ready and draining, per VIP family).
+    #[serde(default)]
+    pub reach: ReachCounts,
+    /// Backends this node's ingress stage cannot reach, and why (at most
+    /// [`MAX_UNREACHED`] listed); they get no traffic from this node.
+    #[serde(default)]
+    pub unreached: Vec<UnreachedBackend>,
+}
+
+/// At most this many unreached backends are listed per service.
+pub const MAX_UNREACHED: usize = 32;
+
+/// Backends of one service by how an ingress node reaches them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReachCounts {
+    /// Own MAC on the ingress interface's segment (bridged or macvlan pods,
+    /// static backends).
+    #[serde(default)]
+    pub direct: i32,
+    /// Through their node's MAC on the segment; that node's stage delivers.
+    #[serde(default)]
+    pub via_node: i32,
+    /// Pods on the ingress node itself, through its own node stage.
+    #[serde(default)]
+    pub local: i32,
+}
+
+/// A backend an ingress node does not send traffic to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnreachedBackend {
+    /// The backend's address.
+    pub address: String,
+    /// Its node, for pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Why, for humans (e.g. `node worker-2 is not on the ingress
+    /// segment: ...`, `node worker-2 MAC unresolved: ...`).
+    pub reason: String,
+}
+
+/// How a node delivers VIP traffic to one of its pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The node stage redirects the frame into the pod's host-side
+    /// interface (routed pods: kindnet, flannel host-gw, Calico, Cilium).
+    NodeStage,
+    /// The pod sits on the node's segment; ingress nodes reach its MAC
+    /// directly (bridged or macvlan pods).
+    Segment,
 }
 
 /// One backend pod on this node.
@@ -95,6 +147,25 @@ pub struct BackendReport {
     /// Why configuring failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// VIPs whose traffic this node delivers to the pod: its node stage
+    /// holds the pod (reply program attached, GRO on inside the pod), or
+    /// the pod is on the node's segment. The operator counts a pod ready
+    /// only for VIPs listed here.
+    #[serde(default)]
+    pub delivered_vips: Vec<String>,
+    /// How the node delivers to it; absent while it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    /// The pod's host-side interface on this node (node stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// GRO on the pod's interface, as read back from inside the pod (XDP
+    /// redirect into a veth delivers only with it on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gro: Option<bool>,
+    /// Why a VIP is not delivered, when one is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_error: Option<String>,
 }
 
 impl DsrNodeReport {
@@ -129,6 +200,18 @@ impl DsrNodeReportSpec {
         self.backends
             .iter()
             .any(|b| b.pod_uid == pod_uid && b.configured_vips.iter().any(|v| v == vip))
+    }
+
+    /// Whether this node delivers `vip` traffic to the pod with `pod_uid`.
+    pub fn vip_delivered(&self, pod_uid: &str, vip: &str) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.pod_uid == pod_uid && b.delivered_vips.iter().any(|v| v == vip))
+    }
+
+    /// This node's report of the pod with `pod_uid`, if it lists it.
+    pub fn backend(&self, pod_uid: &str) -> Option<&BackendReport> {
+        self.backends.iter().find(|b| b.pod_uid == pod_uid)
     }
 
     /// This node's report for one service, if it programs it.

@@ -2,14 +2,15 @@
 # kube-dsr on a kind cluster, from images to answered requests.
 #
 #   e2e/kind/run.sh          create (or reuse) the cluster, build and load the
-#                            images, install the chart, start two static
-#                            backends and a DsrService, send requests
-#   e2e/kind/run.sh down     remove the backend containers and the cluster
+#                            images, install the chart, start a Deployment
+#                            of web pods on every node and a DsrService for
+#                            them, send requests
+#   e2e/kind/run.sh down     remove the cluster
 #
 # NOT RUN IN CI: this repository's CI machine has no Docker engine. Written
 # for a Linux machine with bash 4+, Docker, kind, helm and kubectl; see README.md
 # beside this file for each step done by hand, and what is and is not
-# covered (pod backends cannot be reached on kind's default pod network).
+# covered.
 #
 # Environment: CLUSTER (kube-dsr), VIP (derived from the kind network),
 # REQUESTS (40), SKIP_BUILD=1 (use images already loaded), AGNHOST, ALPINE.
@@ -27,7 +28,7 @@ AGENT_IMAGE=ghcr.io/kube-dsr/dsr-agent:kind
 AGNHOST=${AGNHOST:-registry.k8s.io/e2e-test-images/agnhost:2.52}
 ALPINE=${ALPINE:-docker.io/library/alpine:3.20}
 REQUESTS=${REQUESTS:-40}
-BACKENDS=(kdsr-backend-1 kdsr-backend-2)
+PODS=${PODS:-6}
 
 log() { printf '\n==> %s\n' "$*"; }
 die() {
@@ -53,7 +54,6 @@ int_to_ip() {
 
 down() {
     log "removing backend containers and the kind cluster $CLUSTER"
-    docker rm -f "${BACKENDS[@]}" >/dev/null 2>&1 || true
     kind delete cluster --name "$CLUSTER"
 }
 
@@ -134,29 +134,49 @@ fi
 log "kind network $NETWORK: $subnet, VIP $VIP"
 
 # ---------------------------------------------------------------- backends
-# Two HTTP servers as plain containers on the kind network: L2 neighbours of
-# the ingress nodes, which pods on kind's default CNI are not (README.md).
-# They hold the VIP on lo with ARP for it suppressed, as a static backend
-# must (examples/static-backends.yaml).
-ADDRS=()
-for b in "${BACKENDS[@]}"; do
-    docker rm -f "$b" >/dev/null 2>&1 || true
-    docker run -d --name "$b" --hostname "$b" --network "$NETWORK" \
-        --sysctl net.ipv4.conf.all.arp_ignore=1 --sysctl net.ipv4.conf.all.arp_announce=2 \
-        "$AGNHOST" netexec --http-port=80 >/dev/null
-    docker run --rm --network "container:$b" --cap-add NET_ADMIN "$ALPINE" ip addr add "$VIP/32" dev lo
-    addr=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NETWORK\").IPAddress}}" "$b")
-    [[ -n "$addr" ]] || die "no address for $b on $NETWORK"
-    ADDRS+=("$addr")
-    echo "$b: $addr (VIP $VIP on lo)"
-done
+# Pods of a Deployment, spread over every node (control plane included):
+# kindnet routes them behind their nodes (10.244.N.0/24 per node), so an
+# ingress node reaches each through the pod's node (the node hop); kind's
+# nodes share the `kind` bridge, the one L2 segment that needs.
+log "deployment web: $PODS agnhost netexec pods spread over every node"
+k apply -f - <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: $PODS
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      tolerations:
+        - key: node-role.kubernetes.io/control-plane
+          effect: NoSchedule
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: DoNotSchedule
+          labelSelector:
+            matchLabels: {app: web}
+      containers:
+        - name: web
+          image: $AGNHOST
+          args: [netexec, --http-port=80]
+          ports: [{containerPort: 80}]
+EOF
+k -n default rollout status deployment/web --timeout=180s
+k -n default get pods -l app=web -o wide
 
-log "applying DsrService default/web-static"
+log "applying DsrService default/web (VIP $VIP, selector app=web)"
 k apply -f - <<EOF
 apiVersion: kubedsr.io/v1alpha1
 kind: DsrService
 metadata:
-  name: web-static
+  name: web
   namespace: default
 spec:
   vips: [$VIP]
@@ -164,15 +184,14 @@ spec:
     - name: http
       port: 80
       protocol: TCP
-  backends:
-    - address: ${ADDRS[0]}
-    - address: ${ADDRS[1]}
+  selector:
+    app: web
   ingress:
     nodeSelector:
       kubedsr.io/ingress: "true"
 EOF
-k -n default wait dsrsvc/web-static --for=condition=Programmed --timeout=120s
-k -n default get dsrsvc web-static -o wide
+k -n default wait dsrsvc/web --for=condition=Programmed --timeout=120s
+k -n default get dsrsvc web -o wide
 k get dsrnode
 
 # ---------------------------------------------------------------- traffic
@@ -182,11 +201,13 @@ out=$(docker run --rm --network "$NETWORK" "$ALPINE" sh -c \
 printf '%s\n' "$out" | sort | uniq -c
 failed=$(printf '%s\n' "$out" | grep -c FAILED || true)
 [[ "$failed" -eq 0 ]] || die "$failed of $REQUESTS requests failed (see README.md, Troubleshooting)"
-for b in "${BACKENDS[@]}"; do
-    printf '%s\n' "$out" | grep -qx "$b" || die "backend $b answered none of $REQUESTS requests"
+for pod in $(k -n default get pods -l app=web -o jsonpath='{.items[*].metadata.name}'); do
+    node=$(k -n default get pod "$pod" -o jsonpath='{.spec.nodeName}')
+    printf '%s\n' "$out" | grep -qx "$pod" || die "pod $pod (on $node) answered none of $REQUESTS requests"
+    echo "$pod on $node answered $(printf '%s\n' "$out" | grep -cx "$pod")"
 done
 
-announcer=$(k -n default get dsrsvc web-static -o jsonpath='{.status.vips[0].announcingNode}')
+announcer=$(k -n default get dsrsvc web -o jsonpath='{.status.vips[0].announcingNode}')
 if [[ -n "$announcer" ]]; then
     node_ip=$(docker inspect -f "{{(index .NetworkSettings.Networks \"$NETWORK\").IPAddress}}" "$announcer")
     log "agent metrics on the announcing node $announcer ($node_ip:9477)"
@@ -196,5 +217,5 @@ else
     announcer="(status names no announcing node yet)"
 fi
 
-log "requests succeed: $REQUESTS/$REQUESTS answered, by every backend, through $announcer"
+log "requests succeed: $REQUESTS/$REQUESTS answered, by every pod on every node, through $announcer"
 echo "Next: e2e/kind/README.md (scenarios, pod backends, cleanup). Remove everything: $0 down"

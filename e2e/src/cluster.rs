@@ -1,15 +1,17 @@
 //! The one-host cluster: the API server stand-in, the real `dsr-operator`
-//! and one real `dsr-agent` per node, the lab's namespaces as nodes and
-//! pods, and real clients. Test equipment for `e2e/tests/cluster*.rs`.
+//! and one real `dsr-agent` per node, in the world of
+//! [`crate::topology::World`]: nodes are network namespaces on one segment,
+//! pods are namespaces behind routed veths (or, in the bridged layout, on
+//! the segment), each with a process in a kubelet-shaped cgroup carrying
+//! the pod's UID. Each node's agent runs in that node's namespace, with
+//! exactly the capabilities README.md documents; the stand-in and the two
+//! operator replicas run in the router namespace (10.10.0.1:6443 on the
+//! segment, like a control plane the nodes reach). The router reaches the
+//! VIP on-link (ARP mode) unless a scenario routes it.
 //!
-//! Nodes: `ingress-1` is the lab's ingress namespace; `worker-1` hosts the
-//! backend pods (each lab backend namespace is one pod, with a process in
-//! a kubelet-shaped cgroup carrying the pod's UID) and its agent runs in
-//! the router namespace, where the stand-in and the operator run too
-//! (10.10.0.1:6443 on the L2 segment). The router reaches the VIP on-link
-//! (ARP mode), so it must learn the VIP's MAC from the node that answers
-//! ARP for it. Every agent runs with exactly the capabilities README.md
-//! documents; the operator with none.
+//! Nodes: `ingress-1` (ingress, hosts pods), `worker-1` and `worker-2`
+//! (host pods, excluded from load balancing the standard way), and on
+//! request `ingress-2` (a second ingress) and `worker-3` (no dsr-agent).
 
 use std::{
     collections::BTreeMap,
@@ -32,10 +34,13 @@ use serde_json::json;
 
 use crate::netns::{PinDir, sh};
 use crate::pods::{FakePod, Layout, v2_root};
-use crate::topology::{Lab, ROUTER_LAN, VIP, VIP6};
+use crate::topology::{NodeInfo, PodNet, ROUTER_LAN, VIP, VIP6, World, WorldOptions};
 
 pub const API_PORT: u16 = 6443;
 pub const WORKER: &str = "worker-1";
+pub const WORKER2: &str = "worker-2";
+/// A node that runs no dsr-agent ([`Options::node_without_agent`]).
+pub const WORKER3: &str = "worker-3";
 pub const INGRESS: &str = "ingress-1";
 /// The second ingress node ([`run_with`] with two ingress nodes).
 pub const INGRESS2: &str = "ingress-2";
@@ -43,7 +48,7 @@ pub const INGRESS2: &str = "ingress-2";
 const NO_POD: &str = "00000000-0000-4000-8000-000000000000";
 /// The operator replicas: identity and HTTP address (router namespace).
 pub const OPERATORS: [(&str, &str); 2] = [("op-1", "127.0.0.1:18080"), ("op-2", "127.0.0.1:18081")];
-/// The ingress agent's /metrics, inside the ingress namespace.
+/// Every agent's /metrics, inside its node's namespace.
 pub const INGRESS_METRICS: &str = "http://127.0.0.1:9477/metrics";
 
 /// A child process killed on drop (also when the test fails), its output
@@ -166,19 +171,27 @@ where
     }
 }
 
-/// What a scenario needs from the lab, as plain data (the lab itself
+/// What a scenario needs from the world, as plain data (the world itself
 /// stays on the test's thread).
 #[derive(Clone, Debug)]
 pub struct Names {
     /// The bridge's namespace (the L2 segment).
     pub lan: String,
     pub router: String,
+    /// `ingress-1`'s namespace.
     pub ingress: String,
-    /// The second ingress node's namespace, when there is one.
+    /// `ingress-2`'s namespace, when there is one.
     pub ingress2: Option<String>,
     pub client: String,
-    /// Backend namespace, its IPv4 and IPv6 addresses.
+    /// The pods made with the world (`backend-N`, answering as such):
+    /// namespace, IPv4 and IPv6 addresses.
     pub backends: Vec<(String, String, String)>,
+    /// The node of each of `backends`.
+    pub backend_nodes: Vec<String>,
+    /// Every node.
+    pub nodes: Vec<NodeInfo>,
+    /// The world's layout.
+    pub opts: Options,
     pub pins: PathBuf,
     pub agent: PathBuf,
     /// The capabilities README.md documents for the agent (and the chart
@@ -186,6 +199,16 @@ pub struct Names {
     pub agent_caps: Vec<String>,
     pub operator: PathBuf,
 }
+
+impl Names {
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Result<&NodeInfo> {
+        self.nodes.iter().find(|n| n.name == name).with_context(|| format!("no node {name}"))
+    }
+}
+
+/// The world a scenario runs in (see [`WorldOptions`]).
+pub type Options = WorldOptions;
 
 /// The capability table of README.md's "Privileges" section.
 pub fn documented_capabilities() -> Result<Vec<String>> {
@@ -221,6 +244,15 @@ pub fn metric(text: &str, prefix: &str) -> u64 {
         .sum()
 }
 
+/// What kubelet writes into a Node's status: its addresses.
+fn node_addresses(n: &NodeInfo) -> serde_json::Value {
+    json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": n.addr.to_string()},
+        {"type": "InternalIP", "address": n.addr6.to_string()},
+        {"type": "Hostname", "address": n.name},
+    ]}})
+}
+
 pub fn ready_node(name: &str, labels: serde_json::Value) -> Result<Node> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
@@ -253,6 +285,12 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     procs: BTreeMap<String, Proc>,
     fake_pods: BTreeMap<String, FakePod>,
+    /// Pods made by [`Cluster::add_pod_on`]: their network and servers.
+    pod_nets: BTreeMap<String, PodNet>,
+    /// Node of every pod registered so far (pod name → node).
+    pod_nodes: BTreeMap<String, String>,
+    /// Next pod address number per node.
+    next_host: BTreeMap<String, u8>,
 }
 
 impl Cluster {
@@ -278,23 +316,32 @@ impl Cluster {
             kubeconfig,
             procs: BTreeMap::new(),
             fake_pods: BTreeMap::new(),
+            pod_nets: BTreeMap::new(),
+            pod_nodes: BTreeMap::new(),
+            next_host: BTreeMap::new(),
         };
-        // Nodes, as kubelet registers them. The worker is excluded from
-        // load balancing the standard way, so only ingress-1 is an ingress
-        // node.
+        // Nodes, as kubelet registers them (with their addresses). The
+        // workers are excluded from load balancing the standard way, so
+        // only the ingress nodes are ingress nodes.
         let pp = PostParams::default();
-        c.nodes.create(&pp, &ready_node(INGRESS, json!({"kubedsr.io/ingress": "true"}))?).await?;
-        let worker_labels =
-            json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"});
-        c.nodes.create(&pp, &ready_node(WORKER, worker_labels)?).await?;
-        set_ready(&c.nodes, INGRESS).await?;
-        set_ready(&c.nodes, WORKER).await?;
-        let mut agents = vec![INGRESS, WORKER];
-        if c.n.ingress2.is_some() {
-            let labels = json!({"kubedsr.io/ingress": "true"});
-            c.nodes.create(&pp, &ready_node(INGRESS2, labels)?).await?;
-            set_ready(&c.nodes, INGRESS2).await?;
-            agents.push(INGRESS2);
+        let mut agents = Vec::new();
+        for node in c.n.nodes.clone() {
+            let labels = if node.ingress {
+                json!({"kubedsr.io/ingress": "true"})
+            } else {
+                json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"})
+            };
+            let mut obj = ready_node(&node.name, labels)?;
+            obj.spec = Some(serde_json::from_value(json!({
+                "podCIDR": node.pod_cidr(), "podCIDRs": [node.pod_cidr(), node.pod_cidr6()],
+            }))?);
+            c.nodes.create(&pp, &obj).await?;
+            let ps = PatchParams::default();
+            c.nodes.patch_status(&node.name, &ps, &Patch::Merge(&node_addresses(&node))).await?;
+            set_ready(&c.nodes, &node.name).await?;
+            if node.agent {
+                agents.push(node.name.clone());
+            }
         }
         for node in &agents {
             c.start_agent(node)?;
@@ -319,7 +366,7 @@ impl Cluster {
             let p = Proc::spawn(&name, &c.n.router, &[], &operator, &args, &c.kubeconfig)?;
             c.procs.insert(name, p);
         }
-        for node in agents {
+        for node in &agents {
             let reports = c.reports.clone();
             wait_for(&format!("{node}'s DsrNodeReport"), Duration::from_secs(60), || {
                 let reports = reports.clone();
@@ -330,17 +377,11 @@ impl Cluster {
         Ok(c)
     }
 
-    /// Starts (or restarts) the agent of `node` (`INGRESS` or `WORKER`).
+    /// Starts (or restarts) the agent of `node`, in the node's namespace.
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
-        let (ns, http, pins) = match node {
-            INGRESS => (self.n.ingress.clone(), "127.0.0.1:9477", self.n.pins.join("ingress")),
-            INGRESS2 => (
-                self.n.ingress2.clone().context("no second ingress node")?,
-                "127.0.0.1:9477",
-                self.n.pins.join("ingress2"),
-            ),
-            _ => (self.n.router.clone(), "127.0.0.1:9478", self.n.pins.join("worker")),
-        };
+        let info = self.n.node(node)?;
+        ensure!(info.agent, "{node} runs no dsr-agent");
+        let (ns, http, pins) = (info.ns.clone(), "127.0.0.1:9477", self.n.pins.join(node));
         let pins = pins.to_str().context("pin path")?.to_string();
         let args = [
             "--node-name",
@@ -390,18 +431,19 @@ impl Cluster {
     }
 
     /// Creates pod `name` in backend namespace `backend` (index into
-    /// `n.backends`) on the worker, labelled `app=<app>`, with a process in
-    /// a cgroup carrying its UID, Running and Ready. Returns the UID.
+    /// `n.backends`, on its node `n.backend_nodes[backend]`), labelled
+    /// `app=<app>`, with a process in a cgroup carrying its UID, Running
+    /// and Ready. Returns the UID.
     pub async fn add_pod(&mut self, name: &str, app: &str, backend: usize) -> Result<String> {
         let uid = self.add_pod_without_process(name, app, backend).await?;
         self.start_pod_process(name, backend, &uid)?;
         Ok(uid)
     }
 
-    /// Registers pod `name` as [`Cluster::add_pod`] does (on the worker,
-    /// labelled `app=<app>`, Running and Ready with backend `backend`'s
-    /// addresses) but starts no process: the worker's agent cannot find
-    /// its namespace until [`Cluster::start_pod_process`], like a pod whose
+    /// Registers pod `name` as [`Cluster::add_pod`] does (on backend
+    /// `backend`'s node, labelled `app=<app>`, Running and Ready with its
+    /// addresses) but starts no process: the node's agent cannot find its
+    /// namespace until [`Cluster::start_pod_process`], like a pod whose
     /// sandbox is not visible on the node yet. Returns the UID.
     pub async fn add_pod_without_process(
         &mut self,
@@ -410,18 +452,64 @@ impl Cluster {
         backend: usize,
     ) -> Result<String> {
         let (_, v4, v6) = self.n.backends.get(backend).context("no such backend")?.clone();
+        let node = self.n.backend_nodes[backend].clone();
+        self.register_pod(name, app, &node, &v4, &v6).await
+    }
+
+    /// Creates pod `name` (labelled `app=<app>`) on `node`: a new pod
+    /// network from the node's pod CIDR (or on the segment, bridged
+    /// layout) whose servers answer as `name`, its process in a
+    /// kubelet-shaped cgroup, Running and Ready. Returns the UID.
+    pub async fn add_pod_on(&mut self, name: &str, app: &str, node: &str) -> Result<String> {
+        let info = self.n.node(node)?.clone();
+        let host = self.next_host.entry(node.to_string()).or_insert(100);
+        *host += 1;
+        let host = *host;
+        let (lan, bridged, strict) =
+            (self.n.lan.clone(), self.n.opts.bridged, self.n.opts.strict_rp_filter);
+        let pod_name = name.to_string();
+        let net = off_runtime(move || {
+            if bridged {
+                // Bridged pods take 10.10.0.(host+50): 151.. on the segment.
+                PodNet::bridged(&lan, &info.name, &pod_name, host + 50)
+            } else {
+                PodNet::routed(&info, &pod_name, host, strict)
+            }
+        })
+        .await?;
+        let (v4, v6, ns) = (net.addr.to_string(), net.addr6.to_string(), net.ns.name.clone());
+        self.pod_nets.insert(name.into(), net);
+        let uid = self.register_pod(name, app, node, &v4, &v6).await?;
+        let layout =
+            if self.pod_nets.len().is_multiple_of(2) { Layout::Systemd } else { Layout::Cgroupfs };
+        self.fake_pods.insert(name.into(), FakePod::start_in(&ns, &uid, layout, &v2_root())?);
+        Ok(uid)
+    }
+
+    async fn register_pod(
+        &mut self,
+        name: &str,
+        app: &str,
+        node: &str,
+        v4: &str,
+        v6: &str,
+    ) -> Result<String> {
+        let host_ip = self.n.node(node)?.addr.to_string();
+        let host_ip6 = self.n.node(node)?.addr6.to_string();
         let pod: Pod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
-            "spec": {"nodeName": WORKER, "containers": [{"name": "web", "image": "example/web"}]},
+            "spec": {"nodeName": node, "containers": [{"name": "web", "image": "example/web"}]},
         }))?;
         let pod = self.pods.create(&PostParams::default(), &pod).await?;
         let uid = pod.metadata.uid.clone().context("pod uid")?;
         let status = json!({"status": {
             "phase": "Running", "podIP": v4, "podIPs": [{"ip": v4}, {"ip": v6}],
+            "hostIP": host_ip, "hostIPs": [{"ip": host_ip}, {"ip": host_ip6}],
             "conditions": [{"type": "Ready", "status": "True"}],
         }});
         self.pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        self.pod_nodes.insert(name.into(), node.into());
         Ok(uid)
     }
 
@@ -434,6 +522,81 @@ impl Cluster {
         Ok(())
     }
 
+    /// The node of a pod (by pod name) or of a server (by the name it
+    /// answers with: `backend-N`, or the pod name for
+    /// [`Cluster::add_pod_on`]).
+    pub fn node_of(&self, name: &str) -> Option<String> {
+        if let Some(n) = self.pod_nodes.get(name) {
+            return Some(n.clone());
+        }
+        let i: usize = name.strip_prefix("backend-")?.parse().ok()?;
+        self.n.backend_nodes.get(i.checked_sub(1)?).cloned()
+    }
+
+    /// The network namespace of pod `name` made by [`Cluster::add_pod_on`].
+    pub fn pod_ns(&self, name: &str) -> Option<String> {
+        self.pod_nets.get(name).map(|p| p.ns.name.clone())
+    }
+
+    /// Counter `stat` (e.g. `rx_packets`) of `node`'s interface on the
+    /// segment (`eth0`).
+    pub fn node_counter(&self, node: &str, stat: &str) -> Result<u64> {
+        counter(&self.n.node(node)?.ns, stat)
+    }
+
+    /// Counts the pods' replies (packets whose source is a VIP) with
+    /// iptables rules in the raw table, which count and change nothing:
+    /// on every node's `eth0` (a reply reaching a node's stack there), and
+    /// on the router's segment interface per sending node (by source MAC).
+    /// Read them with [`Cluster::replies`].
+    pub fn count_replies(&self) -> Result<()> {
+        for n in &self.n.nodes {
+            let mac = sh(&format!("ip netns exec {} cat /sys/class/net/eth0/address", n.ns))?;
+            for (fam, vip) in [("iptables", VIP.to_string()), ("ip6tables", VIP6.to_string())] {
+                sh(&format!(
+                    "ip netns exec {ns} {fam} -t raw -A PREROUTING -i eth0 -s {vip} \
+                     -m comment --comment kdsr-seen && \
+                     ip netns exec {r} {fam} -t raw -A PREROUTING -i eth0 -s {vip} \
+                     -m mac --mac-source {mac} -m comment --comment kdsr-from-{node}",
+                    ns = n.ns,
+                    r = self.n.router,
+                    mac = mac.trim(),
+                    node = n.name,
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per node: replies its `eth0` received, and replies the router
+    /// received from it (see [`Cluster::count_replies`]).
+    pub fn replies(&self) -> Result<BTreeMap<String, (u64, u64)>> {
+        let count = |ns: &str, comment: &str| -> Result<u64> {
+            let mut total = 0;
+            for fam in ["iptables", "ip6tables"] {
+                let out = sh(&format!("ip netns exec {ns} {fam} -t raw -L PREROUTING -v -x -n"))?;
+                total += out
+                    .lines()
+                    .filter(|l| l.contains(&format!("/* {comment} */")))
+                    .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            Ok(total)
+        };
+        let mut out = BTreeMap::new();
+        for n in &self.n.nodes {
+            let seen = count(&n.ns, "kdsr-seen")?;
+            let from = count(&self.n.router, &format!("kdsr-from-{}", n.name))?;
+            out.insert(n.name.clone(), (seen, from));
+        }
+        Ok(out)
+    }
+
+    /// `node`'s agent's metrics.
+    pub fn node_metrics(&self, node: &str) -> Result<String> {
+        sh(&format!("ip netns exec {} curl -s {INGRESS_METRICS}", self.n.node(node)?.ns))
+    }
+
     /// Deletes pod `name`. `grace: None` is a user's delete: the pod gets
     /// its deletionTimestamp and stays Terminating, its process serving.
     /// `Some(0)` is kubelet finishing it: the process is killed, then the
@@ -441,6 +604,14 @@ impl Cluster {
     pub async fn delete_pod(&mut self, name: &str, grace: Option<u32>) -> Result<()> {
         if grace == Some(0) {
             self.fake_pods.remove(name);
+            // Kubelet tears the sandbox down: its network goes too.
+            if let Some(net) = self.pod_nets.remove(name) {
+                off_runtime(move || {
+                    drop(net);
+                    Ok(())
+                })
+                .await?;
+            }
         }
         let dp = DeleteParams { grace_period_seconds: grace, ..DeleteParams::default() };
         self.pods.delete(name, &dp).await?;
@@ -513,6 +684,19 @@ impl Cluster {
         Ok(report.and_then(|r| r.spec.ingress.into_iter().find(|i| i.name == service)))
     }
 
+    /// The warnings and errors every agent logged so far (for a run's
+    /// report; [`Cluster::logs`] shows only the last lines).
+    pub fn agent_warnings(&self) -> String {
+        let mut out = String::new();
+        for (name, p) in self.procs.iter().filter(|(n, _)| n.starts_with("agent-")) {
+            let text = fs::read_to_string(&p.log).unwrap_or_default();
+            for l in text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+                out.push_str(&format!("{name}: {l}\n"));
+            }
+        }
+        out
+    }
+
     /// The last log lines of every process (for a failing test).
     pub fn logs(&self) -> String {
         self.procs.values().map(Proc::tail).collect::<Vec<_>>().join("\n")
@@ -521,6 +705,12 @@ impl Cluster {
     async fn stop(mut self) {
         self.procs.clear();
         self.fake_pods.clear();
+        let nets = std::mem::take(&mut self.pod_nets);
+        let _ = off_runtime(move || {
+            drop(nets);
+            Ok(())
+        })
+        .await;
         if let Some(s) = self.server.take() {
             s.shutdown().await;
         }
@@ -528,15 +718,28 @@ impl Cluster {
     }
 }
 
-/// Builds a lab with `backends` bare backend namespaces, runs `scenario`
-/// on a cluster in it, and afterwards checks that `dsr-agent cleanup`
-/// removes the dataplane the ingress agent left. Logs are printed when the
-/// scenario fails. Everything is torn down, also on failure.
+/// Runs `f` on its own thread and awaits it without blocking the runtime
+/// (the API server stand-in runs on the scenario's runtime).
+pub async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let handle = std::thread::spawn(f);
+    while !handle.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?
+}
+
+/// Builds the world with `backends` pods (`backend-N`, spread over
+/// worker-1, worker-2 and ingress-1), runs `scenario` on a cluster in it,
+/// and afterwards checks that `dsr-agent cleanup` removes every dataplane
+/// the agents left. Logs are printed when the scenario fails. Everything
+/// is torn down, also on failure.
 pub fn run<F>(backends: usize, scenario: F) -> Result<()>
 where
     F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
 {
-    run_with(backends, false, scenario)
+    run_opts(Options { pods: backends, ..Options::default() }, scenario)
 }
 
 /// [`run`], with a second ingress node (`ingress-2`, 10.10.0.3) when
@@ -545,39 +748,47 @@ pub fn run_with<F>(backends: usize, two_ingress: bool, scenario: F) -> Result<()
 where
     F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
 {
+    run_opts(Options { pods: backends, two_ingress, ..Options::default() }, scenario)
+}
+
+/// [`run`] in the world `opts` describes.
+pub fn run_opts<F>(opts: Options, scenario: F) -> Result<()>
+where
+    F: AsyncFnOnce(&mut Cluster) -> Result<()> + Send + 'static,
+{
     let agent = binary("dsr-agent")?;
     let operator = binary("dsr-operator")?;
-    let lab = Lab::bare(backends)?;
-    let second = if two_ingress { Some(lab.add_second_ingress()?) } else { None };
-    // ARP mode: the router resolves the VIP on the segment instead of
-    // routing it to a fixed node.
-    lab.router.exec(&format!(
-        "ip route replace {VIP}/32 dev eth0 && ip -6 route replace {VIP6}/128 dev eth0"
-    ))?;
+    let world = World::new(opts)?;
     let pins = PinDir::new()?;
     fs::create_dir_all(&pins.path)?;
+    let node_ns = |name: &str| world.node(name).map(|n| n.ns.clone());
     let names = Names {
-        lan: lab.lan.name.clone(),
-        router: lab.router.name.clone(),
-        ingress: lab.ingress.name.clone(),
-        ingress2: second.as_ref().map(|(ns, _)| ns.name.clone()),
-        client: lab.client.name.clone(),
-        backends: lab
-            .backends
+        lan: world.lan.name.clone(),
+        router: world.router.name.clone(),
+        ingress: node_ns(INGRESS).context("ingress-1")?,
+        ingress2: node_ns(INGRESS2),
+        client: world.client.name.clone(),
+        backends: world
+            .pods
             .iter()
-            .map(|b| (b.ns.name.clone(), b.addr.to_string(), b.addr6.to_string()))
+            .map(|p| (p.ns.name.clone(), p.addr.to_string(), p.addr6.to_string()))
             .collect(),
+        backend_nodes: world.pods.iter().map(|p| p.node.clone()).collect(),
+        nodes: world.nodes.clone(),
+        opts,
         pins: pins.path.clone(),
         agent: agent.clone(),
         agent_caps: documented_capabilities()?,
         operator,
     };
+    let agents: Vec<String> =
+        world.nodes.iter().filter(|n| n.agent).map(|n| n.name.clone()).collect();
     // The scenario's sockets (stand-in, client) live in the router's
     // namespace: a runtime on a thread that entered it. Its worker threads
     // are created from that thread, so they are in it too; the stand-in
     // runs on them, so a scenario's blocking calls (curl through `sh`) do
     // not stall the API server the agents depend on.
-    let result = lab.router.run(move || -> Result<()> {
+    let result = world.router.run(move || -> Result<()> {
         let rt =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         rt.block_on(async move {
@@ -590,29 +801,25 @@ where
             result
         })
     })?;
-    // `dsr-agent cleanup` removes the dataplanes the ingress agents left.
+    // `dsr-agent cleanup` removes the dataplanes the agents left.
     // Pods: this cluster's processes are gone by now, and without
     // `--pod-uid` cleanup scans every pod process on the host, stripping
     // the VIPs of other clusters' pods (other tests running meanwhile):
     // it is narrowed to a UID no pod has.
-    let mut cleaned = vec!["ingress"];
-    if second.is_some() {
-        cleaned.push("ingress2");
-    }
     let mut outs = Vec::new();
-    for dir in &cleaned {
+    for node in &agents {
         outs.push(
             Command::new(&agent)
                 .args(["cleanup", "--pod-uid", NO_POD, "--bpffs-dir"])
-                .arg(pins.path.join(dir))
+                .arg(pins.path.join(node))
                 .output()?,
         );
     }
-    drop(second);
+    drop(world);
     result?;
-    for (dir, out) in cleaned.iter().zip(outs) {
+    for (node, out) in agents.iter().zip(outs) {
         ensure!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
-        ensure!(!pins.path.join(dir).exists(), "cleanup left pins behind in {dir}");
+        ensure!(!pins.path.join(node).exists(), "cleanup left pins behind for {node}");
     }
     Ok(())
 }

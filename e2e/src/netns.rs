@@ -74,26 +74,32 @@ impl NetNs {
     /// Runs `f` on a new thread that has entered this namespace (network
     /// namespace only; mounts stay the host's).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let file = File::open(format!("/var/run/netns/{}", self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        let handle = std::thread::spawn(move || {
-            // SAFETY: setns on a namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(f())
-        });
-        match handle.join() {
-            Ok(r) => r.context("setns"),
-            Err(p) => std::panic::resume_unwind(p),
-        }
+        run_in(&self.name, f)
     }
 
     /// The MAC of `iface` in this namespace.
     pub fn mac(&self, iface: &str) -> Result<[u8; 6]> {
         let s = self.exec(&format!("cat /sys/class/net/{iface}/address"))?;
         parse_mac(s.trim())
+    }
+}
+
+/// Runs `f` on a new thread that has entered the namespace named `ns`
+/// (network namespace only; mounts stay the host's).
+pub fn run_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let file = File::open(format!("/var/run/netns/{ns}"))
+        .with_context(|| format!("opening netns {ns}"))?;
+    let handle = std::thread::spawn(move || {
+        // SAFETY: setns on a namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f())
+    });
+    match handle.join() {
+        Ok(r) => r.context("setns"),
+        Err(p) => std::panic::resume_unwind(p),
     }
 }
 

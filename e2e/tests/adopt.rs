@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use kube_dsr_agent::dataplane::{
-    BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Start,
+    BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Stage, Start,
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
@@ -39,6 +39,7 @@ fn specs(egress: Egress) -> Vec<ServiceSpec> {
                 far,
             ],
             pin_all_flows: false,
+            stage: Stage::Ingress,
         },
         ServiceSpec {
             name: "a/web/v6".into(),
@@ -47,6 +48,7 @@ fn specs(egress: Egress) -> Vec<ServiceSpec> {
             table_size: 251,
             backends: vec![BackendSpec::new(ip("fd00::1"), [2, 0, 0, 0, 0, 0x61])],
             pin_all_flows: true,
+            stage: Stage::Ingress,
         },
         ServiceSpec {
             name: "a/empty/v4".into(),
@@ -55,6 +57,7 @@ fn specs(egress: Egress) -> Vec<ServiceSpec> {
             table_size: 65537,
             backends: vec![],
             pin_all_flows: false,
+            stage: Stage::Ingress,
         },
     ]
 }

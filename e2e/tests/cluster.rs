@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use kube::api::DeleteParams;
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, INGRESS, WORKER, counter, lo_addrs, metric, sysctl, wait_for},
+    cluster::{self, Cluster, INGRESS, Options, counter, lo_addrs, metric, sysctl, wait_for},
     netns::sh,
     privileged,
     topology::VIP,
@@ -21,8 +21,8 @@ async fn web_service(c: &mut Cluster) -> Result<()> {
     }
     let started = std::time::Instant::now();
     c.apply_example("web-tcp.yaml").await?;
-    // Programmed with every backend ready (the worker's agent reported the
-    // VIP in each pod), announced by the ingress node.
+    // Programmed with every backend ready (each pod's node's agent
+    // reported the VIP in it), announced by the ingress node.
     let status = c.wait_programmed("web", 3).await?;
     eprintln!("programmed in {:?}: {:?}", started.elapsed(), status.summary);
     assert_eq!(status.total_backends, 3);
@@ -70,11 +70,18 @@ async fn web_service(c: &mut Cluster) -> Result<()> {
         "replies crossed the ingress node: rx {rx}, forwarded {forwarded}"
     );
 
-    // The operator counts readiness from the agent's report: a pod the
-    // agent has not configured is not ready.
-    let report = c.reports.get(WORKER).await?;
-    assert_eq!(report.spec.backends.len(), 3, "{:?}", report.spec.backends);
-    ensure!(report.spec.backends.iter().all(|b| b.configured_vips == vec![VIP.to_string()]));
+    // The operator counts readiness from the agents' reports: each pod's
+    // own node reports it with the VIP configured.
+    for (i, node) in n.backend_nodes.iter().enumerate() {
+        let report = c.reports.get(node).await?;
+        let b = report.spec.backends.iter().find(|b| b.name == format!("web-{}", i + 1));
+        ensure!(
+            b.is_some_and(|b| b.configured_vips == vec![VIP.to_string()]),
+            "{node} does not report web-{} configured: {:?}",
+            i + 1,
+            report.spec.backends
+        );
+    }
 
     // SIGKILL the operator leader: the other replica takes the Lease over
     // and programs a change made afterwards (web-3 turns NotReady → 2/3,
@@ -139,4 +146,15 @@ fn one_host_cluster_web_service_end_to_end() -> Result<()> {
         return Ok(());
     }
     cluster::run(3, async |c: &mut Cluster| web_service(c).await)
+}
+
+/// The same on the bridged layout: pods on the segment itself (a CNI like
+/// macvlan), all on worker-1, reached directly by their own MAC.
+#[test]
+fn one_host_cluster_bridged_pods_web_service() -> Result<()> {
+    if !privileged("one_host_cluster_bridged_pods_web_service") {
+        return Ok(());
+    }
+    let opts = Options { pods: 3, bridged: true, ..Options::default() };
+    cluster::run_opts(opts, async |c: &mut Cluster| web_service(c).await)
 }

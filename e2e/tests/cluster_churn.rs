@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{Map, MapData, PerCpuArray};
 use kube_dsr_common::reason;
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, INGRESS, WORKER, lo_addrs, metric},
+    cluster::{self, Cluster, INGRESS, lo_addrs, metric},
     privileged,
     topology::{TCP_PORT, VIP},
 };
@@ -346,7 +346,7 @@ fn check_held(held: &[Held]) -> Result<(usize, u64, Duration)> {
 /// The ingress dataplane's packet counters by verdict reason, read from
 /// its pinned map.
 fn reasons(pins: &Path) -> Result<BTreeMap<&'static str, u64>> {
-    let path = pins.join("ingress").join("eth0").join(kube_dsr_common::MAP_COUNTERS);
+    let path = pins.join(INGRESS).join("eth0").join(kube_dsr_common::MAP_COUNTERS);
     let data = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
     let counters: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into()?;
     let mut out = BTreeMap::new();
@@ -492,7 +492,7 @@ async fn not_ready_and_terminating(c: &mut Cluster) -> Result<()> {
     ensure!(out.failed.is_empty(), "new connections failed: {:?}", out.failed);
     assert_eq!(out.answered(), 90);
     assert_eq!(out.by("backend-2"), 0, "a NotReady pod got new connections");
-    // The worker's agent leaves its VIP in place: readiness is kubelet's
+    // The pod's node's agent leaves its VIP in place: readiness is kubelet's
     // business, the pod is still a backend.
     let (ns2, _, _) = &n.backends[1];
     ensure!(lo_addrs(ns2)?.contains(&format!("{VIP}/32")), "VIP removed from a NotReady pod");
@@ -546,7 +546,7 @@ async fn not_ready_and_terminating(c: &mut Cluster) -> Result<()> {
     Ok(())
 }
 
-/// A Ready pod whose namespace the worker's agent cannot find yet has no
+/// A Ready pod whose namespace its node's agent cannot find yet has no
 /// VIP configured: the operator does not count it ready and it gets no
 /// connection; once its process appears it is set up and served.
 async fn unconfigured_pod(c: &mut Cluster) -> Result<()> {
@@ -559,9 +559,10 @@ async fn unconfigured_pod(c: &mut Cluster) -> Result<()> {
     assert_eq!(status.total_backends, 3, "{status:?}");
     ingress_backends(c, "web", 2).await?;
     let (ns3, _, _) = n.backends[2].clone();
-    let report = c.reports.get(WORKER).await?;
+    let node3 = n.backend_nodes[2].clone();
+    let report = c.reports.get(&node3).await?;
     let b3 = report.spec.backends.iter().find(|b| b.pod_uid == uid3);
-    eprintln!("worker's report for web-3 without a process: {b3:?}");
+    eprintln!("{node3}'s report for web-3 without a process: {b3:?}");
     ensure!(
         b3.is_none_or(|b| b.configured_vips.is_empty()),
         "VIP reported configured in a pod with no process: {b3:?}"
@@ -591,7 +592,7 @@ async fn unconfigured_pod(c: &mut Cluster) -> Result<()> {
     let ready = t.elapsed();
     let lo = lo_addrs(&ns3)?;
     if !lo.contains(&format!("{VIP}/32")) {
-        let report = c.reports.get(WORKER).await?;
+        let report = c.reports.get(&node3).await?;
         let st = c.services.get("web").await?.status;
         bail!(
             "{} web-3 counted ready without the VIP on its lo: {lo}\nreport: {:?}\nstatus: {st:?}",

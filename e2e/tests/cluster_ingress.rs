@@ -15,7 +15,7 @@ use anyhow::{Context, Result, ensure};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube_dsr_crds::DsrService;
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, INGRESS, INGRESS2, metric, wait_for},
+    cluster::{self, Cluster, INGRESS, INGRESS2, Options, WORKER, WORKER2, metric, wait_for},
     netns::sh,
     privileged,
     topology::{INGRESS as INGRESS_IP, INGRESS2 as INGRESS2_IP, VIP},
@@ -34,6 +34,16 @@ fn mac_of(ns: &str) -> Result<String> {
     Ok(sh(&format!("ip netns exec {ns} cat /sys/class/net/eth0/address"))?.trim().to_string())
 }
 
+/// Pods web-1..3 on worker-1, worker-2, worker-1: behind nodes that are
+/// not ingress nodes, so every flow takes the node hop, and failing an
+/// ingress node takes no pod with it.
+async fn web_pods_on_workers(c: &mut Cluster) -> Result<()> {
+    for (i, node) in [WORKER, WORKER2, WORKER].iter().enumerate() {
+        c.add_pod_on(&format!("web-{}", i + 1), "web", node).await?;
+    }
+    Ok(())
+}
+
 /// One HTTP request from the client; `Ok(true)` when a pod answered.
 fn request(c: &Cluster, timeout_s: u32) -> Result<bool> {
     let out =
@@ -45,9 +55,7 @@ fn request(c: &Cluster, timeout_s: u32) -> Result<bool> {
 /// other one takes the VIP's Lease over, answers ARP and sends gratuitous
 /// ARP, which moves the router's existing neighbour entry at once.
 async fn arp_failover(c: &mut Cluster) -> Result<()> {
-    for i in 0..3 {
-        c.add_pod(&format!("web-{}", i + 1), "web", i).await?;
-    }
+    web_pods_on_workers(c).await?;
     c.apply_example("web-tcp.yaml").await?;
     let st = c.wait_programmed("web", 3).await?;
     assert_eq!(st.ingress_nodes, vec![INGRESS.to_string(), INGRESS2.to_string()]);
@@ -58,8 +66,8 @@ async fn arp_failover(c: &mut Cluster) -> Result<()> {
     // ingress node (a Linux bridge does when the port goes down, and XDP
     // there would forward them, hiding whether the takeover worked).
     sh(&format!(
-        "ip netns exec {} sh -c 'bridge link set dev p-ingress flood off && \
-         bridge link set dev p-ingress2 flood off'",
+        "ip netns exec {} sh -c 'bridge link set dev p-ingress-1 flood off && \
+         bridge link set dev p-ingress-2 flood off'",
         c.n.lan
     ))?;
     for _ in 0..10 {
@@ -138,12 +146,10 @@ fn exchange(conn: &mut (TcpStream, BufReader<TcpStream>)) -> Result<String> {
 
 /// Routed mode: the router spreads the VIP over both ingress nodes (ECMP,
 /// then one path, then the other). Every ingress node builds the same
-/// Maglev table, so a connection keeps its backend whichever node its
-/// packets cross.
+/// Maglev table over the pods' nodes, so a connection keeps its pod (on a
+/// worker, behind its node) whichever ingress node its packets cross.
 async fn ecmp_flows_move_between_ingress_nodes(c: &mut Cluster) -> Result<()> {
-    for i in 0..3 {
-        c.add_pod(&format!("web-{}", i + 1), "web", i).await?;
-    }
+    web_pods_on_workers(c).await?;
     let svc: DsrService = serde_json::from_value(json!({
         "apiVersion": "kubedsr.io/v1alpha1", "kind": "DsrService",
         "metadata": {"name": "web", "namespace": "default"},
@@ -186,6 +192,13 @@ async fn ecmp_flows_move_between_ingress_nodes(c: &mut Cluster) -> Result<()> {
         Ok(out)
     })?;
     let first: Vec<String> = conns.iter_mut().map(exchange).collect::<Result<_>>()?;
+    let pods: std::collections::BTreeSet<&String> = first.iter().collect();
+    eprintln!("12 connections on pods {pods:?}");
+    ensure!(pods.len() >= 2, "the connections landed on one pod only: {first:?}");
+    for who in &first {
+        let node = c.node_of(who).with_context(|| format!("who is {who}?"))?;
+        ensure!(node == WORKER || node == WORKER2, "{who} is on {node}");
+    }
     // All packets through ingress-1, then all through ingress-2: every
     // connection keeps working and keeps its backend.
     for via in [INGRESS_IP, INGRESS2_IP, INGRESS_IP] {
@@ -216,7 +229,8 @@ fn announcing_ingress_node_fails_over_with_gratuitous_arp() -> Result<()> {
     if !privileged("announcing_ingress_node_fails_over_with_gratuitous_arp") {
         return Ok(());
     }
-    cluster::run_with(3, true, async |c: &mut Cluster| arp_failover(c).await)
+    let opts = Options { two_ingress: true, ..Options::default() };
+    cluster::run_opts(opts, async |c: &mut Cluster| arp_failover(c).await)
 }
 
 #[test]
@@ -224,7 +238,6 @@ fn routed_mode_flows_survive_moving_between_ingress_nodes() -> Result<()> {
     if !privileged("routed_mode_flows_survive_moving_between_ingress_nodes") {
         return Ok(());
     }
-    cluster::run_with(3, true, async |c: &mut Cluster| {
-        ecmp_flows_move_between_ingress_nodes(c).await
-    })
+    let opts = Options { two_ingress: true, ..Options::default() };
+    cluster::run_opts(opts, async |c: &mut Cluster| ecmp_flows_move_between_ingress_nodes(c).await)
 }

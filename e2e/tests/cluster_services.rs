@@ -148,21 +148,6 @@ async fn slices_of(c: &Cluster, service: &str) -> Result<usize> {
     Ok(api.list(&lp).await?.items.len())
 }
 
-/// Warnings and errors the agents logged so far (printed, for the report
-/// of a run; the harness shows only the last lines of a failing one).
-fn agent_warnings() -> String {
-    let mut out = String::new();
-    for node in [INGRESS, "worker-1"] {
-        let log =
-            std::env::temp_dir().join(format!("kdsr-agent-{node}-{}.log", std::process::id()));
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        for l in text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
-            out.push_str(&format!("{node}: {l}\n"));
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------- UDP
 
 /// UDP flows from the client: `flows` sockets (distinct source ports),
@@ -307,6 +292,12 @@ async fn udp_service(c: &mut Cluster) -> Result<()> {
         "echo: {echoed} datagrams in {took:?}, replies per backend {by_backend:?}, {lost} lost"
     );
     check_eq!(lost, 0, "datagrams without a reply");
+    let nodes: BTreeSet<String> = by_backend.keys().filter_map(|b| c.node_of(b)).collect();
+    eprintln!("echo: answered from pods on {nodes:?}");
+    ensure!(
+        nodes.iter().any(|node| node != INGRESS),
+        "no pod on another node than the ingress node answered: {nodes:?}"
+    );
     for i in 1..=n.backends.len() {
         ensure!(
             by_backend.contains_key(&format!("backend-{i}")),
@@ -323,7 +314,7 @@ async fn udp_service(c: &mut Cluster) -> Result<()> {
         rx < echoed + echoed / 5 + 20,
         "replies crossed the ingress node: rx {rx} for {echoed}"
     );
-    eprintln!("agent warnings:\n{}", agent_warnings());
+    eprintln!("agent warnings:\n{}", c.agent_warnings());
     Ok(())
 }
 
@@ -375,6 +366,9 @@ async fn ipv6_service(c: &mut Cluster) -> Result<()> {
     for i in 1..=n.backends.len() {
         ensure!(by.contains_key(&format!("backend-{i}")), "backend-{i} served nothing: {by:?}");
     }
+    let nodes: BTreeSet<String> = by.keys().filter_map(|b| c.node_of(b)).collect();
+    eprintln!("IPv6: answered from pods on {nodes:?}");
+    ensure!(nodes.iter().any(|node| node != INGRESS), "no pod on another node answered: {nodes:?}");
     let rx = counter(&n.ingress, "rx_packets")? - rx_before;
 
     // The router resolved the on-link VIP to the ingress node's MAC: the
@@ -393,7 +387,7 @@ async fn ipv6_service(c: &mut Cluster) -> Result<()> {
         rx < forwarded + forwarded / 5 + 20,
         "replies crossed the ingress node: rx {rx}, forwarded {forwarded}"
     );
-    eprintln!("agent warnings:\n{}", agent_warnings());
+    eprintln!("agent warnings:\n{}", c.agent_warnings());
     Ok(())
 }
 
@@ -577,7 +571,7 @@ async fn invalid_and_conflict(c: &mut Cluster) -> Result<()> {
         Ok(gone.then_some(()))
     })
     .await?;
-    eprintln!("agent warnings:\n{}", agent_warnings());
+    eprintln!("agent warnings:\n{}", c.agent_warnings());
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec};
+use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec, Stage};
 use kube_dsr_e2e::{
     privileged,
     topology::{Lab, TCP_PORT, VIP, VIP6, forwarded},
@@ -28,6 +28,7 @@ fn service(lab: &Lab, which: &[usize]) -> ServiceSpec {
             .map(|&i| BackendSpec::new(lab.backends[i].addr.into(), lab.backends[i].mac))
             .collect(),
         pin_all_flows: false,
+        stage: Stage::Ingress,
     }
 }
 
@@ -152,6 +153,7 @@ fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingres
         table_size: 4093,
         backends: lab.backends.iter().map(|b| BackendSpec::new(b.addr6.into(), b.mac)).collect(),
         pin_all_flows: false,
+        stage: Stage::Ingress,
     })
     .unwrap();
 

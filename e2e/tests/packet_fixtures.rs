@@ -10,7 +10,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use kube_dsr_agent::{
-    dataplane::{BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec},
+    dataplane::{BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Stage},
     maglev,
 };
 use kube_dsr_common::{flow_hash, port_word, v4_words, v6_words};
@@ -46,6 +46,11 @@ struct Env {
 impl Env {
     fn new() -> Self {
         let ns = NetNs::new("kdsrfx").unwrap();
+        // No IPv6 on these links: the kernel's own neighbour discovery and
+        // MLD frames would reach the program while a fixture runs and be
+        // counted with it.
+        ns.exec("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+            .unwrap();
         ns.exec("ip link add dsr0 type veth peer name dsr1 && ip link add dsr2 type veth peer name dsr3 && ip link set dsr0 up && ip link set dsr1 up && ip link set dsr2 up && ip link set dsr3 up").unwrap();
         let pins = PinDir::new().unwrap();
         let mut cfg = Config::new("dsr0");
@@ -116,6 +121,7 @@ fn service(
             .map(|&(a, m)| BackendSpec::new(a.parse().unwrap(), mac_of(m)))
             .collect(),
         pin_all_flows: false,
+        stage: Stage::Ingress,
     }
 }
 
@@ -154,7 +160,10 @@ fn rewritten(frame: &[u8], dst: Mac, src: Mac) -> Vec<u8> {
 
 enum Out {
     Unchanged,
+    /// To this MAC from the attach interface's.
     To(Mac),
+    /// To the first MAC from the second (a redirect).
+    Via(Mac, Mac),
 }
 
 struct Case {
@@ -182,6 +191,9 @@ fn check(env: &Env, cases: Vec<Case>) -> usize {
                     "{}: only the MACs change",
                     c.name
                 )
+            }
+            Out::Via(dst, src) => {
+                assert_eq!(out, rewritten(&c.frame, dst, src), "{}: only the MACs change", c.name)
             }
         }
     }
@@ -789,4 +801,283 @@ fn packet_fixtures() {
     assert!(env.dp.backend_traffic("default/web/v4", b).unwrap().packets >= 4);
     assert!(total >= 25, "only {total} fixtures ran");
     eprintln!("{total} packet fixtures passed");
+}
+
+const PEER_MAC: Mac = [0x02, 0xee, 0, 0, 0, 0x02];
+const OTHER_NODE_MAC: Mac = [0x02, 0xee, 0, 0, 0, 0x03];
+
+/// The node stage: a VIP frame an ingress stage sent to this node goes to
+/// one of this node's local pods (dst = the pod's MAC, src = its host-side
+/// interface's MAC, redirected into that interface), never back onto the
+/// segment.
+#[test]
+fn node_stage_fixtures() {
+    if !privileged("node_stage_fixtures") {
+        return;
+    }
+    let mut env = Env::new();
+    let dut = env.if_mac;
+    let host_side = env.egress;
+    let client = v4("198.51.100.7");
+    let syn = 0x02;
+    let pods = |addrs: &[(&str, u8)]| -> Vec<BackendSpec> {
+        addrs.iter().map(|&(a, m)| BackendSpec::pod(v4(a), mac_of(m), host_side)).collect()
+    };
+    let node_stage = |name: &str, vip: &str, port: u16, backends: Vec<BackendSpec>| ServiceSpec {
+        stage: Stage::Node,
+        backends,
+        ..service(name, vip, &[(port, Protocol::Tcp)], &[])
+    };
+    let to_pod = |name, frame: Vec<u8>, pod: Mac| Case {
+        name,
+        frame,
+        verdict: XDP_REDIRECT,
+        reason: "fwd_node_local",
+        out: Out::Via(pod, host_side.mac),
+    };
+    let dropped = |name, frame: Vec<u8>, reason| Case {
+        name,
+        frame,
+        verdict: XDP_DROP,
+        reason,
+        out: Out::Unchanged,
+    };
+    let passed = |name, frame: Vec<u8>, reason| Case {
+        name,
+        frame,
+        verdict: XDP_PASS,
+        reason,
+        out: Out::Unchanged,
+    };
+
+    // An ingress node that also runs pods: its ingress stage holds itself
+    // (Local, two ready pods) and another node (ViaNode, one pod); its node
+    // stage holds the two local pods.
+    let vip = v4("192.0.2.70");
+    let mut ingress = service("default/mixed/v4", "192.0.2.70", &[(80, Protocol::Tcp)], &[]);
+    ingress.backends = vec![
+        BackendSpec::local(v4("10.10.0.1"), 2),
+        BackendSpec::via_node(v4("10.10.0.3"), OTHER_NODE_MAC, 1),
+    ];
+    let local = node_stage(
+        "default/mixed/v4/node",
+        "192.0.2.70",
+        80,
+        pods(&[("10.244.1.2", 0x71), ("10.244.1.3", 0x72)]),
+    );
+    env.dp.upsert_service(&ingress).unwrap();
+    env.dp.upsert_service(&local).unwrap();
+    env.dp.set_peers(&[PEER_MAC]).unwrap();
+    assert_eq!(env.dp.peers(), vec![PEER_MAC]);
+
+    let mut cases = Vec::new();
+    let (mut locals, mut remotes) = (0, 0);
+    for port in 50000..50060 {
+        let f = tcp_frame(dut, CLIENT_MAC, (client, port), (vip, 80), syn);
+        let picked = predict(&ingress, client, port, 80, PROTO_TCP);
+        if picked == [0; 6] {
+            locals += 1;
+            let pod = predict(&local, client, port, 80, PROTO_TCP);
+            cases.push(to_pod("ingress picks Local: delivered to a local pod", f, pod));
+        } else {
+            remotes += 1;
+            assert_eq!(picked, OTHER_NODE_MAC);
+            cases.push(Case {
+                name: "ingress picks ViaNode: to the node's MAC, XDP_TX",
+                frame: f,
+                verdict: XDP_TX,
+                reason: "fwd_maglev",
+                out: Out::To(OTHER_NODE_MAC),
+            });
+        }
+    }
+    // Weight 2 against 1: about two thirds local.
+    assert!(locals > 25 && remotes > 10, "{locals} local, {remotes} via node");
+    let mut total = check(&env, cases);
+
+    // A flow the ingress table gives to the other node arrives from a
+    // peer instead (the peer's table disagrees with ours, as during a
+    // change): it is delivered here, not balanced again and not sent back
+    // onto the segment.
+    let port = (50000..51000)
+        .find(|&p| predict(&ingress, client, p, 80, PROTO_TCP) == OTHER_NODE_MAC)
+        .unwrap();
+    let from_client = tcp_frame(dut, CLIENT_MAC, (client, port), (vip, 80), 0x10);
+    let from_peer = tcp_frame(dut, PEER_MAC, (client, port), (vip, 80), 0x10);
+    total += check(
+        &env,
+        vec![
+            Case {
+                name: "from a client: our ingress table says the other node",
+                frame: from_client,
+                verdict: XDP_TX,
+                reason: "fwd_maglev",
+                out: Out::To(OTHER_NODE_MAC),
+            },
+            to_pod(
+                "from a peer: node stage, whatever our ingress table says",
+                from_peer.clone(),
+                predict(&local, client, port, 80, PROTO_TCP),
+            ),
+            passed(
+                "from a peer but to another host's MAC: not delivered",
+                rewritten(&from_peer, OTHER_NODE_MAC, PEER_MAC),
+                "pass_not_our_mac",
+            ),
+            passed(
+                "from a peer, broadcast destination: not delivered",
+                rewritten(&from_peer, [0xff; 6], PEER_MAC),
+                "pass_not_our_mac",
+            ),
+        ],
+    );
+
+    // A node that is no ingress for the VIP: only its node stage, found
+    // through the VIP_NODE_ONLY entry the dataplane writes for it.
+    let only_vip = v4("192.0.2.71");
+    let only = node_stage(
+        "default/only/v4/node",
+        "192.0.2.71",
+        80,
+        pods(&[("10.244.1.4", 0x73), ("10.244.1.5", 0x74)]),
+    );
+    env.dp.upsert_service(&only).unwrap();
+    let only_to = predict(&only, client, 40000, 80, PROTO_TCP);
+    let to_only = |src: Mac, dst: Mac| tcp_frame(dst, src, (client, 40000), (only_vip, 80), syn);
+    // The ICMP error about that flow follows it to its pod.
+    let frag_needed = {
+        let c4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let seg = tcp(only_vip, client, 80, 40000, 0x12, b"");
+        let inner = ipv4(c4("192.0.2.71"), c4("198.51.100.7"), PROTO_TCP, &seg, &V4Opts::default());
+        let mut f = eth(dut, PEER_MAC, &[], ETH_P_IP);
+        f.extend(ipv4(
+            c4("203.0.113.1"),
+            c4("192.0.2.71"),
+            PROTO_ICMP,
+            &icmp4(3, 4, [0, 0, 5, 0x78], &inner[..28]),
+            &V4Opts::default(),
+        ));
+        f
+    };
+    // IPv6 as well.
+    let vip6: IpAddr = "2001:db8::71".parse().unwrap();
+    let client6: IpAddr = "2001:db8:ff::7".parse().unwrap();
+    let only6 = ServiceSpec {
+        name: "default/only/v6/node".into(),
+        vip: vip6,
+        backends: vec![BackendSpec::pod("fd00:244:1::4".parse().unwrap(), mac_of(0x75), host_side)],
+        ..only.clone()
+    };
+    env.dp.upsert_service(&only6).unwrap();
+    total += check(
+        &env,
+        vec![
+            to_pod("node-only VIP from a peer", to_only(PEER_MAC, dut), only_to),
+            to_pod("node-only VIP from a non-peer", to_only(CLIENT_MAC, dut), only_to),
+            passed(
+                "node-only VIP to another host's MAC",
+                to_only(PEER_MAC, OTHER_NODE_MAC),
+                "pass_not_our_mac",
+            ),
+            passed(
+                "node-only VIP, multicast destination",
+                to_only(PEER_MAC, [0x01, 0, 0x5e, 0, 0, 1]),
+                "pass_not_our_mac",
+            ),
+            passed(
+                "node-only VIP, other port",
+                tcp_frame(dut, PEER_MAC, (client, 40000), (only_vip, 81), syn),
+                "pass_not_vip",
+            ),
+            to_pod("ICMP error about a node-stage flow", frag_needed, only_to),
+            to_pod(
+                "IPv6 node-only VIP from a peer",
+                tcp_frame(dut, PEER_MAC, (client6, 40000), (vip6, 80), syn),
+                mac_of(0x75),
+            ),
+        ],
+    );
+
+    // No usable local pod: dropped and counted, never sent on.
+    let mut none = only.clone();
+    for b in &mut none.backends {
+        b.draining = true;
+    }
+    env.dp.upsert_service(&none).unwrap();
+    env.dp.settle(std::time::Duration::ZERO).unwrap();
+    let new_flow = tcp_frame(dut, PEER_MAC, (client, 40100), (only_vip, 80), syn);
+    total += check(
+        &env,
+        vec![dropped("node stage without a ready pod", new_flow, "drop_node_no_backend")],
+    );
+    // A VIP we are ingress for but hold no node stage of: a frame from a
+    // peer is dropped, not balanced again.
+    let lone =
+        service("default/lone/v4", "192.0.2.72", &[(80, Protocol::Tcp)], &[("10.0.9.1", 0x79)]);
+    env.dp.upsert_service(&lone).unwrap();
+    let lone_frame = |src| tcp_frame(dut, src, (client, 40000), (v4("192.0.2.72"), 80), syn);
+    total += check(
+        &env,
+        vec![
+            Case {
+                name: "ingress-only VIP from a client is balanced",
+                frame: lone_frame(CLIENT_MAC),
+                verdict: XDP_TX,
+                reason: "fwd_maglev",
+                out: Out::To(mac_of(0x79)),
+            },
+            dropped(
+                "ingress-only VIP from a peer: no second balancing",
+                lone_frame(PEER_MAC),
+                "drop_node_no_backend",
+            ),
+        ],
+    );
+
+    // The node stage's VIP_NODE_ONLY entry steps aside for an ingress
+    // service on the same VIP:port and comes back when it leaves; removing
+    // the node stage hands the VIP back to the kernel.
+    let over =
+        service("default/over/v4", "192.0.2.71", &[(80, Protocol::Tcp)], &[("10.0.9.2", 0x7a)]);
+    env.dp.upsert_service(&only).unwrap();
+    env.dp.upsert_service(&over).unwrap();
+    total += check(
+        &env,
+        vec![Case {
+            name: "ingress service on a node-only VIP balances client frames",
+            frame: to_only(CLIENT_MAC, dut),
+            verdict: XDP_TX,
+            reason: "fwd_maglev",
+            out: Out::To(mac_of(0x7a)),
+        }],
+    );
+    env.dp.remove_service("default/over/v4").unwrap();
+    total += check(
+        &env,
+        vec![to_pod(
+            "node-only again after the ingress service left",
+            to_only(CLIENT_MAC, dut),
+            only_to,
+        )],
+    );
+    env.dp.remove_service("default/only/v4/node").unwrap();
+    total +=
+        check(&env, vec![passed("node stage removed", to_only(PEER_MAC, dut), "pass_not_vip")]);
+
+    // The API refuses a node-stage pod behind the attach interface (the
+    // frame would go back onto the segment) and remote reach kinds.
+    let attach = Egress { ifindex: env.dp.ifindex(), mac: dut };
+    let mut back_out = local.clone();
+    back_out.backends[0].egress = Some(attach);
+    let err = env.dp.upsert_service(&back_out).unwrap_err().to_string();
+    assert!(err.contains("back onto the segment"), "{err}");
+    let mut remote = local.clone();
+    remote.backends[0] = BackendSpec::via_node(v4("10.10.0.3"), OTHER_NODE_MAC, 1);
+    assert!(env.dp.upsert_service(&remote).is_err());
+
+    // Counters of the node stage.
+    let t = env.dp.service_traffic("default/mixed/v4/node").unwrap();
+    assert!(t.packets > locals as u64, "{t:?}");
+    assert!(total >= 75, "only {total} node-stage fixtures ran");
+    eprintln!("{total} node-stage fixtures passed");
 }

@@ -35,7 +35,7 @@ use etherparse::{
     TransportSlice,
 };
 use kube_dsr_agent::dataplane::{
-    BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec,
+    BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Stage,
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
@@ -500,6 +500,7 @@ fn service(
             .map(|&(a, m)| BackendSpec::new(a.parse().unwrap(), [0x02, 0xbb, 0, 0, 0, m]))
             .collect(),
         pin_all_flows: false,
+        stage: Stage::Ingress,
     }
 }
 

@@ -10,7 +10,7 @@
 //! it (`KeptWithPacket`).
 
 use kube_dsr_agent::dataplane::{
-    AttachMode, BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, VlanTags,
+    AttachMode, BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, Stage, VlanTags,
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
@@ -103,6 +103,7 @@ fn generic_xdp_sends_a_stripped_tag_back_out() {
         table_size: 251,
         backends: vec![BackendSpec::new("10.0.0.11".parse().unwrap(), cl0)],
         pin_all_flows: false,
+        stage: Stage::Ingress,
     })
     .unwrap();
     // A capture on cl0 prints the VLAN tag the kernel recorded for the

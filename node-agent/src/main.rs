@@ -71,6 +71,12 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value = "auto")]
     attach: Attach,
+    /// Interface facing the other nodes, where the node stage (delivery to
+    /// this node's pods) attaches. Default: the interface holding the
+    /// node's InternalIP, else the one the route toward another node's
+    /// address leaves through.
+    #[arg(long, env = "DSR_NODE_INTERFACE")]
+    node_interface: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         lease_namespace: r.lease_namespace,
         lease_duration: Duration::from_secs(r.lease_duration),
         lease_retry: Duration::from_secs(r.lease_retry),
+        node_interface: r.node_interface,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(agent::run(cfg, agent::announcer()))

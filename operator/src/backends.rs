@@ -39,6 +39,8 @@ pub struct Backend {
     pub serving: bool,
     /// Pod is being deleted; existing flows drain, no new ones.
     pub terminating: bool,
+    /// Why it is not serving, for status messages (`None` when serving).
+    pub not_serving: Option<String>,
 }
 
 impl Backend {
@@ -119,9 +121,11 @@ pub struct Inputs<'a> {
 }
 
 /// The desired backend set: one entry per (backend, VIP family), sorted by
-/// address. A pod backend is ready only when the pod is Ready and, unless
-/// the service opted out of loopback management, the agent on its node
-/// reports that VIP configured inside the pod. Static backends are ready as
+/// address. A pod backend is ready only when the pod is Ready, the agent on
+/// its node reports delivering that VIP to it (its node stage holds the pod,
+/// or the pod is on the node's segment) and, unless the service opted out of
+/// loopback management, that VIP configured inside the pod. A pod on a node
+/// without dsr-agent is therefore never ready. Static backends are ready as
 /// listed: no agent runs on them.
 pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
     let svc = inputs.service;
@@ -142,6 +146,7 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
                 ready: true,
                 serving: true,
                 terminating: false,
+                not_serving: None,
             });
         }
     }
@@ -162,9 +167,30 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
             let zone = inputs.nodes.get(&node).and_then(|n| n.labels().get(ZONE_LABEL).cloned());
             for address in addrs {
                 let Some(vip) = vips.get(&Family::of(&address)) else { continue };
+                let v = vip.to_string();
                 let vip_ok = !svc.spec.backend_setup.manage_loopback
-                    || report.is_some_and(|r| r.vip_configured(&uid, &vip.to_string()));
-                let serving = ready_pod && vip_ok;
+                    || report.is_some_and(|r| r.vip_configured(&uid, &v));
+                // The readiness chain: a pod gets traffic only through its
+                // node's agent (its node stage, or the segment it sits on).
+                let delivered = report.is_some_and(|r| r.vip_delivered(&uid, &v));
+                let not_serving = if report.is_none() {
+                    Some(format!("node {node} runs no dsr-agent"))
+                } else if !delivered {
+                    let why = report
+                        .and_then(|r| r.backend(&uid))
+                        .and_then(|b| b.delivery_error.clone().or_else(|| b.error.clone()));
+                    Some(match why {
+                        Some(w) => format!("node {node} does not deliver it: {w}"),
+                        None => format!("node {node} does not deliver it yet"),
+                    })
+                } else if !vip_ok {
+                    Some(format!("VIP {v} not yet configured in it by dsr-agent"))
+                } else if !ready_pod {
+                    Some("pod not Ready".into())
+                } else {
+                    None
+                };
+                let serving = ready_pod && vip_ok && delivered;
                 out.push(Backend {
                     address,
                     vip: *vip,
@@ -178,6 +204,7 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
                     ready: serving && !terminating,
                     serving,
                     terminating,
+                    not_serving,
                 });
             }
         }
@@ -220,6 +247,24 @@ pub fn counts(backends: &[Backend]) -> Counts {
     let total = by_backend.len() as i32;
     let ready = by_backend.values().filter(|r| **r).count() as i32;
     Counts { ready, total }
+}
+
+/// Why each backend that is not serving is not, once per pod and reason
+/// (`pod web-1: node n3 runs no dsr-agent`), for status messages.
+pub fn not_serving(backends: &[Backend]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for b in backends {
+        let Some(why) = &b.not_serving else { continue };
+        let who = match &b.pod {
+            Some(p) => format!("pod {}", p.name),
+            None => b.address.to_string(),
+        };
+        let line = format!("{who}: {why}");
+        if !out.contains(&line) {
+            out.push(line);
+        }
+    }
+    out
 }
 
 /// Nodes that run backend pods of this set (agents there configure VIPs).
@@ -274,12 +319,48 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn without_a_report_nothing_is_ready_unless_loopback_is_unmanaged() {
+    fn without_a_report_nothing_is_ready_even_when_loopback_is_unmanaged() {
         let mut svc = service("web", &["192.0.2.10"], 1);
         let pods = [pod("a", "n1", &["10.0.0.1"], true)];
-        assert!(!run(&svc, &pods, &[])[0].ready);
+        let got = run(&svc, &pods, &[]);
+        assert!(!got[0].ready);
+        assert_eq!(got[0].not_serving.as_deref(), Some("node n1 runs no dsr-agent"));
         svc.spec.backend_setup.manage_loopback = false;
-        assert!(run(&svc, &pods, &[])[0].ready);
+        let got = run(&svc, &pods, &[]);
+        assert!(!got[0].ready, "no agent, no node stage: the pod would get no traffic");
+        assert_eq!(got[0].not_serving.as_deref(), Some("node n1 runs no dsr-agent"));
+        // With an agent delivering it, loopback management is not needed.
+        let mut r = report("n1", &[("uid-a", &[])]);
+        r.backends[0].delivered_vips = vec!["192.0.2.10".into()];
+        let got = run(&svc, &pods, &[r]);
+        assert!(got[0].ready);
+        assert_eq!(got[0].not_serving, None);
+    }
+
+    #[test]
+    fn not_serving_names_each_pod_once() {
+        let svc = service("web", &["192.0.2.10", "2001:db8::10"], 1);
+        let pods =
+            [pod("a", "n1", &["10.0.0.1", "fd00::1"], true), pod("b", "n2", &["10.0.0.2"], true)];
+        let got = run(&svc, &pods, &[report("n2", &[("uid-b", &["192.0.2.10"])])]);
+        assert_eq!(not_serving(&got), ["pod a: node n1 runs no dsr-agent"]);
+    }
+
+    #[test]
+    fn configured_but_not_delivered_is_not_ready_and_says_why() {
+        let svc = service("web", &["192.0.2.10"], 1);
+        let pods = [pod("a", "n1", &["10.0.0.1"], true), pod("b", "n1", &["10.0.0.2"], true)];
+        let mut r = report("n1", &[("uid-a", &["192.0.2.10"]), ("uid-b", &["192.0.2.10"])]);
+        r.backends[0].delivered_vips.clear();
+        r.backends[0].delivery_error = Some("192.0.2.10: GRO is not on inside the pod".into());
+        r.backends[1].delivered_vips.clear();
+        let got = run(&svc, &pods, &[r]);
+        assert!(!got[0].ready && !got[1].ready);
+        assert_eq!(
+            got[0].not_serving.as_deref(),
+            Some("node n1 does not deliver it: 192.0.2.10: GRO is not on inside the pod")
+        );
+        assert_eq!(got[1].not_serving.as_deref(), Some("node n1 does not deliver it yet"));
     }
 
     #[test]

@@ -169,6 +169,7 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
         invalid: &invalid,
         conflicts: &conflicts,
         counts: counts(&backend_set),
+        not_serving: &backends::not_serving(&backend_set),
         plan: &plan,
         reports: &reports,
     };

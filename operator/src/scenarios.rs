@@ -192,6 +192,8 @@ impl Harness {
                             announced_vips: s.spec.vips.clone(),
                             backends: 0,
                             error: None,
+                            reach: Default::default(),
+                            unreached: vec![],
                         })
                         .collect();
                     DsrNodeReport::new(n, spec)

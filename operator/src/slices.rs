@@ -191,6 +191,7 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
+            not_serving: (!ready).then(|| "pod not Ready".into()),
         }
     }
 

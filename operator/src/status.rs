@@ -7,7 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube_dsr_crds::dsrservice::conditions::{self, reasons};
 use kube_dsr_crds::validation::{FieldError, parse_ip};
 use kube_dsr_crds::{
-    Announcement, DsrNodeReportSpec, DsrServiceSpec, DsrServiceStatus, StatusSummary, VipStatus,
+    Announcement, DsrNodeReportSpec, DsrServiceSpec, DsrServiceStatus, NodeReach, StatusSummary,
+    VipStatus,
 };
 
 use crate::backends::Counts;
@@ -25,6 +26,9 @@ pub struct Observation<'a> {
     /// Claims held by earlier services; non-empty means no backend set.
     pub conflicts: &'a [Conflict],
     pub counts: Counts,
+    /// Backends that are not serving, with why (`pod a: node n3 runs no
+    /// dsr-agent`), for the BackendsReady message.
+    pub not_serving: &'a [String],
     pub plan: &'a IngressPlan,
     pub reports: &'a BTreeMap<String, &'a DsrNodeReportSpec>,
 }
@@ -193,6 +197,46 @@ pub fn desired_status(
         condition(conditions::PROGRAMMED, false, reasons::PENDING, msg, g, now)
     };
 
+    // How each ingress node reaches the backends, and what it does not
+    // reach, from its report.
+    let reach: Vec<NodeReach> = if active {
+        obs.plan
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let i = obs.reports.get(n)?.ingress_for(obs.namespace, obs.name)?;
+                Some(NodeReach {
+                    node: n.clone(),
+                    direct: i.reach.direct,
+                    via_node: i.reach.via_node,
+                    local: i.reach.local,
+                    unreached: i32::try_from(i.unreached.len()).unwrap_or(i32::MAX),
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let unreached: Vec<String> = obs
+        .plan
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n, obs.reports.get(n)?.ingress_for(obs.namespace, obs.name)?)))
+        .flat_map(|(n, i)| {
+            i.unreached.iter().map(move |u| format!("{} from {n}: {}", u.address, u.reason))
+        })
+        .collect();
+    let why = |msg: &mut String| {
+        if !obs.not_serving.is_empty() {
+            let names: Vec<&str> = obs.not_serving.iter().map(String::as_str).collect();
+            msg.push_str(&format!("; not ready: {}", short_list(&names)));
+        }
+        if !unreached.is_empty() {
+            let names: Vec<&str> = unreached.iter().map(String::as_str).collect();
+            msg.push_str(&format!("; not reached: {}", short_list(&names)));
+        }
+    };
+
     let c = obs.counts;
     let backends_c = if !accepted {
         condition(
@@ -220,27 +264,17 @@ pub fn desired_status(
         };
         condition(conditions::BACKENDS_READY, false, reasons::NO_BACKENDS, msg.into(), g, now)
     } else if c.ready == 0 {
-        condition(
-            conditions::BACKENDS_READY,
-            false,
-            reasons::NONE_READY,
-            format!(
-                "0 of {} backends ready (pod not Ready, or VIP not yet configured in it by dsr-agent)",
-                c.total
-            ),
-            g,
-            now,
-        )
+        let mut msg = format!("0 of {} backends ready", c.total);
+        if obs.not_serving.is_empty() {
+            msg.push_str(" (pod not Ready, or not yet delivered by dsr-agent on its node)");
+        }
+        why(&mut msg);
+        condition(conditions::BACKENDS_READY, false, reasons::NONE_READY, msg, g, now)
     } else {
         let reason = if c.ready == c.total { reasons::ALL_READY } else { reasons::SOME_READY };
-        condition(
-            conditions::BACKENDS_READY,
-            true,
-            reason,
-            format!("{} of {} backends ready", c.ready, c.total),
-            g,
-            now,
-        )
+        let mut msg = format!("{} of {} backends ready", c.ready, c.total);
+        why(&mut msg);
+        condition(conditions::BACKENDS_READY, true, reason, msg, g, now)
     };
 
     let mut conds = vec![accepted_c, programmed_c, backends_c, conflict_c];
@@ -262,6 +296,7 @@ pub fn desired_status(
         total_backends: counts.total,
         ingress_nodes: if active { obs.plan.nodes.clone() } else { Vec::new() },
         vips: vip_status,
+        reach,
         summary: Some(StatusSummary {
             ports: ports_summary(obs.spec),
             backends: format!("{}/{}", counts.ready, counts.total),
@@ -352,6 +387,8 @@ mod tests {
             announced_vips: announced.iter().map(|s| s.to_string()).collect(),
             backends: 1,
             error: None,
+            reach: Default::default(),
+            unreached: vec![],
         });
         r
     }
@@ -382,6 +419,7 @@ mod tests {
             invalid,
             conflicts,
             counts,
+            not_serving: &[],
             plan,
             reports: &reports,
         };
@@ -391,6 +429,61 @@ mod tests {
     fn cond<'a>(s: &'a DsrServiceStatus, t: &str) -> (&'a str, &'a str) {
         let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
         (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn status_says_how_backends_are_reached_and_why_some_are_not() {
+        use kube_dsr_crds::{ReachCounts, UnreachedBackend};
+        let plan = plan_on(&["n1", "n2"], Some("n1"));
+        let mut r1 = ingress_report("n1", 1, &["192.0.2.10"], &["192.0.2.10"]);
+        r1.ingress[0].reach = ReachCounts { direct: 1, via_node: 3, local: 2 };
+        r1.ingress[0].unreached = vec![UnreachedBackend {
+            address: "10.244.3.2".into(),
+            node: Some("far".into()),
+            reason: "node far is not on the ingress segment".into(),
+        }];
+        let r2 = ingress_report("n2", 1, &["192.0.2.10"], &[]);
+        let svc = service("web", &["192.0.2.10"], 1);
+        let reports = [r1, r2];
+        let reports = reports.iter().map(|r| (r.node_name.clone(), r)).collect();
+        let not_serving = vec!["pod c: node n3 runs no dsr-agent".to_string()];
+        let obs = Observation {
+            namespace: "default",
+            name: "web",
+            generation: Some(1),
+            spec: &svc.spec,
+            invalid: &[],
+            conflicts: &[],
+            counts: Counts { ready: 6, total: 8 },
+            not_serving: &not_serving,
+            plan: &plan,
+            reports: &reports,
+        };
+        let s = desired_status(&obs, None, &time(1));
+        assert_eq!(
+            s.reach,
+            [
+                NodeReach { node: "n1".into(), direct: 1, via_node: 3, local: 2, unreached: 1 },
+                NodeReach { node: "n2".into(), ..Default::default() },
+            ]
+        );
+        let c = s.conditions.iter().find(|c| c.type_ == conditions::BACKENDS_READY).unwrap();
+        assert_eq!(
+            c.message,
+            "6 of 8 backends ready; not ready: pod c: node n3 runs no dsr-agent; not reached: \
+             10.244.3.2 from n1: node far is not on the ingress segment"
+        );
+        // Nothing ready: the message still says why.
+        let obs = Observation { counts: Counts { ready: 0, total: 1 }, ..obs };
+        let s = desired_status(&obs, None, &time(1));
+        let c = s.conditions.iter().find(|c| c.type_ == conditions::BACKENDS_READY).unwrap();
+        assert_eq!(c.reason, reasons::NONE_READY);
+        assert!(
+            c.message
+                .starts_with("0 of 1 backends ready; not ready: pod c: node n3 runs no dsr-agent"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

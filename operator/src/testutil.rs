@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube_dsr_crds::{
-    BackendReport, BackendSetup, DsrNodeReportSpec, DsrService, DsrServiceSpec, Hashing, Ingress,
-    Protocol, ServicePort,
+    BackendReport, BackendSetup, Delivery, DsrNodeReportSpec, DsrService, DsrServiceSpec, Hashing,
+    Ingress, Protocol, ServicePort,
 };
 
 pub fn time(secs: i64) -> Time {
@@ -97,6 +97,13 @@ pub fn report(node: &str, pods: &[(&str, &[&str])]) -> DsrNodeReportSpec {
                 name: uid.trim_start_matches("uid-").into(),
                 configured_vips: vips.iter().map(|v| v.to_string()).collect(),
                 error: None,
+                // The agent delivers what it configured (a pod on the
+                // node's segment, or held by its node stage).
+                delivered_vips: vips.iter().map(|v| v.to_string()).collect(),
+                delivery: Some(Delivery::Segment),
+                interface: None,
+                gro: None,
+                delivery_error: None,
             })
             .collect(),
     }

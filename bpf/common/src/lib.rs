@@ -44,11 +44,25 @@ pub const MAP_RINGS: &str = "DSR_RINGS_V1";
 pub const MAP_SERVICES: &str = "DSR_SERVICES_V1";
 pub const MAP_VIP_STATS: &str = "DSR_VSTATS_V1";
 pub const MAP_BACKEND_STATS: &str = "DSR_BSTATS_V1";
-pub const MAP_COUNTERS: &str = "DSR_COUNTERS_V1";
+/// V2: room for `COUNTER_SLOTS` reasons (V1 had exactly 16, so a new
+/// reason needed a new map).
+pub const MAP_COUNTERS: &str = "DSR_COUNTERS_V2";
 pub const MAP_META: &str = "DSR_META_V1";
+pub const MAP_PEERS: &str = "DSR_PEERS_V1";
 
 /// The XDP program's name in the object.
 pub const PROGRAM_NAME: &str = "kube_dsr";
+/// The tc reply classifier's name in the same object.
+pub const REPLY_PROGRAM_NAME: &str = "kube_dsr_reply";
+
+/// Entries of the reason counter map: more than `reason::COUNT`, so that
+/// appending a reason keeps the pinned map's shape.
+pub const COUNTER_SLOTS: u32 = 64;
+
+/// Set on the protocol byte of a VIP key (`VipKey4::proto`): the node
+/// stage's entry of a VIP:port, next to the ingress stage's entry (same
+/// address and port, plain protocol). Both live in the same VIP tables.
+pub const STAGE_NODE: u8 = 0x80;
 
 /// Default map sizes (user space may override them at load time).
 /// Slots of each VIP table (a power of two; at most a quarter are meant to
@@ -187,6 +201,13 @@ pub const VIP_PIN_ALL: u32 = 1;
 /// (see the agent's `Dataplane::settle`); in that state the kernel creates
 /// no pins, so nothing can appear behind the sweep's back.
 pub const VIP_PINS: u32 = 2;
+
+/// On an ingress-stage key only: this node is no ingress for the VIP:port,
+/// but its node stage serves it. The packet continues with the node-stage
+/// key (`STAGE_NODE`); the rest of the value is unused. Written by the
+/// dataplane for every node-stage service whose ingress key is free, so that
+/// a non-VIP packet still costs exactly one probe.
+pub const VIP_NODE_ONLY: u32 = 4;
 const _: () = assert!(core::mem::size_of::<VipValue>() == 24);
 
 /// Key of the IPv4 connection table: the client side of a flow plus the
@@ -240,6 +261,12 @@ pub const BACKEND_IN_USE: u32 = 1;
 /// Draining: no new flows (the slot is absent from the Maglev table), but
 /// flows already in the connection table keep going.
 pub const BACKEND_DRAINING: u32 = 2;
+/// Ingress stage: the backend is this node; the frame continues into this
+/// node's node stage for the same VIP:port (`Reach::Local`).
+pub const BACKEND_LOCAL: u32 = 4;
+/// Ingress stage: the MACs are those of the backend pod's node
+/// (`Reach::ViaNode`); its node stage delivers to a pod.
+pub const BACKEND_VIA_NODE: u32 = 8;
 
 /// Value of the backend array, indexed by backend id. The first 24 bytes
 /// are what the packet path reads; the rest lets user space rebuild its view
@@ -303,6 +330,40 @@ pub struct Meta {
 }
 const _: () = assert!(core::mem::size_of::<Meta>() == 48);
 
+/// Peers: the MACs of the other kube-dsr nodes' interfaces on the segment.
+/// A VIP frame from a peer was balanced already: it goes to the node stage,
+/// never through the ingress stage again. Open-addressed like the VIP
+/// tables (inlined array lookups, no helper call), published the same way:
+/// user space fills the MAC, then stores `state = SLOT_USED` last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSlot {
+    /// MAC bytes 0..4, then 4..6 (wire bytes).
+    pub mac_hi: u32,
+    pub mac_lo: u16,
+    pub state: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PeerSlot>() == 8);
+
+/// Slots of the peer table (a power of two).
+pub const PEER_SLOTS: u32 = 1024;
+/// Slots a peer lookup probes.
+pub const PEER_PROBES: u32 = 8;
+
+/// First slot probed for a peer MAC.
+#[inline(always)]
+pub fn peer_slot(mac_hi: u32, mac_lo: u16) -> u32 {
+    fmix(mac_hi ^ u32::from(mac_lo).rotate_left(16)) & (PEER_SLOTS - 1)
+}
+
+impl PeerSlot {
+    /// The `mac_hi`, `mac_lo` words of a MAC.
+    pub const fn words(mac: [u8; 6]) -> (u32, u16) {
+        (u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]), u16::from_ne_bytes([mac[4], mac[5]]))
+    }
+}
+
 pub const ATTACH_NATIVE: u32 = 1;
 pub const ATTACH_GENERIC: u32 = 2;
 
@@ -352,27 +413,39 @@ pub mod reason {
     pub const PASS_ICMP_NOT_VIP: u32 = 14;
     /// More than one VLAN tag: passed.
     pub const PASS_VLAN_STACK: u32 = 15;
-    /// The destination MAC is not the interface's own unicast address
-    /// (broadcast, multicast, another host's frame seen through a flooding
-    /// bridge or promiscuous mode): passed, the kernel treats it as usual.
-    pub const PASS_NOT_OUR_MAC: u32 = 16;
+    /// Node stage: delivered to a local backend pod.
+    pub const FWD_NODE_LOCAL: u32 = 16;
+    /// Node stage: no usable local backend (or no node stage) for the VIP.
+    pub const DROP_NODE_NO_BACKEND: u32 = 17;
+    /// Node stage: the backend's egress is the arrival interface; the frame
+    /// would go back onto the segment (refused by user space, so never
+    /// expected).
+    pub const DROP_NODE_LOOP: u32 = 18;
+    /// An IPv4/IPv6 frame whose destination MAC is not the interface's own
+    /// unicast address (broadcast, multicast, another host's frame seen
+    /// through a flooding bridge or promiscuous mode), either stage: passed,
+    /// the kernel treats it as usual.
+    pub const PASS_NOT_OUR_MAC: u32 = 19;
+    /// Reply program: a backend pod's packet from a node-stage VIP:port,
+    /// sent out of the node's uplink past netfilter.
+    pub const FWD_REPLY: u32 = 20;
     /// IPv4 total length shorter than its header or longer than the frame,
     /// or IPv6 payload length longer than the frame: passed, the kernel's IP
     /// input drops it.
-    pub const PASS_IP_LEN: u32 = 17;
+    pub const PASS_IP_LEN: u32 = 21;
     /// VIP TCP segment whose header does not fit in the IP payload (data
     /// offset below 5 or past the payload's end): dropped, because a routing
     /// node's kernel would send it on unchecked.
-    pub const DROP_TCP_LEN: u32 = 18;
+    pub const DROP_TCP_LEN: u32 = 22;
     /// VIP UDP datagram whose length field is below 8 or past the IP
     /// payload's end: dropped, like `DROP_TCP_LEN`.
-    pub const DROP_UDP_LEN: u32 = 19;
+    pub const DROP_UDP_LEN: u32 = 23;
     /// ICMP error whose quoted packet is not whole enough to name a flow
     /// (quote cut before 8 bytes of its L4 header, inner lengths too short,
     /// a non-first fragment): passed.
-    pub const PASS_ICMP_QUOTE: u32 = 20;
+    pub const PASS_ICMP_QUOTE: u32 = 24;
 
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 25;
 
     /// Fixed metric label for each reason, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -392,12 +465,17 @@ pub mod reason {
         "pass_ipv6_ext",
         "pass_icmp_not_vip",
         "pass_vlan_stack",
+        "fwd_node_local",
+        "drop_node_no_backend",
+        "drop_node_loop",
         "pass_not_our_mac",
+        "fwd_reply",
         "pass_ip_len",
         "drop_tcp_len",
         "drop_udp_len",
         "pass_icmp_quote",
     ];
+    const _: () = assert!(COUNT <= super::COUNTER_SLOTS);
 }
 
 /// The flow hash that picks a Maglev slot. It is part of the dataplane's
@@ -500,6 +578,7 @@ mod user {
     unsafe impl aya::Pod for ServiceSlot {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for Meta {}
+    unsafe impl aya::Pod for PeerSlot {}
 }
 
 #[cfg(test)]

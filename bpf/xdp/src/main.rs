@@ -7,15 +7,37 @@
 //! `flow_hash % M`; only the two MAC addresses change, then `XDP_TX` (or a
 //! redirect when the backend sits behind another interface).
 //!
+//! Two stages share the program and the maps. The ingress stage balances a
+//! client's frame over the service's backends, each reached one way
+//! (`Reach` in user space, one rewrite function each below): `direct` to a
+//! backend's own MAC on the segment, `via_node` to the MAC of the node whose
+//! pods serve it, or `Local`: this node, continuing into the node stage in
+//! the same run. The node stage (keys with `STAGE_NODE` on the protocol
+//! byte) delivers a frame an ingress stage sent to this node to one of the
+//! node's local backend pods: `to_pod` rewrites to the pod's MAC and
+//! redirects into its host-side interface. A frame from a peer node (map
+//! `DSR_PEERS_V1`) is never balanced again, and the node stage never sends
+//! a frame back out of the interface it arrived on: no loop, no second
+//! balancing, whatever the nodes' tables say while they change.
+//!
+//! `kube_dsr_reply`, a tc classifier in the same object, runs on the
+//! host-side interface of each local backend pod: the pod's replies from a
+//! node-stage VIP:port leave through the node's uplink with
+//! `bpf_redirect_neigh`, past netfilter (conntrack sees only half a flow
+//! and would call them INVALID) and reverse-path filtering.
+//!
 //! Nothing that is not fully understood is ever transmitted: frames not sent
 //! to this interface's MAC, IP options, fragments, IPv6 extension headers,
 //! truncated headers and inconsistent lengths go to the kernel (VIP flows
-//! with a malformed TCP/UDP header are dropped), each counted by reason. All the table building happens in user space; the
+//! with a malformed TCP/UDP header are dropped), each counted by reason. All
+//! the table building happens in user space; the
 //! kernel side only looks up.
 #![no_std]
 #![no_main]
 
 mod parse;
+
+mod reply;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, xdp_action},
@@ -25,10 +47,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use kube_dsr_common::{
-    BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, DEFAULT_CONN_ENTRIES,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, Meta, NO_BACKEND, RING_ROW, ROWS_PER_SERVICE,
-    SLOT_EMPTY, SLOT_USED, ServiceSlot, Traffic, VIP_PIN_ALL, VIP_PINS, VIP_PROBES, VIP_SLOTS,
-    VipSlot4, VipSlot6, VipValue, flow_hash, reason, svc_proto, vip_slot4, vip_slot6,
+    BACKEND_IN_USE, BACKEND_LOCAL, BACKEND_VIA_NODE, Backend, COUNTER_SLOTS, ConnKey4, ConnKey6,
+    ConnValue, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, Meta, NO_BACKEND,
+    PEER_PROBES, PEER_SLOTS, PeerSlot, RING_ROW, ROWS_PER_SERVICE, SLOT_EMPTY, SLOT_USED,
+    STAGE_NODE, ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS, VIP_PROBES, VIP_SLOTS,
+    VipSlot4, VipSlot6, VipValue, flow_hash, peer_slot, reason, svc_proto, vip_slot4, vip_slot6,
 };
 use parse::{Flow, Parsed, V4, V6};
 
@@ -56,7 +79,9 @@ static CONNS6: LruHashMap<ConnKey6, ConnValue> =
 /// The per-family half of the lookups.
 trait Keys {
     type Conn;
-    fn vip(&self) -> Option<VipValue>;
+    /// The VIP entry of this flow's stage: `stage` is 0 (ingress) or
+    /// `STAGE_NODE`, or'ed into the key's protocol byte.
+    fn vip(&self, stage: u8) -> Option<VipValue>;
     /// The connection key of this flow for service `svc_id`.
     fn conn(&self, svc_id: u32) -> Self::Conn;
     fn pinned(conn: &Self::Conn) -> Option<ConnValue>;
@@ -67,28 +92,14 @@ trait Keys {
 /// The two families differ only in their maps, how a VIP key picks its
 /// first slot, and how the client address enters the flow hash.
 macro_rules! keys_impl {
-    ($keys:ty, $conn:ty, $vips:ident, $conns:ident, $first:expr, $words:expr) => {
+    ($keys:ty, $conn:ty, $lookup:ident, $conns:ident, $words:expr) => {
         impl Keys for $keys {
             type Conn = $conn;
 
             #[inline(always)]
-            fn vip(&self) -> Option<VipValue> {
+            fn vip(&self, stage: u8) -> Option<VipValue> {
                 let k = &self.vip;
-                let first: u32 = $first(k);
-                for i in 0..VIP_PROBES {
-                    let s = $vips.get((first + i) & (VIP_SLOTS - 1))?;
-                    if s.addr == k.addr
-                        && s.port == k.port
-                        && s.proto == k.proto
-                        && s.state == SLOT_USED
-                    {
-                        return Some(s.values[(s.active & 1) as usize]);
-                    }
-                    if s.state == SLOT_EMPTY {
-                        return None;
-                    }
-                }
-                None
+                $lookup(&k.addr, k.port, k.proto | stage)
             }
 
             #[inline(always)]
@@ -134,22 +145,31 @@ impl WithSvc for ConnKey6 {
     }
 }
 
-keys_impl!(
-    V4,
-    ConnKey4,
-    VIPS4,
-    CONNS4,
-    |k: &kube_dsr_common::VipKey4| vip_slot4(k.addr, k.port, k.proto),
-    |c: &ConnKey4| [c.saddr, 0, 0, 0]
-);
-keys_impl!(
-    V6,
-    ConnKey6,
-    VIPS6,
-    CONNS6,
-    |k: &kube_dsr_common::VipKey6| vip_slot6(&k.addr, k.port, k.proto),
-    |c: &ConnKey6| c.saddr
-);
+keys_impl!(V4, ConnKey4, vip4, CONNS4, |c: &ConnKey4| [c.saddr, 0, 0, 0]);
+keys_impl!(V6, ConnKey6, vip6, CONNS6, |c: &ConnKey6| c.saddr);
+
+/// The two VIP tables' lookups: the same probe loop, per family.
+macro_rules! vip_lookup {
+    ($name:ident, $addr:ty, $vips:ident, $first:expr) => {
+        #[inline(always)]
+        fn $name(addr: &$addr, port: u16, proto: u8) -> Option<VipValue> {
+            let first: u32 = $first(addr, port, proto);
+            for i in 0..VIP_PROBES {
+                let s = $vips.get((first + i) & (VIP_SLOTS - 1))?;
+                if s.addr == *addr && s.port == port && s.proto == proto && s.state == SLOT_USED {
+                    return Some(s.values[(s.active & 1) as usize]);
+                }
+                if s.state == SLOT_EMPTY {
+                    return None;
+                }
+            }
+            None
+        }
+    };
+}
+
+vip_lookup!(vip4, u32, VIPS4, |a: &u32, p, t| vip_slot4(*a, p, t));
+vip_lookup!(vip6, [u32; 4], VIPS6, |a: &[u32; 4], p, t| vip_slot6(a, p, t));
 
 #[map(name = "DSR_BACKENDS_V1")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
@@ -177,8 +197,12 @@ static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_SERVICE
 #[map(name = "DSR_BSTATS_V1")]
 static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "DSR_COUNTERS_V1")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+#[map(name = "DSR_COUNTERS_V2")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+/// Peer nodes' MACs (see `kube_dsr_common::PeerSlot`).
+#[map(name = "DSR_PEERS_V1")]
+static PEERS: Array<PeerSlot> = Array::pinned(PEER_SLOTS, BPF_F_MMAPABLE as u32);
 
 #[xdp]
 pub fn kube_dsr(ctx: XdpContext) -> u32 {
@@ -191,48 +215,152 @@ pub fn kube_dsr(ctx: XdpContext) -> u32 {
     action
 }
 
-/// Picks the backend of a VIP flow and sends the frame to it.
+/// A VIP frame's stage: the node stage for frames from a peer (balanced
+/// already) or for VIPs this node only serves as a backend node; the
+/// ingress stage otherwise.
 #[inline(always)]
 fn forward<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
-    let Some(vip) = flow.keys.vip() else {
+    let Some(vip) = flow.keys.vip(0) else {
         return (
             xdp_action::XDP_PASS,
             if flow.icmp { reason::PASS_ICMP_NOT_VIP } else { reason::PASS_NOT_VIP },
         );
     };
-    // A malformed TCP/UDP header towards a VIP (see `parse`).
+    // A malformed TCP/UDP header towards a VIP, either stage (see `parse`).
     if flow.bad != 0 {
         return (xdp_action::XDP_DROP, flow.bad);
     }
-    let (backend_id, backend, why) = match pick(&vip, flow) {
-        Some(found) => found,
-        None => return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND),
+    if vip.flags & VIP_NODE_ONLY != 0 || from_peer(ctx) {
+        return node_stage(ctx, flow);
+    }
+    let Some((backend_id, backend, why)) = pick(&vip, flow) else {
+        return (xdp_action::XDP_DROP, reason::DROP_NO_BACKEND);
     };
+    count(ctx, vip.svc_id, backend_id);
+    if backend.flags & BACKEND_LOCAL != 0 {
+        return node_stage(ctx, flow);
+    }
+    if backend.flags & BACKEND_VIA_NODE != 0 {
+        via_node(ctx, &backend, why)
+    } else {
+        direct(ctx, &backend, why)
+    }
+}
 
-    let (start, end) = (ctx.data(), ctx.data_end());
-    // Parsing proved this already, but the verifier forgets it across the
-    // map calls above; without the check it rejects the write.
-    if start + 12 > end {
+/// Delivers a frame to one of this node's local backend pods of the VIP,
+/// picked like the ingress stage picks (same `pick`, the node stage's own
+/// table and pins). Never sends it back out of the arrival interface.
+#[inline(always)]
+fn node_stage<K: Keys>(ctx: &XdpContext, flow: &Flow<K>) -> (u32, u32) {
+    // `parse` already passed every frame not sent to our MAC.
+    let Some(vip) = flow.keys.vip(STAGE_NODE) else {
+        return (xdp_action::XDP_DROP, reason::DROP_NODE_NO_BACKEND);
+    };
+    let Some((backend_id, backend, _)) = pick(&vip, flow) else {
+        return (xdp_action::XDP_DROP, reason::DROP_NODE_NO_BACKEND);
+    };
+    // User space refuses such backends; the check keeps a corrupted map
+    // from turning a node into a reflector.
+    if backend.ifindex == 0
+        || backend.ifindex as usize == ctx.ingress_ifindex()
+        || backend.flags & (BACKEND_LOCAL | BACKEND_VIA_NODE) != 0
+    {
+        return (xdp_action::XDP_DROP, reason::DROP_NODE_LOOP);
+    }
+    count(ctx, vip.svc_id, backend_id);
+    to_pod(ctx, &backend)
+}
+
+/// `Reach::Direct`: the backend's own MAC on the segment (or behind
+/// another interface: redirect).
+#[inline(always)]
+fn direct(ctx: &XdpContext, backend: &Backend, why: u32) -> (u32, u32) {
+    if !set_macs(ctx, backend) {
         return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
     }
-    let len = (end - start) as u64;
-    add_traffic(&VIP_STATS, vip.svc_id, len);
-    add_traffic(&BACKEND_STATS, backend_id, len);
+    (transmit(backend), why)
+}
 
-    // Only the Ethernet addresses change: the IP packet reaches the backend
-    // exactly as the client sent it, VIP as destination.
+/// `Reach::ViaNode`: the MAC of the node that runs the backend pods; that
+/// node's node stage picks the pod.
+#[inline(always)]
+fn via_node(ctx: &XdpContext, node: &Backend, why: u32) -> (u32, u32) {
+    if !set_macs(ctx, node) {
+        return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
+    }
+    (transmit(node), why)
+}
+
+/// Node stage: the pod's MAC, from the host side of its interface, into
+/// that interface.
+#[inline(always)]
+fn to_pod(ctx: &XdpContext, pod: &Backend) -> (u32, u32) {
+    if !set_macs(ctx, pod) {
+        return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
+    }
+    (unsafe { bpf_redirect(pod.ifindex, 0) } as u32, reason::FWD_NODE_LOCAL)
+}
+
+/// `XDP_TX` back out of the attach interface, or a redirect.
+#[inline(always)]
+fn transmit(b: &Backend) -> u32 {
+    if b.ifindex == 0 { xdp_action::XDP_TX } else { unsafe { bpf_redirect(b.ifindex, 0) as u32 } }
+}
+
+/// Only the Ethernet addresses change: the IP packet reaches the backend
+/// exactly as the client sent it, VIP as destination.
+#[inline(always)]
+fn set_macs(ctx: &XdpContext, b: &Backend) -> bool {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // Parsing proved this already, but the verifier forgets it across the
+    // map calls; without the check it rejects the write.
+    if start + 12 > end {
+        return false;
+    }
     let eth = start as *mut u32;
     unsafe {
-        eth.write_unaligned(backend.macs[0]);
-        eth.add(1).write_unaligned(backend.macs[1]);
-        eth.add(2).write_unaligned(backend.macs[2]);
+        eth.write_unaligned(b.macs[0]);
+        eth.add(1).write_unaligned(b.macs[1]);
+        eth.add(2).write_unaligned(b.macs[2]);
     }
-    if backend.ifindex == 0 {
-        (xdp_action::XDP_TX, why)
-    } else {
-        let action = unsafe { bpf_redirect(backend.ifindex, 0) } as u32;
-        (action, why)
+    true
+}
+
+/// Per-service and per-backend traffic.
+#[inline(always)]
+fn count(ctx: &XdpContext, svc_id: u32, backend_id: u32) {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    add_traffic(&VIP_STATS, svc_id, len);
+    add_traffic(&BACKEND_STATS, backend_id, len);
+}
+
+/// Whether the frame's source MAC is a peer's: another kube-dsr node that
+/// balanced it already.
+#[inline(always)]
+fn from_peer(ctx: &XdpContext) -> bool {
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        return false;
     }
+    let (hi, lo) = unsafe {
+        (
+            ((start + 6) as *const u32).read_unaligned(),
+            ((start + 10) as *const u16).read_unaligned(),
+        )
+    };
+    let first = peer_slot(hi, lo);
+    for i in 0..PEER_PROBES {
+        let Some(s) = PEERS.get((first + i) & (PEER_SLOTS - 1)) else {
+            return false;
+        };
+        if s.mac_hi == hi && s.mac_lo == lo && s.state == SLOT_USED {
+            return true;
+        }
+        if s.state == SLOT_EMPTY {
+            return false;
+        }
+    }
+    false
 }
 
 /// The connection table pins only flows whose backend changed with the

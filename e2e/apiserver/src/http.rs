@@ -14,9 +14,11 @@ use tokio::sync::mpsc;
 use crate::resources::{self, Resource};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
-    ApiError, DeleteOpts, Part, Patch, PatchKind, Result, Store, WriteOpts, resource_index,
+    ApiError, DeleteOpts, Part, Patch, PatchKind, Result, Store, WriteOpts, storage, view,
     watch_event,
 };
+use crate::table::{self, Include};
+use crate::{openapi, proto};
 
 pub struct Shared {
     pub store: Mutex<Store>,
@@ -79,6 +81,8 @@ struct Target {
 
 enum Route {
     Json(Value),
+    /// `/openapi/v2`: JSON only (see `openapi`).
+    OpenApiV2,
     Objects(Target),
 }
 
@@ -95,6 +99,14 @@ fn route(path: &str) -> Result<Route> {
             })));
         }
         ["healthz"] | ["readyz"] | ["livez"] => return Ok(Route::Json(json!("ok"))),
+        ["openapi", "v2"] => return Ok(Route::OpenApiV2),
+        ["openapi", "v3"] => return Ok(Route::Json(openapi::v3_root())),
+        ["openapi", "v3", "api", v] => {
+            return openapi::v3_group_version("", v).map(Route::Json).ok_or_else(not_found);
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            return openapi::v3_group_version(g, v).map(Route::Json).ok_or_else(not_found);
+        }
         ["api"] => return Ok(Route::Json(resources::api_versions())),
         ["apis"] => return Ok(Route::Json(resources::api_group_list())),
         ["apis", g] => return resources::api_group(g).map(Route::Json).ok_or_else(not_found),
@@ -135,9 +147,23 @@ fn route(path: &str) -> Result<Route> {
     }))
 }
 
-fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value> {
+/// A request body as JSON: JSON, YAML where `yaml`, and protobuf for the
+/// kinds `proto` decodes.
+fn parse_body(bytes: &[u8], yaml: bool, content_type: &str) -> Result<Value> {
     if bytes.is_empty() {
         return Ok(Value::Null);
+    }
+    if content_type == "application/vnd.kubernetes.protobuf" {
+        return proto::decode(bytes).map_err(|e| match e {
+            proto::Refused::Malformed(m) => ApiError::bad_request(m),
+            proto::Refused::Unsupported(kind) => ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (the stand-in decodes protobuf for Namespace only, not {kind})"
+                ),
+            ),
+        });
     }
     match serde_json::from_slice(bytes) {
         Ok(v) => Ok(v),
@@ -155,6 +181,7 @@ fn write_opts(q: &HashMap<String, String>, headers: &HeaderMap) -> WriteOpts {
     WriteOpts {
         field_manager: q.get("fieldManager").cloned().or(agent),
         strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
+        warn: q.get("fieldValidation").is_none_or(|v| v == "Warn"),
         force: q.get("force").is_some_and(|v| v == "true"),
     }
 }
@@ -167,9 +194,26 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let q = query(&uri);
+    let accept =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let target = match route(uri.path()) {
         Ok(Route::Json(v)) if method == Method::GET => return json_response(200, &v),
-        Ok(Route::Json(_)) => {
+        Ok(Route::OpenApiV2) if method == Method::GET => {
+            // kubectl asks for the protobuf form only; the stand-in has no
+            // protobuf encoder, and says so the way the apiserver refuses
+            // an Accept it cannot serve. kubectl then works from v3.
+            let json_ok = accept.is_empty()
+                || accept.split(',').any(|a| a.contains("json") || a.trim().starts_with("*/*"));
+            if !json_ok {
+                return error_response(&ApiError::new(
+                    406,
+                    "NotAcceptable",
+                    "only the following media types are accepted: application/json",
+                ));
+            }
+            return json_response(200, &openapi::v2());
+        }
+        Ok(Route::Json(_) | Route::OpenApiV2) => {
             return error_response(&ApiError::new(405, "MethodNotAllowed", "method not allowed"));
         }
         Ok(Route::Objects(t)) => t,
@@ -191,7 +235,20 @@ pub async fn handle(
         return watch(shared, target, &q).await;
     }
     match objects(&shared, &method, &target, &q, &headers, &content_type, &body) {
-        Ok((code, v)) => json_response(code, &v),
+        Ok((code, v, _)) if accept.contains("as=Table") && method == Method::GET => {
+            json_response(code, &as_table(target.res, v, &q))
+        }
+        Ok((code, v, warnings)) => {
+            let mut r = json_response(code, &v);
+            for w in warnings {
+                // RFC 7234 warn-code 299, as the apiserver sends them.
+                let text = format!("299 - {}", serde_json::Value::String(w));
+                if let Ok(h) = axum::http::HeaderValue::from_str(&text) {
+                    r.headers_mut().append(header::WARNING, h);
+                }
+            }
+            r
+        }
         Err(e) => error_response(&e),
     }
 }
@@ -202,6 +259,22 @@ fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelecto
     let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
         .map_err(ApiError::bad_request)?;
     Ok((labels, fields))
+}
+
+/// A GET answer (one object or a list) as the Table `kubectl get` asks for.
+fn as_table(res: &Resource, v: Value, q: &HashMap<String, String>) -> Value {
+    let include = Include::parse(q.get("includeObject").map(String::as_str));
+    let (shown, rv) = match v.get("items").and_then(Value::as_array) {
+        Some(items) => (items.clone(), v["metadata"]["resourceVersion"].as_str().map(String::from)),
+        None => (vec![v.clone()], None),
+    };
+    let stored: Vec<Value> = shown
+        .iter()
+        .map(
+            |o| if std::ptr::eq(storage(res), res) { o.clone() } else { crate::events::to_core(o) },
+        )
+        .collect();
+    table::table(res, &stored, &shown, rv, include)
 }
 
 fn list_value(res: &Resource, items: Vec<Value>, rv: u64) -> Value {
@@ -221,6 +294,55 @@ fn objects(
     headers: &HeaderMap,
     content_type: &str,
     body: &[u8],
+) -> Result<(u16, Value, Vec<String>)> {
+    let res = t.res;
+    let mut live = shared.store.lock().expect("store lock");
+    let opts = write_opts(q, headers);
+    // dryRun=All: the write runs on a copy that is dropped afterwards, so
+    // it is validated, defaulted and answered exactly as for real and
+    // nothing is stored or sent to watchers. The answer keeps the stored
+    // resourceVersion (none for a create), as the apiserver's.
+    // (kubectl delete sends it in the DeleteOptions body.)
+    let in_body = *method == Method::DELETE
+        && serde_json::from_slice::<Value>(body)
+            .is_ok_and(|b| b["dryRun"].as_array().is_some_and(|d| d.contains(&json!("All"))));
+    let dry_run =
+        (q.get("dryRun").is_some_and(|d| d == "All") || in_body) && *method != Method::GET;
+    let mut copy = dry_run.then(|| live.dry_clone());
+    let store: &mut Store = match copy.as_mut() {
+        Some(c) => c,
+        None => &mut live,
+    };
+    let result = write(store, method, t, q, &opts, content_type, body);
+    let warnings = store.take_warnings();
+    if !dry_run {
+        return result.map(|(code, v)| (code, v, warnings));
+    }
+    let (code, mut v) = result?;
+    let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let ns = t.namespace.clone().unwrap_or_default();
+    match live.get(res, &ns, &name) {
+        Ok(current) => {
+            v["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone()
+        }
+        Err(_) => {
+            if let Some(m) = v["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+        }
+    }
+    Ok((code, v, warnings))
+}
+
+/// Reads and writes on `store` (the live one, or a dry run's copy).
+fn write(
+    store: &mut Store,
+    method: &Method,
+    t: &Target,
+    q: &HashMap<String, String>,
+    opts: &WriteOpts,
+    content_type: &str,
+    body: &[u8],
 ) -> Result<(u16, Value)> {
     let res = t.res;
     let ns = t.namespace.clone().unwrap_or_default();
@@ -231,8 +353,6 @@ fn objects(
             Ok(())
         }
     };
-    let mut store = shared.store.lock().expect("store lock");
-    let opts = write_opts(q, headers);
     match (method.clone(), &t.name) {
         (Method::GET, None) => {
             let (labels, fields) = selectors(q)?;
@@ -245,13 +365,13 @@ fn objects(
         }
         (Method::POST, None) => {
             needs_ns()?;
-            let obj = parse_body(body, true)?;
-            Ok((201, store.create(res, &ns, obj, &opts)?))
+            let obj = parse_body(body, true, content_type)?;
+            Ok((201, store.create(res, &ns, obj, opts)?))
         }
         (Method::PUT, Some(name)) => {
             needs_ns()?;
-            let obj = parse_body(body, true)?;
-            Ok((200, store.replace(res, &ns, name, obj, t.part, &opts)?))
+            let obj = parse_body(body, true, content_type)?;
+            Ok((200, store.replace(res, &ns, name, obj, t.part, opts)?))
         }
         (Method::PATCH, Some(name)) => {
             needs_ns()?;
@@ -268,12 +388,12 @@ fn objects(
                     ));
                 }
             };
-            let patch = Patch { kind, body: parse_body(body, true)? };
-            Ok((200, store.patch(res, &ns, name, &patch, t.part, &opts)?))
+            let patch = Patch { kind, body: parse_body(body, true, "")? };
+            Ok((200, store.patch(res, &ns, name, &patch, t.part, opts)?))
         }
         (Method::DELETE, Some(name)) => {
             needs_ns()?;
-            let b = parse_body(body, false)?;
+            let b = parse_body(body, false, "")?;
             let mut opts = DeleteOpts {
                 grace_period: b["gracePeriodSeconds"]
                     .as_i64()
@@ -337,7 +457,6 @@ async fn watch(shared: Arc<Shared>, t: Target, q: &HashMap<String, String>) -> R
     let timeout =
         Duration::from_secs(q.get("timeoutSeconds").and_then(|s| s.parse().ok()).unwrap_or(1800));
     let res = t.res;
-    let idx = resource_index(res);
     let ns = t.namespace.clone();
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     // The first batch is taken under the lock here, so a watch that
@@ -382,8 +501,8 @@ async fn watch(shared: Arc<Shared>, t: Target, q: &HashMap<String, String>) -> R
                         let events: Vec<Bytes> = records
                             .iter()
                             .filter_map(|r| {
-                                watch_event(r, idx, ns.as_deref(), &labels, &fields)
-                                    .map(|k| line(k.as_str(), &r.obj))
+                                watch_event(r, res, ns.as_deref(), &labels, &fields)
+                                    .map(|k| line(k.as_str(), &view(res, &r.obj)))
                             })
                             .collect();
                         pos = current;

@@ -11,12 +11,17 @@
 //! # Ok(()) }
 //! ```
 
+pub mod events;
 pub mod http;
+pub mod managed;
+pub mod openapi;
 pub mod patch;
+mod proto;
 pub mod resources;
 pub mod schema;
 pub mod selector;
 pub mod store;
+pub mod table;
 mod util;
 
 use std::net::SocketAddr;

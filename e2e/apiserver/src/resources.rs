@@ -16,6 +16,8 @@ pub struct Resource {
     /// changes, `/status` changes only status.
     pub status: bool,
     pub short_names: &'static [&'static str],
+    /// Categories (`kubectl get all` lists the `all` category).
+    pub categories: &'static [&'static str],
     /// The CRD file whose schema (and CEL rules) objects must pass.
     pub crd: Option<&'static str>,
 }
@@ -67,6 +69,7 @@ const fn r(
         namespaced,
         status,
         short_names: &[],
+        categories: &[],
         crd: None,
     }
 }
@@ -75,21 +78,37 @@ pub const DSRSERVICE_CRD: &str = include_str!("../../../crds/dsrservice.yaml");
 pub const DSRNODEREPORT_CRD: &str = include_str!("../../../crds/dsrnodereport.yaml");
 
 pub static RESOURCES: &[Resource] = &[
-    r("", "v1", "namespaces", "namespace", "Namespace", false, true),
-    r("", "v1", "nodes", "node", "Node", false, true),
-    r("", "v1", "pods", "pod", "Pod", true, true),
-    r("", "v1", "events", "event", "Event", true, false),
-    r("", "v1", "configmaps", "configmap", "ConfigMap", true, false),
-    r("events.k8s.io", "v1", "events", "event", "Event", true, false),
+    // Short names and categories as the apiserver's discovery gives them.
+    Resource {
+        short_names: &["ns"],
+        ..r("", "v1", "namespaces", "namespace", "Namespace", false, true)
+    },
+    Resource { short_names: &["no"], ..r("", "v1", "nodes", "node", "Node", false, true) },
+    Resource {
+        short_names: &["po"],
+        categories: &["all"],
+        ..r("", "v1", "pods", "pod", "Pod", true, true)
+    },
+    Resource { short_names: &["ev"], ..r("", "v1", "events", "event", "Event", true, false) },
+    Resource {
+        short_names: &["cm"],
+        ..r("", "v1", "configmaps", "configmap", "ConfigMap", true, false)
+    },
+    Resource {
+        short_names: &["ev"],
+        ..r("events.k8s.io", "v1", "events", "event", "Event", true, false)
+    },
     r("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, false),
     r("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", true, false),
     Resource {
         short_names: &["dsrsvc"],
+        categories: &["kubedsr"],
         crd: Some(DSRSERVICE_CRD),
         ..r("kubedsr.io", "v1alpha1", "dsrservices", "dsrservice", "DsrService", true, true)
     },
     Resource {
         short_names: &["dsrnode"],
+        categories: &["kubedsr"],
         crd: Some(DSRNODEREPORT_CRD),
         ..r(
             "kubedsr.io",
@@ -113,6 +132,12 @@ pub fn crd_schema(crd: &str) -> Value {
     doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
+/// A CRD file's `additionalPrinterColumns` (first version).
+pub fn crd_columns(crd: &str) -> Vec<Value> {
+    let doc: Value = serde_yaml::from_str(crd).expect("checked-in CRD is YAML");
+    doc["spec"]["versions"][0]["additionalPrinterColumns"].as_array().cloned().unwrap_or_default()
+}
+
 fn resource_list(group_version: &str, group: &str, version: &str) -> Value {
     let mut list = Vec::new();
     for r in RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
@@ -125,6 +150,7 @@ fn resource_list(group_version: &str, group: &str, version: &str) -> Value {
             "kind": r.kind,
             "verbs": verbs,
             "shortNames": r.short_names,
+            "categories": r.categories,
         }));
         if r.status {
             list.push(json!({

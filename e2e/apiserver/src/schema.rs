@@ -32,6 +32,48 @@ pub fn messages_on_update(schema: &Value, obj: &Value, old: Option<&Value>) -> V
     errs
 }
 
+/// As [`messages_on_update`], worded as the apiserver words each error in a
+/// `422 Invalid` response: a CEL failure names the field path of the
+/// schema node that holds the rule (plus the rule's `fieldPath`) and, as
+/// the "invalid value", that node's type — e.g.
+/// `spec.vips: Invalid value: "array": a VIP must not be …` (the apiserver's
+/// `field.Invalid(fldPath, sts.Type, message)`; the reason picks the
+/// wording: `Forbidden`, `Required value`, `Duplicate value`).
+pub fn field_errors(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<String> {
+    let mut errs = validate(schema, obj);
+    if blocks_cel(&errs) {
+        return errs;
+    }
+    if let Err(cel) = Validator::new().validate(schema, obj, old) {
+        for e in cel.iter() {
+            let path = e.field_path.trim_start_matches('.');
+            let ty = type_at(schema, path);
+            let path = if path.is_empty() { "<nil>" } else { path };
+            let what = match e.reason.as_deref() {
+                Some("FieldValueForbidden") => "Forbidden".to_string(),
+                Some("FieldValueRequired") => "Required value".to_string(),
+                Some("FieldValueDuplicate") => "Duplicate value".to_string(),
+                _ => format!("Invalid value: \"{ty}\""),
+            };
+            errs.push(format!("{path}: {what}: {}", e.message));
+        }
+    }
+    errs
+}
+
+/// The schema `type` at a field path such as `spec.ports[0].name`.
+fn type_at(schema: &Value, path: &str) -> String {
+    let mut s = schema;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, rest) = part.split_once('[').unwrap_or((part, ""));
+        s = &s["properties"][name];
+        for _ in rest.split('[').filter(|i| !i.is_empty()) {
+            s = &s["items"];
+        }
+    }
+    s["type"].as_str().unwrap_or("object").to_string()
+}
+
 /// Whether the apiserver skips CEL evaluation because of `errs`: it does so
 /// for values of the wrong type and values outside an enum, which CEL could
 /// not evaluate meaningfully; other schema errors are reported together with

@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
+use crate::events;
+use crate::managed::{self, Manager, Managers};
 use crate::patch::{self, Path};
 use crate::resources::{RESOURCES, Resource, crd_schema};
 use crate::schema;
@@ -84,17 +86,17 @@ pub struct Record {
 
 type Key = (usize, String, String);
 
-/// Who owns which fields, for server-side apply. Apply managers own the
-/// fields of their last applied configuration; update managers (PUT and
-/// non-apply patches) own the fields they last changed.
-#[derive(Clone, Debug, Default)]
-struct Managers(BTreeMap<(String, bool), BTreeSet<Path>>);
-
 #[derive(Clone, Debug)]
 struct Stored {
+    /// With `metadata.managedFields` written out from `managers`.
     obj: Value,
     managers: Managers,
+    /// When each manager's fields last changed.
+    times: BTreeMap<Manager, String>,
 }
+
+/// kubectl's client-side apply annotation.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Which part of an object a write addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +111,9 @@ pub struct WriteOpts {
     pub field_manager: Option<String>,
     /// `fieldValidation=Strict`: unknown fields are refused, not pruned.
     pub strict: bool,
+    /// `fieldValidation` unset or `Warn` (the apiserver's default): each
+    /// pruned unknown field is a `Warning` header.
+    pub warn: bool,
     pub force: bool,
 }
 
@@ -142,10 +147,36 @@ pub struct Store {
     compacted: u64,
     schemas: Vec<Option<Value>>,
     notify: tokio::sync::watch::Sender<u64>,
+    /// Warnings for the current request's answer.
+    warnings: Vec<String>,
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj["metadata"][field].as_str()
+}
+
+fn meta_str_in<'a>(obj: &'a Value, annotation: &str) -> Option<&'a str> {
+    obj["metadata"]["annotations"][annotation].as_str()
+}
+
+/// The resource objects of `res` are stored as: `events.k8s.io` events
+/// are core events.
+pub fn storage(res: &Resource) -> &Resource {
+    if res.group == "events.k8s.io" {
+        RESOURCES.iter().find(|r| r.group.is_empty() && r.plural == "events").expect("core events")
+    } else {
+        res
+    }
+}
+
+/// A stored object as `res` shows it.
+pub fn view(res: &Resource, obj: &Value) -> Value {
+    if res.group == "events.k8s.io" { events::from_core(obj) } else { obj.clone() }
+}
+
+/// An object written through `res` as it is stored.
+fn stored_form(res: &Resource, obj: Value) -> Value {
+    if res.group == "events.k8s.io" { events::to_core(&obj) } else { obj }
 }
 
 fn finalizers_empty(obj: &Value) -> bool {
@@ -185,8 +216,14 @@ impl Store {
             compacted: 1,
             schemas,
             notify,
+            warnings: Vec::new(),
         };
         (store, rx)
+    }
+
+    /// The warnings the last request earned (`Warning` headers).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -212,8 +249,27 @@ impl Store {
         Some(self.history.iter().filter(|r| r.rv > rv).cloned().collect())
     }
 
+    /// The storage slot of a resource: `events.k8s.io` events are the
+    /// core events.
     fn index(res: &Resource) -> usize {
+        let res = storage(res);
         RESOURCES.iter().position(|r| std::ptr::eq(r, res)).expect("resource from the table")
+    }
+
+    /// A copy for a dry run: the same objects and versions, no history and
+    /// nobody notified, so whatever the request does there is dropped.
+    pub fn dry_clone(&self) -> Store {
+        let (notify, _) = tokio::sync::watch::channel(self.rv);
+        Store {
+            rv: self.rv,
+            objects: self.objects.clone(),
+            history: VecDeque::new(),
+            history_limit: self.history_limit,
+            compacted: self.rv,
+            schemas: self.schemas.clone(),
+            notify,
+            warnings: Vec::new(),
+        }
     }
 
     fn record(&mut self, res: usize, kind: EventType, obj: &mut Value, old: Option<Value>) {
@@ -232,7 +288,7 @@ impl Store {
     pub fn get(&self, res: &Resource, ns: &str, name: &str) -> Result<Value> {
         self.objects
             .get(&(Self::index(res), ns.to_string(), name.to_string()))
-            .map(|s| s.obj.clone())
+            .map(|s| view(res, &s.obj))
             .ok_or_else(|| ApiError::not_found(res, name))
     }
 
@@ -247,35 +303,25 @@ impl Store {
         let items = self
             .objects
             .iter()
-            .filter(|((r, n, _), s)| {
-                *r == i
-                    && ns.is_none_or(|ns| ns == n)
-                    && labels.matches(&s.obj)
-                    && fields.matches(&s.obj)
-            })
-            .map(|(_, s)| s.obj.clone())
+            .filter(|((r, n, _), _)| *r == i && ns.is_none_or(|ns| ns == n))
+            .map(|(_, s)| view(res, &s.obj))
+            .filter(|o| labels.matches(o) && fields.matches(o))
             .collect();
         (items, self.rv)
     }
 
-    /// Schema defaults, pruning or strict refusal of unknown fields, schema
-    /// and CEL validation (with `old` for transition rules).
-    fn validate(
-        &self,
-        res: &Resource,
-        obj: &mut Value,
-        old: Option<&Value>,
-        strict: bool,
-    ) -> Result<()> {
+    /// Schema defaults, then pruning (or, under `Strict`, refusal) of
+    /// unknown fields: what the apiserver does while decoding a custom
+    /// resource, before it compares or validates anything.
+    fn normalize(&mut self, res: &Resource, obj: &mut Value, opts: &WriteOpts) -> Result<()> {
         let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
         schema::apply_defaults(schema, obj);
-        let name = meta_str(obj, "name").unwrap_or("").to_string();
         let unknown: Vec<String> = schema::validate(schema, obj)
             .into_iter()
             .filter(|m| schema::is_unknown_field(m))
             .collect();
         if !unknown.is_empty() {
-            if strict {
+            if opts.strict {
                 return Err(ApiError::bad_request(format!(
                     "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
                     res.kind,
@@ -285,8 +331,18 @@ impl Store {
                 )));
             }
             schema::prune(schema, obj);
+            if opts.warn {
+                self.warnings.extend(unknown);
+            }
         }
-        let errs = schema::messages_on_update(schema, obj, old);
+        Ok(())
+    }
+
+    /// Schema and CEL validation (with `old` for transition rules).
+    fn check(&self, res: &Resource, obj: &Value, old: Option<&Value>) -> Result<()> {
+        let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
+        let name = meta_str(obj, "name").unwrap_or("").to_string();
+        let errs = schema::field_errors(schema, obj, old);
         if errs.is_empty() {
             return Ok(());
         }
@@ -297,8 +353,15 @@ impl Store {
             "Invalid",
             format!("{} \"{name}\" is invalid: {joined}", res.qualified_kind()),
         );
-        let causes: Vec<Value> =
-            errs.iter().map(|m| json!({"reason": "FieldValueInvalid", "message": m})).collect();
+        let causes: Vec<Value> = errs
+            .iter()
+            .map(|m| match m.split_once(": ") {
+                Some((field, rest)) if !field.contains(' ') => {
+                    json!({"reason": "FieldValueInvalid", "message": rest, "field": field})
+                }
+                _ => json!({"reason": "FieldValueInvalid", "message": m}),
+            })
+            .collect();
         e.details =
             Some(json!({"name": name, "group": res.group, "kind": res.kind, "causes": causes}));
         Err(e)
@@ -332,8 +395,22 @@ impl Store {
         &mut self,
         res: &Resource,
         ns: &str,
+        obj: Value,
+        opts: &WriteOpts,
+    ) -> Result<Value> {
+        let created = self.create_stored(storage(res), ns, stored_form(res, obj), opts, None)?;
+        Ok(view(res, &created))
+    }
+
+    /// Creates an object of the storage resource `res`; `applied` is the
+    /// apply manager and its fields when server-side apply creates it.
+    fn create_stored(
+        &mut self,
+        res: &Resource,
+        ns: &str,
         mut obj: Value,
         opts: &WriteOpts,
+        applied: Option<(Manager, BTreeSet<Path>)>,
     ) -> Result<Value> {
         Self::check_namespace(res, ns, &mut obj)?;
         let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
@@ -374,19 +451,27 @@ impl Store {
         {
             meta.remove(k);
         }
-        self.validate(res, &mut obj, None, opts.strict)?;
+        self.normalize(res, &mut obj, opts)?;
+        self.check(res, &obj, None)?;
+        let (manager, fields) = applied.unwrap_or_else(|| {
+            let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+            ((manager, false), patch::leaves(&obj).into_keys().collect())
+        });
         let mut managers = Managers::default();
-        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
-        managers.0.insert((manager, false), patch::leaves(&obj).into_keys().collect());
+        managers.0.insert(manager.clone(), fields);
+        let times: BTreeMap<Manager, String> = [(manager, util::now())].into_iter().collect();
+        obj["metadata"]["managedFields"] = managed::entries(&res.api_version(), &managers, &times);
         self.record(key.0, EventType::Added, &mut obj, None);
-        self.objects.insert(key, Stored { obj: obj.clone(), managers });
+        self.objects.insert(key, Stored { obj: obj.clone(), managers, times });
         Ok(obj)
     }
 
     /// Stores `new` as the next state of an existing object: server-owned
     /// metadata is kept, the part not addressed keeps its stored value,
-    /// generation moves with the spec, a no-op writes nothing, and an
-    /// object being deleted whose last finalizer went is removed.
+    /// defaults are applied before anything is compared, generation moves
+    /// with the spec, a no-op writes nothing, and an object being deleted
+    /// whose last finalizer went is removed. `applied` holds the field
+    /// managers server-side apply computed.
     fn commit(
         &mut self,
         res: &Resource,
@@ -394,7 +479,7 @@ impl Store {
         mut new: Value,
         part: Part,
         opts: &WriteOpts,
-        managers: Option<Managers>,
+        applied: Option<Managers>,
     ) -> Result<Value> {
         let stored = self.objects.get(key).expect("caller checked").clone();
         let old = &stored.obj;
@@ -431,6 +516,7 @@ impl Store {
                         }
                     }
                 }
+                s["metadata"]["managedFields"] = new["metadata"]["managedFields"].clone();
                 new = s;
             }
             Part::Main if res.status => match old.get("status") {
@@ -443,7 +529,7 @@ impl Store {
             },
             Part::Main => {}
         }
-        {
+        let written = {
             let meta = new["metadata"].as_object_mut().expect("checked");
             for k in [
                 "name",
@@ -459,34 +545,54 @@ impl Store {
                     None => meta.remove(k),
                 };
             }
-            meta.remove("managedFields");
-        }
+            meta.remove("managedFields")
+        };
+        self.normalize(res, &mut new, opts)?;
         if spec_part(&new) != spec_part(old) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
             new["metadata"]["generation"] = json!(g + 1);
         }
-        self.validate(res, &mut new, Some(old), opts.strict)?;
-        let is_apply = managers.is_some();
-        let mut managers = managers.unwrap_or_else(|| stored.managers.clone());
+        self.check(res, &new, Some(old))?;
+        let is_apply = applied.is_some();
+        let mut managers = applied.unwrap_or_else(|| stored.managers.clone());
+        let mut times = stored.times.clone();
+        // managedFields a client wrote (other than what it read) replace
+        // the stored ones, as on the apiserver: kubectl's migration from
+        // client-side to server-side apply works that way.
+        let client_managers = written
+            .filter(|w| !w.is_null() && *w != old["metadata"]["managedFields"])
+            .and_then(|w| managed::parse(&w));
         let changed = patch::changed(old, &new);
-        if !changed.is_empty() {
+        if let Some((m, t)) = client_managers {
+            managers = m;
+            times = t;
+        } else if !changed.is_empty() && !is_apply {
             // Managers own what they change; nobody keeps a field that
             // someone else changed.
             let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
             for ((m, apply), fields) in managers.0.iter_mut() {
-                if !(*m == manager && *apply == is_apply) {
+                if *m != manager || *apply {
                     fields.retain(|f| !changed.iter().any(|c| patch::overlaps(f, c)));
                 }
             }
             let new_leaves = patch::leaves(&new);
-            let own = managers.0.entry((manager, is_apply)).or_default();
+            let own = managers.0.entry((manager, false)).or_default();
             own.extend(changed.into_iter().filter(|c| new_leaves.contains_key(c)));
-            managers.0.retain(|_, f| !f.is_empty());
         }
-        if comparable(&new) == comparable(old) {
-            self.objects.get_mut(key).expect("present").managers = managers;
+        managers.0.retain(|_, f| !f.is_empty());
+        // A write that changes neither the object nor who owns what is no
+        // write (the apiserver ignores a managedFields timestamp alone).
+        if comparable(&new) == comparable(old) && managers == stored.managers {
             return Ok(old.clone());
         }
+        let now = util::now();
+        for (m, f) in &managers.0 {
+            if stored.managers.0.get(m) != Some(f) || !times.contains_key(m) {
+                times.insert(m.clone(), now.clone());
+            }
+        }
+        times.retain(|m, _| managers.0.contains_key(m));
+        new["metadata"]["managedFields"] = managed::entries(&res.api_version(), &managers, &times);
         if old["metadata"].get("deletionTimestamp").is_some() && finalizers_empty(&new) {
             self.objects.remove(key);
             self.record(key.0, EventType::Deleted, &mut new, None);
@@ -494,7 +600,7 @@ impl Store {
             return Ok(new);
         }
         self.record(key.0, EventType::Modified, &mut new, Some(old.clone()));
-        self.objects.insert(key.clone(), Stored { obj: new.clone(), managers });
+        self.objects.insert(key.clone(), Stored { obj: new.clone(), managers, times });
         Ok(new)
     }
 
@@ -525,10 +631,12 @@ impl Store {
                 ),
             ));
         }
-        self.commit(res, &key, obj, part, opts, None)
+        let new = self.commit(storage(res), &key, stored_form(res, obj), part, opts, None)?;
+        Ok(view(res, &new))
     }
 
     /// PATCH of every kind; apply creates the object when it is missing.
+    /// The patch applies to the object as `res` shows it.
     pub fn patch(
         &mut self,
         res: &Resource,
@@ -556,16 +664,20 @@ impl Store {
                 let manager = opts.field_manager.clone().ok_or_else(|| {
                     ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch")
                 })?;
-                let created = self.create(res, ns, obj, opts)?;
                 let fields = patch::leaves(body).into_keys().collect();
-                let s = self.objects.get_mut(&key).expect("just created");
-                s.managers.0.clear();
-                s.managers.0.insert((manager, true), fields);
-                return Ok(created);
+                let obj = stored_form(res, obj);
+                let created = self.create_stored(
+                    storage(res),
+                    ns,
+                    obj,
+                    opts,
+                    Some(((manager, true), fields)),
+                )?;
+                return Ok(view(res, &created));
             }
             return Err(ApiError::not_found(res, name));
         };
-        let mut new = stored.obj.clone();
+        let mut new = view(res, &stored.obj);
         let mut managers = None;
         match kind {
             PatchKind::Merge => patch::merge_patch(&mut new, body),
@@ -596,7 +708,8 @@ impl Store {
                 managers = Some(m);
             }
         }
-        self.commit(res, &key, new, part, opts, managers)
+        let new = self.commit(storage(res), &key, stored_form(res, new), part, opts, managers)?;
+        Ok(view(res, &new))
     }
 
     /// Server-side apply on an existing object (simplified field
@@ -628,47 +741,68 @@ impl Store {
             }
         }
         let applied = patch::leaves(&config);
-        let old = &stored.obj;
+        // Values are compared as the apiserver stores them: defaulted (a
+        // port without `protocol` is the stored port with `TCP`).
+        let mut defaulted = config.clone();
+        if let Some(schema) = &self.schemas[Self::index(res)] {
+            schema::apply_defaults(schema, &mut defaulted);
+        }
+        let old = &view(res, &stored.obj);
         let mut managers = stored.managers.clone();
         let me = (manager.clone(), true);
-        let mut conflicts = Vec::new();
-        for ((m, apply), fields) in managers.0.iter_mut() {
-            if *m == manager && *apply {
+        let mut conflicts: Vec<(String, Path)> = Vec::new();
+        let mut lost: Vec<(Manager, Path)> = Vec::new();
+        for (m, fields) in managers.0.iter() {
+            if *m == me {
                 continue;
             }
-            let mut lost = Vec::new();
             for f in fields.iter() {
-                for (p, v) in &applied {
-                    if patch::overlaps(f, p) && patch::get(old, p) != Some(v) {
-                        if opts.force {
-                            lost.push(f.clone());
-                        } else {
-                            conflicts.push(format!("conflict with \"{m}\": .{}", f.join(".")));
-                        }
+                for p in applied.keys() {
+                    if patch::overlaps(f, p) && patch::get(old, p) != patch::get(&defaulted, p) {
+                        lost.push((m.clone(), f.clone()));
+                        conflicts.push((m.0.clone(), f.clone()));
                     }
                 }
             }
-            fields.retain(|f| !lost.contains(f));
         }
-        if !conflicts.is_empty() {
-            conflicts.sort();
-            conflicts.dedup();
-            let n = conflicts.len();
+        // kubectl's server-side apply takes over what its client-side apply
+        // wrote: conflicts on fields of the last-applied annotation are
+        // forced (the apiserver's lastAppliedManager, for manager "kubectl").
+        let handover = manager == "kubectl"
+            && meta_str_in(old, LAST_APPLIED)
+                .and_then(|a| serde_json::from_str(a).ok())
+                .is_some_and(|last: Value| {
+                    let last = patch::leaves(&last);
+                    conflicts.iter().all(|(_, f)| last.contains_key(f))
+                });
+        if !conflicts.is_empty() && !opts.force && !handover {
+            let mut msgs: Vec<String> = conflicts
+                .iter()
+                .map(|(m, f)| format!("conflict with \"{m}\": .{}", f.join(".")))
+                .collect();
+            msgs.sort();
+            msgs.dedup();
+            let n = msgs.len();
             let mut e = ApiError::new(
                 409,
                 "Conflict",
                 format!(
                     "Apply failed with {n} conflict{}: {}",
                     if n == 1 { "" } else { "s" },
-                    conflicts.join("\n")
+                    msgs.join("\n")
                 ),
             );
-            let causes: Vec<Value> = conflicts
+            let causes: Vec<Value> = msgs
                 .iter()
                 .map(|c| json!({"reason": "FieldManagerConflict", "message": c}))
                 .collect();
             e.details = Some(json!({"causes": causes}));
             return Err(e);
+        }
+        for (m, f) in &lost {
+            if let Some(fields) = managers.0.get_mut(m) {
+                fields.remove(f);
+            }
         }
         // Fields this manager applied before and no longer applies go,
         // unless another manager owns them too.
@@ -694,6 +828,16 @@ impl Store {
             });
         }
         patch::merge_patch(&mut new, &merge);
+        // kubectl's server-side apply keeps an existing last-applied
+        // annotation in step with what it applies (the apiserver's
+        // lastAppliedUpdater), so a later client-side apply still works.
+        if manager == "kubectl" && meta_str_in(&new, LAST_APPLIED).is_some() {
+            let mut last = body.clone();
+            if let Some(a) = last["metadata"]["annotations"].as_object_mut() {
+                a.remove(LAST_APPLIED);
+            }
+            new["metadata"]["annotations"][LAST_APPLIED] = json!(format!("{last}\n"));
+        }
         // Apply-owned fields are the configuration's (plus, for the other
         // part, what this manager applied there before).
         let mut mine: BTreeSet<Path> = applied.into_keys().collect();
@@ -701,9 +845,8 @@ impl Store {
             let status = f.first().is_some_and(|s| s == "status");
             res.status && (status == (part == Part::Main))
         }));
-        for fields in managers.0.values_mut() {
-            fields.retain(|f| !mine.contains(f));
-        }
+        // Others keep what they own with the same value (shared
+        // ownership); conflicting fields were taken above.
         managers.0.insert(me, mine);
         managers.0.retain(|_, f| !f.is_empty());
         // The configuration's resourceVersion, if any, is a precondition.
@@ -714,6 +857,17 @@ impl Store {
     }
 
     pub fn delete(
+        &mut self,
+        res: &Resource,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> Result<Value> {
+        let gone = self.delete_stored(storage(res), ns, name, opts)?;
+        Ok(view(res, &gone))
+    }
+
+    fn delete_stored(
         &mut self,
         res: &Resource,
         ns: &str,
@@ -813,7 +967,7 @@ impl Store {
                     continue;
                 }
                 // delete() collects the dependent's own dependents.
-                let _ = self.delete(res, &key.1, &key.2, &DeleteOpts::default());
+                let _ = self.delete_stored(res, &key.1, &key.2, &DeleteOpts::default());
             }
         }
     }
@@ -821,17 +975,21 @@ impl Store {
 
 /// Whether a record concerns a watch, and as which event type: an object
 /// that starts matching a selector is ADDED, one that stops is DELETED.
+/// Selectors match the object as `res` shows it.
 pub fn watch_event(
     r: &Record,
-    res: usize,
+    res: &Resource,
     ns: Option<&str>,
     labels: &LabelSelector,
     fields: &FieldSelector,
 ) -> Option<EventType> {
-    if r.res != res || ns.is_some_and(|n| n != r.namespace) {
+    if r.res != Store::index(res) || ns.is_some_and(|n| n != r.namespace) {
         return None;
     }
-    let m = |o: &Value| labels.matches(o) && fields.matches(o);
+    let m = |o: &Value| {
+        let o = view(res, o);
+        labels.matches(&o) && fields.matches(&o)
+    };
     match r.kind {
         EventType::Added => m(&r.obj).then_some(EventType::Added),
         EventType::Deleted => m(&r.obj).then_some(EventType::Deleted),
@@ -845,10 +1003,6 @@ pub fn watch_event(
             }
         }
     }
-}
-
-pub fn resource_index(res: &Resource) -> usize {
-    Store::index(res)
 }
 
 #[cfg(test)]

@@ -555,3 +555,66 @@ async fn streaming_list_sends_initial_events_then_the_end_bookmark() {
     let ev = tokio::time::timeout_at(deadline, events.next()).await.expect("progress").unwrap();
     assert!(matches!(ev, Ok(watcher::Event::Apply(p)) if p.name_any() == "b"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_store_under_both_event_apis() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event;
+    let (_server, client) = start().await;
+    let new_api: Api<Event> = Api::namespaced(client.clone(), "default");
+    let core_api: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let ev: Event = serde_json::from_value(json!({
+        "metadata": {"name": "web.1"},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "regarding": {"apiVersion": "kubedsr.io/v1alpha1", "kind": "DsrService", "name": "web", "namespace": "default", "uid": "u1"},
+        "reason": "Programmed", "note": "programmed on ingress-1", "type": "Normal",
+        "action": "Programming", "reportingController": "kubedsr.io/operator", "reportingInstance": "op-1",
+    }))
+    .unwrap();
+    new_api.create(&PostParams::default(), &ev).await.unwrap();
+    // What kubectl describe asks for: core events about the object.
+    let lp = ListParams::default()
+        .fields("involvedObject.name=web,involvedObject.namespace=default,involvedObject.uid=u1");
+    let core = core_api.list(&lp).await.unwrap();
+    assert_eq!(core.items.len(), 1);
+    let c = &core.items[0];
+    assert_eq!(c.message.as_deref(), Some("programmed on ingress-1"));
+    assert_eq!(c.involved_object.kind.as_deref(), Some("DsrService"));
+    assert_eq!(c.reporting_component.as_deref(), Some("kubedsr.io/operator"));
+    // A series update through events.k8s.io shows under core too.
+    let series = json!({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z"}});
+    new_api.patch("web.1", &PatchParams::default(), &Patch::Merge(&series)).await.unwrap();
+    let c = core_api.get("web.1").await.unwrap();
+    assert_eq!(c.series.as_ref().and_then(|s| s.count), Some(2));
+    // And back: a core write is read through events.k8s.io.
+    let mut c = c;
+    c.message = Some("reprogrammed".into());
+    core_api.replace("web.1", &PostParams::default(), &c).await.unwrap();
+    assert_eq!(new_api.get("web.1").await.unwrap().note.as_deref(), Some("reprogrammed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_store_nothing() {
+    let (_server, client) = start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "c"}, "data": {"k": "v"}})).unwrap();
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+    let answered = cms.create(&dry, &cm).await.unwrap();
+    assert_eq!(answered.data.unwrap()["k"], "v");
+    assert!(answered.metadata.resource_version.is_none(), "a dry-run create has no version");
+    assert_eq!(api_err(cms.get("c").await.unwrap_err()).code, 404);
+    let stored = cms.create(&PostParams::default(), &cm).await.unwrap();
+    let rv = stored.metadata.resource_version.clone();
+    let patch = Patch::Merge(json!({"data": {"k": "w"}}));
+    let answered = cms
+        .patch("c", &PatchParams { dry_run: true, ..PatchParams::default() }, &patch)
+        .await
+        .unwrap();
+    assert_eq!(answered.data.unwrap()["k"], "w");
+    assert_eq!(answered.metadata.resource_version, rv, "the stored version");
+    let dp = DeleteParams { dry_run: true, ..DeleteParams::default() };
+    cms.delete("c", &dp).await.unwrap();
+    let after = cms.get("c").await.unwrap();
+    assert_eq!((after.data.unwrap()["k"].as_str(), after.metadata.resource_version), ("v", rv));
+}

@@ -6,6 +6,10 @@
 //!      | XDP_TX out of gen0
 //!      v
 //!   dut0: device under test (floor, or kube-dsr)  --XDP_TX-->  gen0: sink (count, drop)
+//!      |
+//!      | node stage: bpf_redirect into pod0 (a pod's host-side veth)
+//!      v
+//!   pod0 ==> podpeer (the pod's eth0): sink (count, drop)
 //! ```
 //!
 //! Everything runs in a network namespace the benchmark creates and removes.
@@ -27,7 +31,7 @@ use aya::{
 };
 use clap::Parser;
 use kube_dsr_agent::dataplane::{
-    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, object,
+    BackendSpec, Config, Dataplane, Egress, PortSpec, Protocol, ServiceSpec, Stage, object,
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
@@ -65,6 +69,14 @@ struct Args {
     /// Repetitions for the non-live ns/packet figures.
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
+    /// Local pods behind the node stage's service.
+    #[arg(long, default_value_t = 8)]
+    pods: u32,
+    /// Another build of the XDP object (for example `git show
+    /// <commit>:bpf/obj/kube-dsr-xdp.o > old.o`): its ingress-stage hit and
+    /// new-flow rates are measured in the same rounds, on the same maps.
+    #[arg(long)]
+    baseline_object: Option<std::path::PathBuf>,
 }
 
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -77,13 +89,16 @@ fn main() -> Result<()> {
     }
     let ns = NetNs::new("kdsrbn")?;
     ns.exec(
-        "ip link add gen0 type veth peer name dut0 && ip link set gen0 up && ip link set dut0 up",
+        "ip link add gen0 type veth peer name dut0 && ip link set gen0 up && ip link set dut0 up && \
+         ip link add pod0 type veth peer name podpeer && ip link set pod0 up && \
+         ip link set podpeer up",
     )?;
     let pins = PinDir::new()?;
     let pin_dir = pins.path.clone();
     let gen_mac = ns.mac("gen0")?;
     let dut_mac = ns.mac("dut0")?;
-    let report = ns.run(move || run(&args, &pin_dir, gen_mac, dut_mac))??;
+    let pod0_mac = ns.mac("pod0")?;
+    let report = ns.run(move || run(&args, &pin_dir, gen_mac, dut_mac, pod0_mac))??;
     println!("{report}");
     Ok(())
 }
@@ -167,6 +182,7 @@ fn service(args: &Args, set: u8, pin_all_flows: bool) -> ServiceSpec {
         ports: vec![PortSpec { port: 80, protocol: Protocol::Udp }],
         table_size: args.table_size,
         pin_all_flows,
+        stage: Stage::Ingress,
         backends: (0..backends)
             .map(|i| {
                 let addr = Ipv4Addr::new(10, 1 + set, (i >> 8) as u8, i as u8).into();
@@ -175,6 +191,28 @@ fn service(args: &Args, set: u8, pin_all_flows: bool) -> ServiceSpec {
             .collect(),
     }
 }
+
+/// The node stage of the benchmark VIP on a node that is no ingress for it:
+/// `pods` local pods, all behind pod0 (one veth stands for each pod's).
+fn node_service(args: &Args, pod0: Egress) -> ServiceSpec {
+    ServiceSpec {
+        name: "bench/udp/v4/node".into(),
+        stage: Stage::Node,
+        table_size: 251,
+        backends: (0..args.pods)
+            .map(|i| {
+                let addr = Ipv4Addr::new(10, 244, 1, 2 + i as u8).into();
+                BackendSpec::pod(addr, [0x02, 0xbf, 0, 0, 0, i as u8], pod0)
+            })
+            .collect(),
+        ..service(args, 0, false)
+    }
+}
+
+/// Other nodes on the segment (the ingress-stage cases run with peers
+/// programmed, as on a real node).
+const PEERS: [Mac; 3] =
+    [[0x02, 0xee, 0, 0, 0, 1], [0x02, 0xee, 0, 0, 0, 2], [0x02, 0xee, 0, 0, 0, 3]];
 
 /// Share of the packets counted under reasons starting with `prefix`
 /// between two snapshots.
@@ -211,9 +249,17 @@ fn isolate() -> Result<usize> {
     }
 }
 
-fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Result<String> {
+fn run(
+    args: &Args,
+    pin_dir: &std::path::Path,
+    gen_mac: Mac,
+    dut_mac: Mac,
+    pod0_mac: Mac,
+) -> Result<String> {
     let cpu = isolate()?;
     let gen_ifindex = ifindex("gen0")?;
+    let pod0 = Egress { ifindex: ifindex("pod0")?, mac: pod0_mac };
+    let baseline = args.baseline_object.as_ref().map(std::fs::read).transpose()?;
     let mut bench = Bench { ebpf: EbpfLoader::new().load(BENCH_OBJECT)?, gen_ifindex };
     for p in ["bench_gen", "bench_sink", "bench_floor"] {
         bench.xdp(p)?.load()?;
@@ -221,6 +267,9 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
     // The sink stays on gen0 for the whole run (veth only delivers XDP_TX
     // frames to a peer that has an XDP program).
     bench.xdp("bench_sink")?.attach("gen0", XdpMode::Driver)?;
+    // And on the pod's side of pod0, where the node stage delivers (a veth
+    // delivers redirected frames only to a peer with XDP or GRO).
+    bench.xdp("bench_sink")?.attach("podpeer", XdpMode::Driver)?;
     let tmpl = template(gen_mac, dut_mac);
     {
         let mut t: Array<_, [u8; 64]> =
@@ -237,6 +286,12 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
     let mut change = Vec::new();
     let mut change_share = Vec::new();
     let mut pin_all_share = Vec::new();
+    let mut node = Vec::new();
+    let mut node_share = Vec::new();
+    let mut base_hit = Vec::new();
+    let mut base_miss = Vec::new();
+    let mut ns_node = 0.0;
+    let (mut base_ns_maglev, mut base_ns_hit) = (0.0, 0.0);
     let mut ns_floor = 0.0;
     let mut ns_hit = 0.0;
     let mut ns_maglev = 0.0;
@@ -259,6 +314,7 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         // backend set makes every flow's slot change, so the warm-up pass
         // pins all of them; the measured pass then hits the table.
         let mut dp = Dataplane::open(&cfg)?;
+        dp.set_peers(&PEERS)?;
         dp.upsert_service(&service(args, 0, false))?;
         dp.upsert_service(&service(args, 1, false))?;
         bench.configure(MODE_CYCLE, args.flows)?;
@@ -328,6 +384,62 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         }
         drop(dp);
         Dataplane::remove_pins(pin_dir)?;
+
+        // (f) the node stage on a node that is no ingress for the VIP: in
+        // on dut0, redirected into pod0 with the pod's MAC; new flows of a
+        // settled service (the steady state).
+        let mut dp = Dataplane::open(&cfg)?;
+        dp.set_peers(&PEERS)?;
+        dp.upsert_service(&node_service(args, pod0))?;
+        bench.configure(MODE_NEW, 0)?;
+        let c4 = dp.reason_counts()?;
+        node.push(bench.live(&tmpl, args.frames)?);
+        let c5 = dp.reason_counts()?;
+        node_share.push(share(&c4, &c5, "fwd_node_local"));
+        if round == 0 {
+            let mut dsr = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object())?;
+            let prog: &mut Xdp = dsr.program_mut("kube_dsr").unwrap().try_into()?;
+            prog.load()?;
+            ns_node = ns_per_packet(prog, &tmpl, args.repeat)?;
+        }
+
+        // (g) the baseline object on the same maps: the ingress service
+        // again, the baseline program on dut0 instead of this build's.
+        if let Some(object) = &baseline {
+            drop(dp);
+            Dataplane::remove_pins(pin_dir)?;
+            let mut dp = Dataplane::open(&cfg)?;
+            dp.upsert_service(&service(args, 0, false))?;
+            dp.upsert_service(&service(args, 1, false))?;
+            // Removing the pin detaches this build's program.
+            std::fs::remove_file(pin_dir.join("xdp_link"))?;
+            let mut old = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object)?;
+            let prog: &mut Xdp = old.program_mut("kube_dsr").unwrap().try_into()?;
+            prog.load()?;
+            let link = prog.attach("dut0", XdpMode::Driver)?;
+            bench.configure(MODE_CYCLE, args.flows)?;
+            bench.live(&tmpl, args.flows * 2)?;
+            base_hit.push(bench.live(&tmpl, args.frames)?);
+            dp.settle(Duration::ZERO)?;
+            bench.configure(MODE_NEW, 0)?;
+            base_miss.push(bench.live(&tmpl, args.frames)?);
+            if round == 0 {
+                // The same non-live ns/packet figures as this build's:
+                // settled (Maglev), then pin-all (a connection-table hit).
+                let mut copy = EbpfLoader::new().default_map_pin_directory(pin_dir).load(object)?;
+                let p: &mut Xdp = copy.program_mut("kube_dsr").unwrap().try_into()?;
+                p.load()?;
+                base_ns_maglev = ns_per_packet(p, &tmpl, args.repeat)?;
+                dp.upsert_service(&service(args, 1, true))?;
+                base_ns_hit = ns_per_packet(p, &tmpl, args.repeat)?;
+            }
+            let prog: &mut Xdp = old.program_mut("kube_dsr").unwrap().try_into()?;
+            prog.detach(link)?;
+            drop(dp);
+        } else {
+            drop(dp);
+        }
+        Dataplane::remove_pins(pin_dir)?;
     }
 
     // Ratios within each round (same minute, same machine state), then the
@@ -342,6 +454,18 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         format!("{lo:.3}..{hi:.3}")
     };
     let (hit_spread, miss_spread) = (spread(&hit), spread(&miss));
+    let node_ratio = ratio(&node);
+    let baseline_line = if baseline.is_some() {
+        format!(
+            "baseline object ({}): hit_ratio={:.3} miss_ratio={:.3} (same rounds); \
+             ns_per_packet hit={base_ns_hit:.1} maglev={base_ns_maglev:.1}\n",
+            args.baseline_object.as_ref().unwrap().display(),
+            ratio(&base_hit),
+            ratio(&base_miss)
+        )
+    } else {
+        String::new()
+    };
     let (f, h, m, p) = (median(floor.clone()), median(hit), median(miss), median(pin_all));
     let mpps = |x: f64| x / 1e6;
     Ok(format!(
@@ -349,12 +473,15 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
          reason shares (must be ~1): hit=fwd_conn_hit {:.4}, miss=fwd_maglev {:.4}, \
          pin_all=fwd_pinned_* {:.4}\n\
          ns_per_packet (BPF_PROG_TEST_RUN): floor={ns_floor:.1} hit={ns_hit:.1} \
-         maglev={ns_maglev:.1} (repeat={}); floor_single={ns_floor_single:.1} pin_all_miss_single={ns_miss:.1} \
+         maglev={ns_maglev:.1} node={ns_node:.1} (repeat={}); floor_single={ns_floor_single:.1} pin_all_miss_single={ns_miss:.1} \
          (20000 single runs)\n\
+         node stage: fwd_node_local share {:.4}, {} pods, per-round ratio range {}\n\
+         {baseline_line}\
          change_miss_mpps={:.3} change_miss_ratio={:.3} (fwd_maglev share {:.4}, rest pinned)\n\
          pin_all_miss_mpps={:.3} pin_all_miss_ratio={:.3}\n\
          per-round ratio range: hit {hit_spread}, miss {miss_spread}\n\
-         floor_mpps={:.3} hit_mpps={:.3} miss_mpps={:.3} hit_ratio={:.3} miss_ratio={:.3}",
+         floor_mpps={:.3} hit_mpps={:.3} miss_mpps={:.3} hit_ratio={:.3} miss_ratio={:.3} \
+         node_mpps={:.3} node_ratio={:.3}",
         args.rounds,
         args.frames,
         args.backends,
@@ -363,6 +490,9 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         median(miss_share),
         median(pin_all_share),
         args.repeat,
+        median(node_share),
+        args.pods,
+        spread(&node),
         mpps(median(change.clone())),
         change_ratio,
         median(change_share),
@@ -373,6 +503,8 @@ fn run(args: &Args, pin_dir: &std::path::Path, gen_mac: Mac, dut_mac: Mac) -> Re
         mpps(m),
         hit_ratio,
         miss_ratio,
+        mpps(median(node.clone())),
+        node_ratio,
     ))
 }
 

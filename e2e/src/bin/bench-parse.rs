@@ -22,7 +22,7 @@ use aya::{
 };
 use clap::Parser;
 use kube_dsr_agent::dataplane::{
-    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, object,
+    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, Stage, object,
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
@@ -74,6 +74,7 @@ fn main() -> Result<()> {
         table_size: 65537,
         backends: vec![BackendSpec::new("10.0.0.11".parse()?, ours)],
         pin_all_flows: false,
+        stage: Stage::Ingress,
     })?;
     dp.settle(std::time::Duration::ZERO)?;
 

@@ -7,7 +7,9 @@ use std::{fs::File, net::IpAddr, os::fd::AsRawFd, path::PathBuf, time::Duration}
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use kube_dsr_agent::dataplane::{BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec};
+use kube_dsr_agent::dataplane::{
+    BackendSpec, Config, Dataplane, PortSpec, Protocol, ServiceSpec, Stage,
+};
 use kube_dsr_e2e::netns::parse_mac;
 
 #[derive(Parser, Debug)]
@@ -63,6 +65,7 @@ fn main() -> Result<()> {
         table_size: 65537,
         backends,
         pin_all_flows: false,
+        stage: Stage::Ingress,
     })?;
     println!("ready start={:?} mode={}", dp.start(), dp.attached().as_str());
     std::thread::sleep(Duration::from_secs(args.hold_secs));

@@ -2,12 +2,14 @@
 //! (all removed again at the end, also on Ctrl-C).
 //!
 //! The one-host cluster of the tests (`kube_dsr_e2e::cluster`): an API
-//! server stand-in, the real `dsr-operator`, a real `dsr-agent` on an
-//! ingress node and on a worker node with three backend pods. The demo
-//! applies `examples/web-tcp.yaml`, sends real HTTP requests with curl from
-//! a client behind a router and prints a live table: requests answered per
-//! pod, packets through the ingress node, and what the ingress node
-//! received besides the requests it forwarded (replies never go there).
+//! server stand-in, the real `dsr-operator`, and three nodes (ingress-1,
+//! worker-1, worker-2) each running a real `dsr-agent` in its own network
+//! namespace, with one pod routed behind each. The demo applies
+//! `examples/web-tcp.yaml`, sends real HTTP requests with curl from a
+//! client behind a router and prints a live table: requests answered per
+//! pod and the node each pod is on, and the pods' reply packets counted
+//! where they arrive (the router, per sending node) and where they must not
+//! (any node's interface: replies never cross a node but their pod's own).
 //! Then one pod turns NotReady and gets no new connections, and the
 //! service is deleted.
 
@@ -16,12 +18,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use kube::api::DeleteParams;
 use kube_dsr_e2e::{
-    cluster::{self, Cluster, counter, metric},
+    cluster::{self, Cluster, INGRESS, Options, WORKER, WORKER2, metric},
     netns::sh,
-    topology::VIP,
+    topology::{ROUTER_LAN, VIP},
 };
+
+/// The pods and their nodes.
+const PODS: [(&str, &str); 3] = [("web-1", WORKER), ("web-2", WORKER2), ("web-3", INGRESS)];
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -45,39 +49,75 @@ fn round(c: &Cluster, n: usize, served: &mut BTreeMap<String, usize>) -> Result<
     let mut failed = 0;
     for line in out.lines() {
         match line.strip_prefix("served by ") {
-            Some(b) => *served.entry(b.replace("backend-", "web-")).or_insert(0) += 1,
+            Some(b) => *served.entry(b.to_string()).or_insert(0) += 1,
             None => failed += 1,
         }
     }
     Ok(failed)
 }
 
-fn table(c: &Cluster, served: &BTreeMap<String, usize>, rx: u64, failed: usize) -> Result<()> {
+fn table(c: &Cluster, served: &BTreeMap<String, usize>, failed: usize) -> Result<()> {
     let m = c.ingress_metrics()?;
     let forwarded = metric(&m, "kubedsr_agent_vip_packets_total{");
     let total: usize = served.values().sum();
-    let cells: Vec<String> = served.iter().map(|(p, n)| format!("{p} {n:>3}")).collect();
+    let cells: Vec<String> = served
+        .iter()
+        .map(|(p, n)| format!("{p}@{} {n:>3}", c.node_of(p).unwrap_or_default()))
+        .collect();
+    let replies = c.replies()?;
+    let from: Vec<String> = replies.iter().map(|(node, (_, f))| format!("{node} {f}")).collect();
+    let seen: u64 = replies.values().map(|(s, _)| s).sum();
     println!(
-        "  requests {total:>3} (failed {failed})  |  {}  |  ingress eth0 rx {rx:>4} pkts, XDP forwarded {forwarded:>4}",
-        cells.join("  ")
+        "  requests {total:>3} (failed {failed})  |  {}  |  ingress XDP forwarded {forwarded:>4}  |  replies at the router from {}  |  replies seen by any node: {seen}",
+        cells.join("  "),
+        from.join(", ")
     );
     Ok(())
 }
 
-async fn demo(c: &mut Cluster) -> Result<()> {
-    for i in 0..3 {
-        c.add_pod(&format!("web-{}", i + 1), "web", i).await?;
+/// Runs the real kubectl (`make setup` puts the pinned one in `.venv`)
+/// against the cluster's API server and prints the command line and its
+/// output. The scenario runs in the router's namespace, where the API
+/// server listens (at the address the cluster's kubeconfig names).
+fn kubectl(args: &[&str]) -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join(".venv/bin/kubectl");
+    if !bin.exists() {
+        bail!("{} is missing: run `make setup`", bin.display());
     }
-    println!("pods web-1..3 Running and Ready on worker-1; applying examples/web-tcp.yaml");
-    let t = Instant::now();
-    c.apply_example("web-tcp.yaml").await?;
-    let st = c.wait_programmed("web", 3).await?;
-    let summary = st.summary.clone().unwrap_or_default();
+    let config = std::env::temp_dir().join(format!("kdsr-demo-kubeconfig-{}", std::process::id()));
+    let url = format!("http://{ROUTER_LAN}:{}", cluster::API_PORT);
+    std::fs::write(&config, kube_dsr_apiserver::kubeconfig(&url))?;
+    println!("$ kubectl {}", args.join(" "));
+    let out = std::process::Command::new(&bin)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(&config)
+        .current_dir(&root)
+        .output()?;
+    let _ = std::fs::remove_file(&config);
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("kubectl {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+async fn demo(c: &mut Cluster) -> Result<()> {
+    for (pod, node) in PODS {
+        c.add_pod_on(pod, "web", node).await?;
+    }
     println!(
-        "\nkubectl get dsrsvc web   (after {:.1} s)\nNAME  VIPS         PORTS          BACKENDS  PROGRAMMED  ANNOUNCED BY\nweb   {VIP}  {}  {:<8}  True        {}\n",
-        t.elapsed().as_secs_f64(),
-        summary.ports,
-        summary.backends,
+        "pods web-1 on worker-1, web-2 on worker-2, web-3 on ingress-1 (routed behind their \
+         nodes, 10.244.N.0/24), Running and Ready"
+    );
+    let t = Instant::now();
+    kubectl(&["apply", "-f", "examples/web-tcp.yaml"])?;
+    let st = c.wait_programmed("web", 3).await?;
+    println!("(programmed after {:.1} s)", t.elapsed().as_secs_f64());
+    kubectl(&["get", "dsrsvc", "web"])?;
+    println!(
+        "announced by {}\n",
         st.vips.first().and_then(|v| v.announcing_node.clone()).unwrap_or_default()
     );
     println!(
@@ -85,7 +125,7 @@ async fn demo(c: &mut Cluster) -> Result<()> {
     );
     let mut served = BTreeMap::new();
     let mut failed = 0;
-    let rx0 = counter(&c.n.ingress, "rx_packets")?;
+    c.count_replies()?;
     for _ in 0..ROUNDS {
         if stopped() {
             return Ok(());
@@ -93,13 +133,16 @@ async fn demo(c: &mut Cluster) -> Result<()> {
         failed += round(c, PER_ROUND, &mut served)?;
         // The agent samples its counters every 2 s.
         tokio::time::sleep(Duration::from_millis(2100)).await;
-        table(c, &served, counter(&c.n.ingress, "rx_packets")? - rx0, failed)?;
+        table(c, &served, failed)?;
     }
     println!(
-        "\nDirect Server Return: the ingress node's eth0 received about what XDP forwarded \
-         (the client's packets, plus the agent's own API traffic);\nthe pods' replies went \
-         straight to the router and never reached it.\n"
+        "\nDirect Server Return: the ingress node rewrote only MAC addresses (to the pod's node, \
+         which delivered to the pod);\neach pod's replies left its own node straight to the \
+         router, and no node received any.\n"
     );
+    if failed > 0 {
+        bail!("{failed} requests failed");
+    }
 
     if stopped() {
         return Ok(());
@@ -115,13 +158,13 @@ async fn demo(c: &mut Cluster) -> Result<()> {
         bail!("a NotReady pod received new connections");
     }
 
-    println!(
-        "\nkubectl delete dsrsvc web: the agents remove the VIP from the pods, the dataplane and ARP"
-    );
-    c.services.delete("web", &DeleteParams::default()).await?;
+    kubectl(&["get", "dsrsvc", "web"])?;
+    println!("\nthe agents remove the VIP from the pods, the dataplane and ARP:");
+    kubectl(&["delete", "dsrsvc", "web"])?;
     cluster::wait_for("the pods' VIPs removed", Duration::from_secs(30), || async {
-        for (ns, _, _) in &c.n.backends {
-            if cluster::lo_addrs(ns)?.contains("lo:kdsr") {
+        for (pod, _) in PODS {
+            let ns = c.pod_ns(pod).unwrap_or_default();
+            if cluster::lo_addrs(&ns)?.contains("lo:kdsr") {
                 return Ok(None);
             }
         }
@@ -143,10 +186,10 @@ fn main() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     println!(
-        "kube-dsr demo: a client, a router, an ingress node and a worker with 3 pods in network \
+        "kube-dsr demo: a client, a router and three nodes with a pod each, in network \
          namespaces;\nan API server stand-in, the real dsr-operator and a dsr-agent per node…"
     );
-    let result = cluster::run(3, async |c: &mut Cluster| demo(c).await);
+    let result = cluster::run_opts(Options::default(), async |c: &mut Cluster| demo(c).await);
     println!(
         "cleaned up: namespaces, processes, pins (dsr-agent cleanup). `make test` runs every scenario."
     );

@@ -11,7 +11,11 @@
 //! - backend pods on this node (endpoints with this `nodeName`) get the
 //!   service's VIP of their family on their loopback whatever their
 //!   readiness, since the operator counts them ready only once this node
-//!   reports the VIP configured.
+//!   reports the VIP configured;
+//! - every service with endpoints on this node gets a node stage here
+//!   holding those pods whatever their readiness (ready ones take new
+//!   flows, the others drain), since the operator counts a pod ready only
+//!   once its node reports delivering it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -49,6 +53,8 @@ impl fmt::Display for SvcKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredBackend {
     pub addr: IpAddr,
+    /// The node the endpoint is on (`None`: a static backend).
+    pub node: Option<String>,
     /// Takes new flows.
     pub active: bool,
     /// Keeps its existing flows but takes no new ones.
@@ -82,13 +88,44 @@ pub struct IngressService {
     pub preferred_announcer: BTreeMap<IpAddr, String>,
 }
 
-/// A backend pod on this node and the VIPs its loopback must hold.
+/// A backend pod on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     pub uid: String,
     pub namespace: String,
     pub name: String,
+    /// VIPs its loopback must hold (services with `manageLoopback`).
     pub vips: BTreeSet<IpAddr>,
+    /// Its addresses as endpoints of any service.
+    pub addresses: BTreeSet<IpAddr>,
+}
+
+/// A local endpoint of a node stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub addr: IpAddr,
+    pub uid: String,
+    /// Takes new flows (ready); otherwise it drains.
+    pub active: bool,
+}
+
+/// One VIP of a node stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeVip {
+    pub vip: IpAddr,
+    pub ports: Vec<PortSpec>,
+    /// Sorted by address.
+    pub pods: Vec<LocalEndpoint>,
+}
+
+/// A service with endpoints on this node: its node stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeService {
+    pub key: SvcKey,
+    pub table_size: u32,
+    pub vips: Vec<NodeVip>,
+    /// Its ingress nodes (their MACs are this node's peers).
+    pub ingress_nodes: Vec<String>,
 }
 
 /// Everything this node must hold.
@@ -96,8 +133,31 @@ pub struct LocalPod {
 pub struct Desired {
     /// Sorted by key.
     pub ingress: Vec<IngressService>,
+    /// Sorted by key.
+    pub node_stage: Vec<NodeService>,
     /// Sorted by UID.
     pub pods: Vec<LocalPod>,
+    /// Addresses of every node (`status.addresses`: InternalIP first, then
+    /// ExternalIP), by node name.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// Node addresses as the agent uses them: InternalIP first, then
+/// ExternalIP; hostnames and unparsable entries are dropped.
+pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<IpAddr> {
+    let all: &[k8s_openapi::api::core::v1::NodeAddress] =
+        node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+    let mut out: Vec<IpAddr> = Vec::new();
+    for kind in ["InternalIP", "ExternalIP"] {
+        for a in all.iter().filter(|a| a.type_ == kind) {
+            if let Some(ip) = parse_ip(&a.address)
+                && !out.contains(&ip)
+            {
+                out.push(ip);
+            }
+        }
+    }
+    out
 }
 
 fn protocol(p: ApiProtocol) -> Protocol {
@@ -142,6 +202,7 @@ fn conditions(e: &Endpoint) -> (bool, bool, bool) {
 /// the agent watches.
 pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) -> Desired {
     let mut ingress = Vec::new();
+    let mut node_stage = Vec::new();
     let mut pods: BTreeMap<String, LocalPod> = BTreeMap::new();
     for svc in services {
         // Being deleted, or invalid (the CRD's rules were not enforced):
@@ -166,6 +227,7 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
             })
             .collect();
         let mut vips = Vec::new();
+        let mut node_vips = Vec::new();
         for vip in svc.spec.vips.iter().filter_map(|v| parse_ip(v)) {
             let family = Family::of(&vip);
             let of_family: Vec<&&EndpointSlice> =
@@ -174,6 +236,7 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
                 continue;
             }
             let mut backends: BTreeMap<IpAddr, DesiredBackend> = BTreeMap::new();
+            let mut local: BTreeMap<IpAddr, LocalEndpoint> = BTreeMap::new();
             for e in of_family.iter().flat_map(|s| s.endpoints.iter()) {
                 let Some(addr) = e.addresses.first().and_then(|a| parse_ip(a)) else {
                     continue;
@@ -182,25 +245,30 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
                     continue;
                 }
                 let (ready, serving, terminating) = conditions(e);
-                if svc.spec.backend_setup.manage_loopback
-                    && e.node_name.as_deref() == Some(node)
+                if e.node_name.as_deref() == Some(node)
                     && let Some(uid) = e.target_ref.as_ref().and_then(|t| t.uid.clone())
                 {
                     let t = e.target_ref.as_ref().expect("checked above");
-                    pods.entry(uid.clone())
-                        .or_insert_with(|| LocalPod {
-                            uid,
-                            namespace: t.namespace.clone().unwrap_or_default(),
-                            name: t.name.clone().unwrap_or_default(),
-                            vips: BTreeSet::new(),
-                        })
-                        .vips
-                        .insert(vip);
+                    let pod = pods.entry(uid.clone()).or_insert_with(|| LocalPod {
+                        uid: uid.clone(),
+                        namespace: t.namespace.clone().unwrap_or_default(),
+                        name: t.name.clone().unwrap_or_default(),
+                        vips: BTreeSet::new(),
+                        addresses: BTreeSet::new(),
+                    });
+                    pod.addresses.insert(addr);
+                    if svc.spec.backend_setup.manage_loopback {
+                        pod.vips.insert(vip);
+                    }
+                    let active = ready && !terminating;
+                    let slot = local.entry(addr).or_insert(LocalEndpoint { addr, uid, active });
+                    slot.active |= active;
                 }
+                let node_name = e.node_name.clone();
                 let b = if ready && !terminating {
-                    DesiredBackend { addr, active: true, draining: false }
+                    DesiredBackend { addr, node: node_name, active: true, draining: false }
                 } else if serving && terminating {
-                    DesiredBackend { addr, active: false, draining: true }
+                    DesiredBackend { addr, node: node_name, active: false, draining: true }
                 } else {
                     continue;
                 };
@@ -214,6 +282,21 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
                 vip,
                 ports: ports.clone(),
                 backends: backends.into_values().collect(),
+            });
+            if !local.is_empty() {
+                node_vips.push(NodeVip {
+                    vip,
+                    ports: ports.clone(),
+                    pods: local.into_values().collect(),
+                });
+            }
+        }
+        if !node_vips.is_empty() {
+            node_stage.push(NodeService {
+                key: key.clone(),
+                table_size: svc.spec.table_size(),
+                vips: node_vips,
+                ingress_nodes: ingress_nodes.clone(),
             });
         }
         if vips.is_empty() || !ingress_nodes.iter().any(|n| n == node) {
@@ -239,7 +322,8 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
         });
     }
     ingress.sort_by(|a, b| a.key.cmp(&b.key));
-    Desired { ingress, pods: pods.into_values().collect() }
+    node_stage.sort_by(|a, b| a.key.cmp(&b.key));
+    Desired { ingress, node_stage, pods: pods.into_values().collect(), nodes: BTreeMap::new() }
 }
 
 #[cfg(test)]
@@ -392,10 +476,32 @@ mod tests {
         assert_eq!(d.pods[0].name, "pod-a");
         assert_eq!(d.pods[0].vips, BTreeSet::from([ip("192.0.2.10"), ip("2001:db8::10")]));
 
-        // manageLoopback: false leaves pods alone.
+        assert_eq!(d.pods[0].addresses, BTreeSet::from([ip("10.0.0.1"), ip("fd00::1")]));
+        // Its node stage holds it whatever its readiness: not ready drains.
+        assert_eq!(d.node_stage.len(), 1);
+        let ns = &d.node_stage[0];
+        assert_eq!(ns.ingress_nodes, ["ing-a"]);
+        let held: Vec<(IpAddr, IpAddr, &str, bool)> = ns
+            .vips
+            .iter()
+            .flat_map(|v| v.pods.iter().map(move |p| (v.vip, p.addr, p.uid.as_str(), p.active)))
+            .collect();
+        assert_eq!(
+            held,
+            [
+                (ip("192.0.2.10"), ip("10.0.0.1"), "a", false),
+                (ip("2001:db8::10"), ip("fd00::1"), "a", true)
+            ]
+        );
+
+        // manageLoopback: false puts nothing on the pod's loopback, but the
+        // pod is still delivered by this node.
         let mut unmanaged = web.clone();
         unmanaged.spec.backend_setup.manage_loopback = false;
-        assert!(desired("n1", &[unmanaged], &[v4.clone(), v6.clone()]).pods.is_empty());
+        let d = desired("n1", &[unmanaged], &[v4.clone(), v6.clone()]);
+        assert_eq!(d.pods.len(), 1);
+        assert!(d.pods[0].vips.is_empty());
+        assert_eq!(d.node_stage.len(), 1);
 
         // The ingress side of a dual-stack service: a VIP without a slice of
         // its family is not programmed yet.
@@ -434,6 +540,32 @@ mod tests {
         assert_eq!(desired("ing-a", &[bad], std::slice::from_ref(&ok)), Desired::default());
         // And the same service with its slice is served.
         assert_eq!(desired("ing-a", &[web], &[ok]).ingress.len(), 1);
+    }
+
+    #[test]
+    fn ingress_backends_carry_their_node() {
+        let web = svc("web", &["192.0.2.10"], &["ing-a"]);
+        let s = slice(&web, "web-v4-0", "IPv4", vec![ep("10.0.0.1", "n1", "a", true, true, false)]);
+        let d = desired("ing-a", &[web], &[s]);
+        assert_eq!(d.ingress[0].vips[0].backends[0].node.as_deref(), Some("n1"));
+        assert!(d.node_stage.is_empty(), "no endpoint on ing-a");
+    }
+
+    #[test]
+    fn node_addresses_internal_first_without_duplicates_or_hostnames() {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "203.0.113.5"},
+                {"type": "InternalIP", "address": "10.10.0.11"},
+                {"type": "InternalIP", "address": "fd10::11"},
+                {"type": "ExternalIP", "address": "10.10.0.11"},
+            ]},
+        }))
+        .unwrap();
+        assert_eq!(node_addresses(&node), [ip("10.10.0.11"), ip("fd10::11"), ip("203.0.113.5")]);
+        assert!(node_addresses(&Default::default()).is_empty());
     }
 
     #[test]

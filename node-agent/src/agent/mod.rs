@@ -11,6 +11,7 @@ pub mod desired;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod plan;
 pub mod report;
 pub mod worker;
 
@@ -69,6 +70,9 @@ pub struct Config {
     pub lease_namespace: String,
     pub lease_duration: Duration,
     pub lease_retry: Duration,
+    /// Where the node stage attaches; `None`: the interface holding the
+    /// node's InternalIP, else the one facing the other nodes.
+    pub node_interface: Option<String>,
 }
 
 /// Resolves once `rx` turns true (or its sender is gone).
@@ -115,8 +119,44 @@ where
         + serde::de::DeserializeOwned
         + 'static,
 {
+    reflect_modified(api, config, changed, metrics, |_| {})
+}
+
+/// Keeps only what the agent reads of a Node: its name and addresses.
+fn strip_node(n: &mut Node) {
+    let addresses = n.status.as_mut().and_then(|s| s.addresses.take());
+    *n = Node {
+        metadata: kube::api::ObjectMeta {
+            name: n.metadata.name.take(),
+            resource_version: n.metadata.resource_version.take(),
+            uid: n.metadata.uid.take(),
+            ..Default::default()
+        },
+        spec: None,
+        status: Some(k8s_openapi::api::core::v1::NodeStatus { addresses, ..Default::default() }),
+    };
+}
+
+/// [`reflect`], with every object passed through `modify` before it is
+/// cached (to keep only the fields read).
+fn reflect_modified<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<tokio::sync::Notify>,
+    metrics: Arc<Metrics>,
+    modify: impl FnMut(&mut K) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
+{
     let (store, writer) = reflector::store();
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let stream = watcher(api, config).default_backoff().modify(modify).reflect(writer);
     tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
@@ -181,10 +221,19 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
         changed.clone(),
         metrics.clone(),
     );
-    // Nothing is converged before both caches have listed once: an empty
+    // Node addresses: where other nodes' pods are reached, and peers.
+    let node_cache = reflect_modified(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+        metrics.clone(),
+        strip_node,
+    );
+    // Nothing is converged before the caches have listed once: an empty
     // cache would read as "remove everything".
     services.wait_until_ready().await.context("listing DsrServices")?;
     slices.wait_until_ready().await.context("listing EndpointSlices")?;
+    node_cache.wait_until_ready().await.context("listing Nodes")?;
     info!("caches synced");
 
     // The worker thread.
@@ -196,6 +245,8 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
         attach: cfg.attach,
         resync: cfg.resync,
         counters_every: Duration::from_secs(2),
+        node_name: cfg.node_name.clone(),
+        node_interface: cfg.node_interface.clone(),
         known_pods,
     };
     let wmetrics = Arc::clone(&metrics);
@@ -224,11 +275,16 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
     loop {
         if compute {
             compute = false;
-            let d = desired::desired(
+            let mut d = desired::desired(
                 &cfg.node_name,
                 &services.state().iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
                 &slices.state().iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
             );
+            d.nodes = node_cache
+                .state()
+                .iter()
+                .map(|n| (n.metadata.name.clone().unwrap_or_default(), desired::node_addresses(n)))
+                .collect();
             let d = Arc::new(d);
             let same = **latest.lock().unwrap_or_else(|e| e.into_inner()) == *d;
             if !same || last_report.is_none() {

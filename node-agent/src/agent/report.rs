@@ -63,7 +63,7 @@ mod tests {
                 ingress_nodes: vec!["n1".into()],
                 preferred_announcer: Default::default(),
             }],
-            pods: vec![],
+            ..Default::default()
         };
         let outcome = Outcome {
             ingress: vec![IngressReport {
@@ -74,6 +74,8 @@ mod tests {
                 announced_vips: vec![],
                 backends: 3,
                 error: None,
+                reach: Default::default(),
+                unreached: vec![],
             }],
             ..Default::default()
         };

@@ -14,17 +14,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use kube_dsr_crds::nodereport::{BackendReport, IngressReport};
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use crate::dataplane::{
-    AttachMode, BackendSpec, Config as DpConfig, Dataplane, Egress, ServiceSpec,
-};
-use crate::neigh::{self, Iface, Lookup, Resolver, Route};
+use crate::dataplane::{AttachMode, Config as DpConfig, Dataplane, ServiceSpec};
+use crate::neigh::{Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
 
 use super::desired::{Desired, IngressService, SvcKey};
 use super::metrics::{Metrics, TrafficSample};
+use super::plan::{self, InterfaceObs, RoundPlan, ServicePlan, names_of};
 
 /// How the worker is set up.
 #[derive(Clone, Debug)]
@@ -38,6 +36,10 @@ pub struct WorkerConfig {
     pub resync: Duration,
     /// Counters are read this often for `/metrics`.
     pub counters_every: Duration,
+    /// This node's name.
+    pub node_name: String,
+    /// `--node-interface`: where the node stage attaches (else found).
+    pub node_interface: Option<String>,
     /// Pod UIDs prepared by an earlier run (from this node's last report),
     /// so that what was added to them is removed if they are no longer
     /// backends.
@@ -59,27 +61,6 @@ pub struct Outcome {
     pub resolving: bool,
 }
 
-/// The dataplane's name for one VIP of a service: `<ns>/<name>/<v4|v6>`, or
-/// a digest of it when that is longer than the dataplane allows.
-pub fn dataplane_name(key: &SvcKey, vip: IpAddr) -> String {
-    let family = if vip.is_ipv4() { "v4" } else { "v6" };
-    let name = format!("{key}/{family}");
-    if name.len() <= crate::dataplane::spec::MAX_NAME_LEN {
-        return name;
-    }
-    let digest = Sha256::digest(name.as_bytes());
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}/{family}")
-}
-
-/// Both names a service may hold (so an erroring service keeps its state).
-fn names_of(key: &SvcKey) -> [String; 2] {
-    [
-        dataplane_name(key, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
-        dataplane_name(key, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
-    ]
-}
-
 /// An error with its causes, `a: b: c`, for logs and reports.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -92,21 +73,12 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// A service's plan for this round.
-struct Planned {
-    /// `None`: no backend and no interface known yet; nothing to program.
-    iface: Option<Iface>,
-    specs: Vec<ServiceSpec>,
-    /// Backends that cannot be programmed, with the reason.
-    unprogrammed: Vec<String>,
-    /// Some of them are being resolved.
-    resolving: bool,
-}
-
 /// The worker's state between rounds.
 pub struct Worker {
     cfg: WorkerConfig,
     dataplanes: BTreeMap<String, Dataplane>,
+    /// Peers last written, per dataplane.
+    peers: BTreeMap<String, Vec<[u8; 6]>>,
     resolver: Option<Resolver>,
     known_pods: BTreeSet<String>,
     metrics: Arc<Metrics>,
@@ -115,8 +87,14 @@ pub struct Worker {
 impl Worker {
     pub fn new(cfg: WorkerConfig, metrics: Arc<Metrics>) -> Self {
         let known_pods = cfg.known_pods.clone();
-        let mut w =
-            Worker { cfg, dataplanes: BTreeMap::new(), resolver: None, known_pods, metrics };
+        let mut w = Worker {
+            cfg,
+            dataplanes: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            resolver: None,
+            known_pods,
+            metrics,
+        };
         w.adopt_pinned();
         w
     }
@@ -156,64 +134,98 @@ impl Worker {
         Ok(self.resolver.as_mut().expect("set above"))
     }
 
-    /// Which interface serves `s`: the one the spec names, else the one the
-    /// route toward its first backend leaves through, else the one whose
-    /// dataplane holds it already, else the route toward its VIP. `None`:
-    /// it has no backend yet and no interface is known — nothing to program.
-    fn interface_of(&mut self, s: &IngressService) -> Result<Option<Iface>, String> {
+    /// What is seen of `s`'s surroundings to choose its interface.
+    fn observe_interface(
+        &mut self,
+        s: &IngressService,
+        node_iface: Option<&Iface>,
+    ) -> Result<InterfaceObs, String> {
+        let names = names_of(&s.key);
         let held = self
             .dataplanes
             .iter()
-            .find(|(_, dp)| {
-                let names = names_of(&s.key);
-                dp.services().any(|x| names.contains(&x.name))
-            })
+            .find(|(_, dp)| dp.services().any(|x| names.contains(&x.name)))
             .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() });
+        let me = self.cfg.node_name.clone();
         let r = self.resolver().map_err(|e| chain(&e))?;
+        let mut obs = InterfaceObs { held, node: node_iface.cloned(), ..Default::default() };
         if let Some(name) = &s.interface {
-            return r
-                .interface(name)
-                .map(Some)
-                .map_err(|e| format!("interface {name}: {}", chain(&e)));
+            obs.named =
+                Some(r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e))));
+            return Ok(obs);
         }
-        let backends: Vec<IpAddr> =
-            s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
-        for &addr in &backends {
-            match r.route(addr) {
-                Ok(Route::Unicast { oif, .. }) => return Ok(Some(oif)),
-                Ok(_) => continue,
-                Err(e) => return Err(format!("route lookup for {addr}: {}", chain(&e))),
+        // Pods of this node are behind their own interfaces: the route
+        // toward them says nothing about where clients come in.
+        let remote = s
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter())
+            .filter(|b| b.node.as_deref() != Some(me.as_str()))
+            .map(|b| b.addr);
+        for addr in remote {
+            let route = r.route(addr).map_err(|e| chain(&e));
+            let decisive = !matches!(route, Ok(Route::Other { .. } | Route::Unroutable { .. }));
+            obs.backend_routes.push((addr, route));
+            if decisive {
+                // The choice takes the first decisive route; the rest is
+                // not needed.
+                return Ok(obs);
             }
-        }
-        if held.is_some() {
-            return Ok(held);
         }
         for vip in s.vips.iter().map(|v| v.vip) {
-            if let Ok(Route::Unicast { oif, .. }) = r.route(vip) {
-                return Ok(Some(oif));
+            if let Ok(route) = r.route(vip) {
+                obs.vip_routes.push(route);
             }
         }
-        if backends.is_empty() {
-            return Ok(None);
-        }
-        Err("no route toward the backends or the VIP to choose an interface from; \
-             set spec.ingress.interface"
-            .into())
+        Ok(obs)
     }
 
-    fn plan_service(&mut self, s: &IngressService, periodic: bool) -> Result<Planned, String> {
-        let Some(iface) = self.interface_of(s)? else {
-            return Ok(Planned {
-                iface: None,
-                specs: Vec::new(),
-                unprogrammed: Vec::new(),
-                resolving: false,
-            });
+    /// Observes what `s` needs (interface, neighbour lookups of its
+    /// backends and of their nodes) and plans it.
+    fn plan_service(
+        &mut self,
+        s: &IngressService,
+        d: &Desired,
+        node_iface: Option<&Iface>,
+        local: &BTreeMap<IpAddr, plan::Delivered>,
+        periodic: bool,
+    ) -> ServicePlan {
+        let obs = match self.observe_interface(s, node_iface) {
+            Ok(o) => o,
+            Err(e) => return ServicePlan::Keep(e),
         };
-        let addrs: Vec<IpAddr> =
-            s.vips.iter().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
+        let iface = match plan::choose_interface(&obs) {
+            Ok(Some(i)) => i,
+            Ok(None) => return ServicePlan::NoInterface,
+            Err(e) => return ServicePlan::Keep(e),
+        };
+        let me = self.cfg.node_name.clone();
+        let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
+        for b in s.vips.iter().flat_map(|v| v.backends.iter()) {
+            addrs.insert(b.addr);
+            if let Some(n) = b.node.as_deref().filter(|n| *n != me) {
+                addrs.extend(d.nodes.get(n).into_iter().flatten().copied());
+            }
+        }
+        let lookups = match self.lookup(&iface, &[], &addrs, periodic) {
+            Ok(l) => l,
+            Err(e) => return ServicePlan::Keep(e),
+        };
+        let ctx = plan::IngressCtx { me: &me, nodes: &d.nodes, lookups: &lookups, local };
+        plan::plan_service(s, &iface, &ctx)
+    }
+
+    /// Neighbour lookups of `addrs` on `iface` (and `allowed`); on periodic
+    /// rounds unreachable ones are probed again.
+    fn lookup(
+        &mut self,
+        iface: &Iface,
+        allowed: &[Iface],
+        addrs: &BTreeSet<IpAddr>,
+        periodic: bool,
+    ) -> Result<BTreeMap<IpAddr, Lookup>, String> {
         let r = self.resolver().map_err(|e| chain(&e))?;
-        let lookups = r.lookup_all(&iface, &[], addrs.iter().copied()).map_err(|e| chain(&e))?;
+        let lookups = r.lookup_all(iface, allowed, addrs.iter().copied()).map_err(|e| chain(&e))?;
         if periodic {
             // FAILED entries are not re-probed every round (they linger);
             // the resync cadence gives unreachable backends another chance.
@@ -225,131 +237,144 @@ impl Worker {
                 }
             }
         }
-        let plan = neigh::plan(&addrs, &lookups);
-        let mut unprogrammed = Vec::new();
-        let mut resolving = false;
-        for (addr, status) in &plan.status {
-            match status {
-                neigh::Status::Resolved => {}
-                neigh::Status::Pending => {
-                    resolving = true;
-                    unprogrammed.push(format!("{addr}: resolving its MAC"))
-                }
-                neigh::Status::Unknown => unprogrammed.push(format!("{addr}: not looked up")),
-                neigh::Status::Unreachable(why) | neigh::Status::NotAdjacent(why) => {
-                    unprogrammed.push(why.clone())
-                }
-            }
-        }
-        let specs = s
-            .vips
-            .iter()
-            .map(|v| {
-                let mut ports = v.ports.clone();
-                ports.sort();
-                let backends = v
-                    .backends
-                    .iter()
-                    .filter_map(|b| {
-                        let t = plan.program.get(&b.addr)?;
-                        Some(BackendSpec {
-                            addr: b.addr,
-                            mac: t.mac,
-                            weight: 1,
-                            draining: b.draining,
-                            egress: (t.egress.index != iface.index)
-                                .then_some(Egress { ifindex: t.egress.index, mac: t.mac }),
-                        })
-                    })
-                    .collect();
-                ServiceSpec {
-                    name: dataplane_name(&s.key, v.vip),
-                    vip: v.vip,
-                    ports,
-                    table_size: s.table_size,
-                    backends,
-                    pin_all_flows: false,
-                }
-            })
-            .collect();
-        Ok(Planned { iface: Some(iface), specs, unprogrammed, resolving })
+        Ok(lookups)
     }
 
-    /// One round: the dataplanes, then the backend pods.
-    pub fn round(&mut self, d: &Desired, periodic: bool) -> Outcome {
-        let started = Instant::now();
-        let mut out = Outcome::default();
-        let mut wanted: BTreeMap<String, Vec<ServiceSpec>> = BTreeMap::new();
-        // Names kept untouched because their service could not be planned.
-        let mut keep: BTreeSet<String> = BTreeSet::new();
-        let mut reports: BTreeMap<SvcKey, IngressReport> = BTreeMap::new();
-        let mut plans: BTreeMap<SvcKey, (String, Vec<String>)> = BTreeMap::new();
-        for s in &d.ingress {
-            let mut report = IngressReport {
-                namespace: s.key.namespace.clone(),
-                name: s.key.name.clone(),
-                observed_generation: 0,
-                programmed_vips: Vec::new(),
-                announced_vips: Vec::new(),
-                backends: 0,
-                error: None,
-            };
-            match self.plan_service(s, periodic) {
-                Ok(Planned { iface: None, .. }) => {
-                    report.error = Some(
-                        "no backends yet, and no route toward the VIP to choose an interface \
-                         (set spec.ingress.interface to program it before backends exist)"
-                            .into(),
-                    );
-                    plans.insert(s.key.clone(), (String::new(), Vec::new()));
-                }
-                Ok(Planned { iface: Some(iface), specs, unprogrammed, resolving }) => {
-                    out.interfaces.insert(s.key.clone(), iface.name.clone());
-                    out.resolving |= resolving;
-                    let names = specs.iter().map(|s| s.name.clone()).collect();
-                    wanted.entry(iface.name.clone()).or_default().extend(specs);
-                    if !unprogrammed.is_empty() {
-                        report.error = Some(format!(
-                            "{} backend(s) not programmed: {}",
-                            unprogrammed.len(),
-                            unprogrammed.join("; ")
-                        ));
-                    }
-                    plans.insert(s.key.clone(), (iface.name, names));
-                }
+    /// The node interface: `--node-interface`, else the one holding the
+    /// node's first address (its InternalIP), else the one the on-link route
+    /// toward another node leaves through. `None` when none is known.
+    fn node_interface(&mut self, d: &Desired) -> Option<Iface> {
+        let me = self.cfg.node_name.clone();
+        let named = self.cfg.node_interface.clone();
+        let r = match self.resolver() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %chain(&e), "cannot open the resolver");
+                return None;
+            }
+        };
+        if let Some(name) = named {
+            return match r.interface(&name) {
+                Ok(i) => Some(i),
                 Err(e) => {
-                    self.metrics.error("neighbour");
-                    warn!(service = %s.key, error = %e, "cannot plan the service; leaving it as it is");
-                    keep.extend(names_of(&s.key));
-                    report.error = Some(e);
+                    warn!(interface = %name, error = %chain(&e), "--node-interface not found");
+                    None
+                }
+            };
+        }
+        for a in d.nodes.get(&me).into_iter().flatten() {
+            match r.interface_with_address(*a) {
+                Ok(Some(i)) => return Some(i),
+                Ok(None) => {}
+                Err(e) => debug!(addr = %a, error = %chain(&e), "address lookup failed"),
+            }
+        }
+        for (_, addrs) in d.nodes.iter().filter(|(n, _)| **n != me) {
+            for a in addrs {
+                if let Ok(Route::Unicast { oif, gateway: None }) = r.route(*a) {
+                    return Some(oif);
                 }
             }
-            reports.insert(s.key.clone(), report);
         }
+        None
+    }
 
-        // Removals first, on every dataplane (a service may have moved to
-        // another interface, or released a port another one now claims).
-        for ifname in wanted.keys().cloned().collect::<Vec<_>>() {
-            if let Err(e) = self.dataplane(&ifname) {
+    /// Observes the local pods of the node stage: the node's route toward
+    /// each, both ends of its veth, and its MAC behind the host side.
+    fn observe_local(
+        &mut self,
+        d: &Desired,
+        node_iface: Option<&Iface>,
+        links: &BTreeMap<String, Result<netns::PodLink, String>>,
+        periodic: bool,
+    ) -> plan::LocalObs {
+        let mut obs = plan::LocalObs::default();
+        let mut hosts: BTreeMap<u32, Iface> = BTreeMap::new();
+        let mut behind: BTreeSet<IpAddr> = BTreeSet::new();
+        for (uid, l) in links {
+            obs.gro.insert(uid.clone(), l.as_ref().map(|l| l.gro).map_err(Clone::clone));
+        }
+        let pods: Vec<(IpAddr, String)> = d
+            .node_stage
+            .iter()
+            .flat_map(|s| s.vips.iter().flat_map(|v| v.pods.iter()))
+            .map(|p| (p.addr, p.uid.to_ascii_lowercase()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let r = match self.resolver() {
+            Ok(r) => r,
+            Err(e) => {
+                let why = chain(&e);
+                for (addr, _) in pods {
+                    obs.paths.insert(addr, plan::LocalPath::Unreachable(why.clone()));
+                }
+                return obs;
+            }
+        };
+        for (addr, uid) in pods {
+            let route = r.route(addr).map_err(|e| chain(&e));
+            let pod = links.get(&uid).and_then(|l| l.as_ref().ok());
+            let (host_peer, host_mac) = match &route {
+                Ok(Route::Unicast { oif, gateway: None }) => match r.link_info(oif.index) {
+                    Ok(info) => (info.peer, info.mac),
+                    Err(_) => (None, None),
+                },
+                _ => (None, None),
+            };
+            let path = plan::local_path(
+                addr,
+                &route,
+                pod.and_then(|p| p.peer),
+                host_peer,
+                pod.map(|p| p.iface.index),
+                node_iface,
+            );
+            if let plan::LocalPath::NodeStage { host } = &path {
+                if let Some(m) = host_mac {
+                    obs.host_macs.insert(host.index, m);
+                }
+                hosts.insert(host.index, host.clone());
+                behind.insert(addr);
+            }
+            obs.paths.insert(addr, path);
+        }
+        if !behind.is_empty() {
+            let allowed: Vec<Iface> = hosts.into_values().collect();
+            let ingress = node_iface.cloned().unwrap_or(Iface { index: 0, name: String::new() });
+            match self.lookup(&ingress, &allowed, &behind, periodic) {
+                Ok(l) => obs.lookups = l,
+                Err(e) => {
+                    for addr in behind {
+                        obs.paths.insert(addr, plan::LocalPath::Unreachable(e.clone()));
+                    }
+                }
+            }
+        }
+        obs
+    }
+
+    /// Applies the plan: removals first, on every dataplane (a service may
+    /// have moved to another interface, or released a port another one now
+    /// claims), then upserts of what differs. Returns per spec name the
+    /// number of backends taking new flows, or why programming failed.
+    fn apply(&mut self, plan: &RoundPlan) -> BTreeMap<String, Result<usize, String>> {
+        for ifname in plan.wanted.keys() {
+            if let Err(e) = self.dataplane(ifname) {
                 self.metrics.error("dataplane");
                 warn!(interface = %ifname, error = %chain(&e), "cannot open the dataplane");
             }
         }
-        for (ifname, dp) in &mut self.dataplanes {
-            let want: BTreeSet<&str> = wanted
-                .get(ifname)
-                .into_iter()
-                .flatten()
-                .map(|s| s.name.as_str())
-                .chain(keep.iter().map(String::as_str))
-                .collect();
-            let stale: Vec<String> = dp
-                .services()
-                .map(|s| s.name.clone())
-                .filter(|n| !want.contains(n.as_str()))
-                .collect();
-            for name in stale {
-                match dp.remove_service(&name) {
+        let held: BTreeMap<String, Vec<ServiceSpec>> = self
+            .dataplanes
+            .iter()
+            .map(|(name, dp)| (name.clone(), dp.services().cloned().collect()))
+            .collect();
+        let changes = plan::diff(&plan.wanted, &plan.keep, &held);
+        for (ifname, c) in &changes {
+            let Some(dp) = self.dataplanes.get_mut(ifname) else { continue };
+            for name in &c.remove {
+                match dp.remove_service(name) {
                     Ok(()) => {
                         info!(interface = %ifname, service = %name, "removed from the dataplane")
                     }
@@ -360,37 +385,26 @@ impl Worker {
                 }
             }
         }
-        // Then upserts of what differs.
         let mut programmed: BTreeMap<String, Result<usize, String>> = BTreeMap::new();
-        for (ifname, specs) in &wanted {
+        let active = |s: &ServiceSpec| s.backends.iter().filter(|b| b.takes_new_flows()).count();
+        for (ifname, specs) in &plan.wanted {
+            let c = changes.get(ifname).cloned().unwrap_or_default();
             let Some(dp) = self.dataplanes.get_mut(ifname) else {
                 for s in specs {
                     programmed.insert(s.name.clone(), Err(format!("no dataplane on {ifname}")));
                 }
                 continue;
             };
-            for spec in specs {
-                let active = spec.backends.iter().filter(|b| b.takes_new_flows()).count();
-                let current = dp.services().find(|s| s.name == spec.name);
-                let same = current.is_some_and(|c| {
-                    let mut b = spec.backends.clone();
-                    b.sort_by_key(|b| b.addr);
-                    c.vip == spec.vip
-                        && c.ports == spec.ports
-                        && c.table_size == spec.table_size
-                        && c.backends == b
-                        && c.pin_all_flows == spec.pin_all_flows
-                });
-                if same {
-                    programmed.insert(spec.name.clone(), Ok(active));
-                    continue;
-                }
+            for spec in specs.iter().filter(|s| c.unchanged.contains(&s.name)) {
+                programmed.insert(spec.name.clone(), Ok(active(spec)));
+            }
+            for spec in &c.upsert {
                 let t = Instant::now();
                 match dp.upsert_service(spec) {
                     Ok(()) => {
                         self.metrics.programmed(t.elapsed());
                         info!(interface = %ifname, service = %spec.name, backends = spec.backends.len(), "programmed");
-                        programmed.insert(spec.name.clone(), Ok(active));
+                        programmed.insert(spec.name.clone(), Ok(active(spec)));
                     }
                     Err(e) => {
                         self.metrics.error("dataplane");
@@ -400,31 +414,135 @@ impl Worker {
                 }
             }
         }
-        let vip_of = |name: &str| wanted.values().flatten().find(|s| s.name == name).map(|s| s.vip);
-        for s in &d.ingress {
-            let Some(report) = reports.get_mut(&s.key) else { continue };
-            let Some((_, names)) = plans.get(&s.key) else { continue };
-            let mut all_ok = true;
-            for name in names {
-                match programmed.get(name) {
-                    Some(Ok(n)) => {
-                        report.backends += i32::try_from(*n).unwrap_or(i32::MAX);
-                        if let Some(vip) = vip_of(name) {
-                            report.programmed_vips.push(vip.to_string());
-                        }
+        programmed
+    }
+
+    /// The reply program on each host-side interface of a node-stage pod
+    /// (on the node interface's dataplane, whose interface is the uplink),
+    /// and off every other interface. Returns per wanted ifindex whether it
+    /// is attached.
+    fn apply_replies(
+        &mut self,
+        node_iface: Option<&Iface>,
+        want: &BTreeSet<u32>,
+    ) -> BTreeMap<u32, Result<(), String>> {
+        let mut out = BTreeMap::new();
+        let node_name = node_iface.map(|i| i.name.clone());
+        for (ifname, dp) in &mut self.dataplanes {
+            let mine = node_name.as_deref() == Some(ifname.as_str());
+            for ifindex in dp.replies() {
+                if mine && want.contains(&ifindex) {
+                    continue;
+                }
+                match dp.detach_reply(ifindex) {
+                    Ok(()) => info!(interface = %ifname, ifindex, "reply program detached"),
+                    Err(e) => {
+                        self.metrics.error("dataplane");
+                        warn!(interface = %ifname, ifindex, error = %chain(&e), "detaching the reply program failed");
                     }
-                    Some(Err(e)) => {
-                        all_ok = false;
-                        report.error = Some(e.clone());
-                    }
-                    None => all_ok = false,
                 }
             }
-            if all_ok {
-                report.observed_generation = s.generation;
+        }
+        let Some(dp) = node_name.as_deref().and_then(|n| self.dataplanes.get_mut(n)) else {
+            for i in want {
+                out.insert(*i, Err("no dataplane on the node interface".to_string()));
+            }
+            return out;
+        };
+        let attached: BTreeSet<u32> = dp.replies().into_iter().collect();
+        for &ifindex in want {
+            if attached.contains(&ifindex) {
+                out.insert(ifindex, Ok(()));
+                continue;
+            }
+            let r = dp.attach_reply(ifindex).map_err(|e| chain(&e));
+            match &r {
+                Ok(()) => info!(ifindex, "reply program attached"),
+                Err(e) => {
+                    self.metrics.error("dataplane");
+                    warn!(ifindex, error = %e, "attaching the reply program failed");
+                }
+            }
+            out.insert(ifindex, r);
+        }
+        out
+    }
+
+    /// Each dataplane's peers: the other ingress nodes' MACs on its
+    /// interface. Written only when they change.
+    fn apply_peers(&mut self, d: &Desired, periodic: bool) {
+        let me = self.cfg.node_name.clone();
+        let addrs: BTreeSet<IpAddr> = plan::peer_nodes(d, &me)
+            .iter()
+            .flat_map(|n| d.nodes.get(n).into_iter().flatten().copied())
+            .collect();
+        let ifaces: Vec<Iface> = self
+            .dataplanes
+            .iter()
+            .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() })
+            .collect();
+        for iface in ifaces {
+            let lookups = match self.lookup(&iface, &[], &addrs, periodic) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.metrics.error("neighbour");
+                    warn!(interface = %iface, error = %e, "looking peers up failed");
+                    continue;
+                }
+            };
+            let want = plan::peers(d, &me, &lookups);
+            // Nothing written before and nothing wanted: leave the
+            // dataplane's set as it is (empty unless a peer set pinned by
+            // an earlier run, which the first non-empty set replaces).
+            if self.peers.get(&iface.name).map_or(want.is_empty(), |p| *p == want) {
+                continue;
+            }
+            let Some(dp) = self.dataplanes.get_mut(&iface.name) else { continue };
+            match dp.set_peers(&want) {
+                Ok(()) => {
+                    info!(interface = %iface, peers = want.len(), "peers set");
+                    self.peers.insert(iface.name.clone(), want);
+                }
+                Err(e) => {
+                    self.metrics.error("dataplane");
+                    warn!(interface = %iface, error = %chain(&e), "setting peers failed");
+                }
             }
         }
-        out.ingress = reports.into_values().collect();
+    }
+
+    /// One round: the pod namespaces, the node stage, the ingress
+    /// services, then the dataplanes.
+    pub fn round(&mut self, d: &Desired, periodic: bool) -> Outcome {
+        let started = Instant::now();
+        let mut out = Outcome::default();
+        let (facts, links) = self.pods(d);
+        let node_iface = self.node_interface(d);
+        let local = self.observe_local(d, node_iface.as_ref(), &links, periodic);
+        let node_plan = plan::plan_node_stage(d, node_iface.as_ref(), &local);
+        out.resolving |= node_plan.resolving;
+        let mut services = BTreeMap::new();
+        for s in &d.ingress {
+            let p = self.plan_service(s, d, node_iface.as_ref(), &node_plan.delivered, periodic);
+            match &p {
+                ServicePlan::Keep(e) => {
+                    self.metrics.error("neighbour");
+                    warn!(service = %s.key, error = %e, "cannot plan the service; leaving it as it is");
+                }
+                ServicePlan::Program { iface, resolving, .. } => {
+                    out.interfaces.insert(s.key.clone(), iface.name.clone());
+                    out.resolving |= resolving;
+                }
+                ServicePlan::NoInterface => {}
+            }
+            services.insert(s.key.clone(), p);
+        }
+        let plan = plan::round_plan(services, &node_plan);
+        let programmed = self.apply(&plan);
+        let replies = self.apply_replies(node_iface.as_ref(), &node_plan.replies);
+        self.apply_peers(d, periodic);
+        out.ingress = plan::ingress_reports(d, &plan, &programmed);
+        out.backends = plan::backend_reports(d, &facts, &node_plan, &programmed, &replies);
 
         if periodic {
             let age = self.cfg.resync;
@@ -441,21 +559,24 @@ impl Worker {
                 }
             }
         }
-
-        out.backends = self.backends(d);
         self.metrics.round(started.elapsed());
         self.sample_counters();
         out
     }
 
     /// Backend pods on this node: VIPs on their loopback and the ARP
-    /// sysctls; what kube-dsr added to pods that stopped being backends is
-    /// removed.
-    fn backends(&mut self, d: &Desired) -> Vec<BackendReport> {
+    /// sysctls, GRO on the interface of each pod with a node stage; what
+    /// kube-dsr added to pods that stopped being backends is removed.
+    /// Returns per pod UID (lowercase) what was found, and its interface.
+    #[allow(clippy::type_complexity)]
+    fn pods(
+        &mut self,
+        d: &Desired,
+    ) -> (BTreeMap<String, plan::PodFacts>, BTreeMap<String, Result<netns::PodLink, String>>) {
         let current: BTreeSet<String> = d.pods.iter().map(|p| p.uid.to_ascii_lowercase()).collect();
         let others: Vec<String> = self.known_pods.difference(&current).cloned().collect();
         if d.pods.is_empty() && others.is_empty() {
-            return Vec::new();
+            return Default::default();
         }
         let backends: Vec<netns::Backend> = d
             .pods
@@ -466,7 +587,15 @@ impl Worker {
                 vips: p.vips.clone(),
             })
             .collect();
-        let round = netns::converge(&self.cfg.proc_dir, &backends, &others);
+        // One address per pod finds its interface (both families sit on
+        // the same one).
+        let links: BTreeMap<String, IpAddr> = d
+            .node_stage
+            .iter()
+            .flat_map(|s| s.vips.iter().flat_map(|v| v.pods.iter()))
+            .map(|p| (p.uid.to_ascii_lowercase(), p.addr))
+            .collect();
+        let round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
         if let Some(e) = &round.scan {
             self.metrics.error("netns");
             warn!(error = %chain(&e), "scanning /proc for pod namespaces failed");
@@ -489,7 +618,26 @@ impl Worker {
             .cloned()
             .chain(others.into_iter().filter(|u| failed.contains(u)))
             .collect();
-        d.pods
+        let mut pod_links: BTreeMap<String, Result<netns::PodLink, String>> = round
+            .links
+            .iter()
+            .map(|(u, l)| {
+                let l = match l {
+                    Ok(p) => Ok(p.clone()),
+                    Err(e) => Err(chain(e)),
+                };
+                (u.clone(), l)
+            })
+            .collect();
+        if let Some(e) = &round.scan {
+            for uid in links.keys() {
+                pod_links
+                    .entry(uid.clone())
+                    .or_insert_with(|| Err(format!("scanning /proc: {}", chain(e))));
+            }
+        }
+        let facts = d
+            .pods
             .iter()
             .map(|p| {
                 let uid = p.uid.to_ascii_lowercase();
@@ -499,18 +647,15 @@ impl Worker {
                     .filter(|r| r.uid == p.uid && r.configured)
                     .map(|r| r.vip.to_string())
                     .collect();
-                let error = round.errors.get(&Target::Pod(uid)).map(|e| chain(e)).or_else(|| {
-                    round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
-                });
-                BackendReport {
-                    pod_uid: p.uid.clone(),
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    configured_vips: configured,
-                    error,
-                }
+                let error =
+                    round.errors.get(&Target::Pod(uid.clone())).map(|e| chain(e)).or_else(|| {
+                        round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
+                    });
+                let gro = pod_links.get(&uid).and_then(|l| l.as_ref().ok()).and_then(|l| l.gro);
+                (uid, plan::PodFacts { configured, error, gro })
             })
-            .collect()
+            .collect();
+        (facts, pod_links)
     }
 
     /// Reads the per-CPU counters of every programmed service and backend.
@@ -651,24 +796,4 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Ve
         failed.push(format!("{t:?}: {}", chain(&e)));
     }
     failed
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dataplane_names_fit_and_are_stable() {
-        let short = SvcKey { namespace: "default".into(), name: "web".into() };
-        assert_eq!(dataplane_name(&short, "192.0.2.1".parse().unwrap()), "default/web/v4");
-        assert_eq!(dataplane_name(&short, "2001:db8::1".parse().unwrap()), "default/web/v6");
-        let long = SvcKey { namespace: "n".repeat(63), name: "s".repeat(63) };
-        let a = dataplane_name(&long, "192.0.2.1".parse().unwrap());
-        assert!(a.len() <= crate::dataplane::spec::MAX_NAME_LEN, "{a}");
-        assert!(a.ends_with("/v4"));
-        assert_eq!(a, dataplane_name(&long, "192.0.2.9".parse().unwrap()), "family, not address");
-        let other = SvcKey { namespace: "n".repeat(63), name: "t".repeat(63) };
-        assert_ne!(a, dataplane_name(&other, "192.0.2.1".parse().unwrap()));
-        assert_eq!(names_of(&short), ["default/web/v4".to_string(), "default/web/v6".to_string()]);
-    }
 }

@@ -9,12 +9,12 @@ use aya::{
 };
 use kube_dsr_common::{
     BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_CONNS4, MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS,
-    MAP_VIPS4, MAP_VIPS6, Meta, SERVICE_IN_USE, ServiceSlot, Traffic, VipSlot4, VipSlot6, VipValue,
-    flow_hash,
+    MAP_CONNS4, MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_PEERS, MAP_RINGS, MAP_SERVICES,
+    MAP_VIP_STATS, MAP_VIPS4, MAP_VIPS6, Meta, PeerSlot, SERVICE_IN_USE, ServiceSlot, Traffic,
+    VipSlot4, VipSlot6, VipValue, flow_hash,
 };
 
-use super::{spec::VipKey, sys::Mapped, viptable};
+use super::{peers, spec::VipKey, sys::Mapped, viptable};
 use crate::error::{Error, Result};
 
 /// A connection-table entry, with what a sweep needs to judge it.
@@ -43,8 +43,9 @@ pub struct Maps {
     counters: PerCpuArray<MapData, u64>,
     meta: Array<MapData, Meta>,
     rings: Mapped<u32>,
+    peers: Mapped<PeerSlot>,
     /// Kept open for as long as they are mapped.
-    _mapped: [MapData; 3],
+    _mapped: [MapData; 4],
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -67,6 +68,7 @@ impl Maps {
         let (rings_map, rings) = mapped::<u32>(ebpf, MAP_RINGS, 2)?;
         let (vips4_map, vips4) = mapped::<VipSlot4>(ebpf, MAP_VIPS4, 1)?;
         let (vips6_map, vips6) = mapped::<VipSlot6>(ebpf, MAP_VIPS6, 1)?;
+        let (peers_map, peers) = mapped::<PeerSlot>(ebpf, MAP_PEERS, 1)?;
         Ok(Self {
             vips4,
             vips6,
@@ -79,7 +81,8 @@ impl Maps {
             counters: typed!(ebpf, MAP_COUNTERS),
             meta: typed!(ebpf, MAP_META),
             rings,
-            _mapped: [rings_map, vips4_map, vips6_map],
+            peers,
+            _mapped: [rings_map, vips4_map, vips6_map, peers_map],
         })
     }
 
@@ -109,7 +112,7 @@ impl Maps {
         }
         let key = key.decode().map_or_else(
             || format!("{key:?}"),
-            |(a, p)| format!("{a}:{}/{:?}", p.port, p.protocol),
+            |(a, p, s)| format!("{a}:{}/{:?} ({s:?} stage)", p.port, p.protocol),
         );
         Err(Error::VipTableFull { key })
     }
@@ -126,6 +129,22 @@ impl Maps {
         let v4 = viptable::entries(&self.vips4).into_iter().map(|(k, v)| (VipKey::V4(k), v));
         let v6 = viptable::entries(&self.vips6).into_iter().map(|(k, v)| (VipKey::V6(k), v));
         Ok(v4.chain(v6).collect())
+    }
+
+    /// Makes the peer table hold exactly `macs`.
+    pub fn set_peers(&mut self, macs: &std::collections::BTreeSet<[u8; 6]>) -> Result<()> {
+        let unplaced = peers::set_all(&mut self.peers, macs);
+        if unplaced.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Io {
+            what: "the peer table has no slot near some MACs (too many peers)",
+            source: std::io::Error::other(format!("{} unplaced", unplaced.len())),
+        })
+    }
+
+    pub fn peers(&self) -> std::collections::BTreeSet<[u8; 6]> {
+        peers::entries(&self.peers)
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {

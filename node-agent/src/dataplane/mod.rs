@@ -9,6 +9,7 @@
 //! update.
 
 mod maps;
+mod peers;
 pub mod spec;
 mod sys;
 mod viptable;
@@ -25,19 +26,21 @@ use std::{
 use aya::{
     EbpfLoader,
     programs::{
-        Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
     },
 };
 use kube_dsr_common::{
-    ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS, Meta,
-    PROGRAM_NAME, RING_ROW, ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_PIN_ALL,
-    VIP_PINS, VipValue, reason,
+    ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, BACKEND_LOCAL,
+    BACKEND_VIA_NODE, Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS,
+    MAP_SERVICES, MAP_VIP_STATS, Meta, PROGRAM_NAME, REPLY_PROGRAM_NAME, RING_ROW,
+    ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS,
+    VipValue, reason,
 };
 use sha2::{Digest, Sha256};
-pub use spec::{BackendSpec, Egress, PortSpec, Protocol, ServiceSpec};
+pub use spec::{BackendSpec, Egress, PortSpec, Protocol, Reach, ServiceSpec, Stage};
 use tracing::{info, warn};
 pub use vlan::VlanTags;
 
@@ -50,6 +53,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../bpf/obj/kube-dsr-xd
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kube-dsr";
 
 const LINK_PIN: &str = "xdp_link";
+/// Pinned reply links are named `reply_<ifindex>`.
+const REPLY_PIN_PREFIX: &str = "reply_";
+/// Pins of map layouts this build no longer uses, removed when found.
+const RETIRED_PINS: &[&str] = &["DSR_COUNTERS_V1"];
 
 /// SHA-256 of the embedded XDP object.
 pub fn object_sha256() -> [u8; 32] {
@@ -190,6 +197,9 @@ impl Installed {
 
 pub struct Dataplane {
     maps: maps::Maps,
+    /// Holds the loaded reply program (new reply links attach it).
+    ebpf: aya::Ebpf,
+    pin_dir: PathBuf,
     ifindex: u32,
     /// The attach interface's MAC: the source of frames sent with XDP_TX.
     mac: [u8; 6],
@@ -268,8 +278,16 @@ impl Dataplane {
                     path: link_path.clone(),
                     source: std::io::Error::other(e),
                 })?;
-                prog.attach_to_link(link)
+                let id = prog
+                    .attach_to_link(link)
                     .map_err(|e| Error::Program { action: "replace", source: Box::new(e) })?;
+                // The pin holds the link; the program must not keep a
+                // reference of its own (the Dataplane keeps the object
+                // loaded, and removing the pin must detach).
+                drop(
+                    prog.take_link(id)
+                        .map_err(|e| Error::Program { action: "link", source: Box::new(e) })?,
+                );
                 (Start::Upgraded, attached_from(meta.attach_mode))
             }
             stale => {
@@ -310,6 +328,15 @@ impl Dataplane {
             Attached::Generic => VlanTags::KeptWithPacket,
             Attached::Native => vlan,
         };
+        for retired in RETIRED_PINS {
+            let path = cfg.pin_dir.join(retired);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|source| Error::Pin { path, source })?;
+            }
+        }
+        let reply = reply_program_of(&mut ebpf)?;
+        reply.load().map_err(|e| Error::Program { action: "load (reply)", source: Box::new(e) })?;
+        let replies = adopt_replies(reply, &cfg.pin_dir, start != Start::Adopted)?;
 
         let services = read_back(&mut maps)?;
         info!(
@@ -317,10 +344,21 @@ impl Dataplane {
             mode = attached.as_str(),
             start = ?start,
             services = services.len(),
+            replies,
             vlan_tags = vlan.as_str(),
             "dataplane ready"
         );
-        Ok(Self { maps, ifindex, mac, attached, start, vlan, services })
+        Ok(Self {
+            maps,
+            ebpf,
+            pin_dir: cfg.pin_dir.clone(),
+            ifindex,
+            mac,
+            attached,
+            start,
+            vlan,
+            services,
+        })
     }
 
     pub fn attached(&self) -> Attached {
@@ -350,6 +388,19 @@ impl Dataplane {
     /// their flows; the new Maglev table becomes live in one step.
     pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
         spec.validate()?;
+        if spec.stage == Stage::Node
+            && let Some(b) =
+                spec.backends.iter().find(|b| b.egress.is_some_and(|e| e.ifindex == self.ifindex))
+        {
+            return Err(Error::InvalidService {
+                service: spec.name.clone(),
+                reason: format!(
+                    "backend {} of a node stage is behind the attach interface: frames would go \
+                     back onto the segment",
+                    b.addr
+                ),
+            });
+        }
         let mut spec = spec.clone();
         spec.ports.sort();
         spec.backends.sort_by_key(|b| b.addr);
@@ -471,29 +522,74 @@ impl Dataplane {
             }
         };
         let value = installed.vip_value();
-        let spec = &installed.spec;
-        for p in &spec.ports {
-            self.maps.set_vip(&spec::vip_key(spec.vip, *p), &value)?;
+        let slot = installed.slot();
+        let (stage, vip, ports) =
+            (installed.spec.stage, installed.spec.vip, installed.spec.ports.clone());
+        let backends = installed.spec.backends.clone();
+        self.services.insert(installed.spec.name.clone(), installed);
+        for p in &ports {
+            self.maps.set_vip(&spec::vip_key(vip, *p, stage), &value)?;
+            if stage == Stage::Node {
+                self.sync_ingress_key(vip, *p)?;
+            }
         }
         if let Some(o) = &old {
             for p in &o.spec.ports {
-                if o.spec.vip != spec.vip || !spec.ports.contains(p) {
-                    self.maps.remove_vip(&spec::vip_key(o.spec.vip, *p))?;
+                if o.spec.vip != vip || !ports.contains(p) {
+                    self.unpublish(o.spec.vip, *p, stage)?;
                 }
             }
         }
-        self.maps.set_service(svc_id, &installed.slot())?;
+        self.maps.set_service(svc_id, &slot)?;
 
         // Only now that no table names them: release backends that left.
         if let Some(o) = &old {
             for (b, id) in o.spec.backends.iter().zip(&o.ids) {
-                if !spec.backends.iter().any(|nb| nb.addr == b.addr) {
+                if !backends.iter().any(|nb| nb.addr == b.addr) {
                     self.maps.release_backend(*id)?;
                 }
             }
         }
-        self.services.insert(installed.spec.name.clone(), installed);
         Ok(())
+    }
+
+    /// Removes a VIP:port of a service in `stage` that no longer holds it
+    /// (the service is already out of `services` or without the port).
+    fn unpublish(&mut self, vip: IpAddr, port: PortSpec, stage: Stage) -> Result<()> {
+        if stage == Stage::Node {
+            self.maps.remove_vip(&spec::vip_key(vip, port, Stage::Node))?;
+        }
+        self.sync_ingress_key(vip, port)
+    }
+
+    /// The ingress-stage key of a VIP:port: an ingress service's own value
+    /// (written by its upsert), else a `VIP_NODE_ONLY` entry while a node
+    /// stage serves it (so the one probe every packet makes finds it), else
+    /// nothing.
+    fn sync_ingress_key(&mut self, vip: IpAddr, port: PortSpec) -> Result<()> {
+        let holder = |stage: Stage| {
+            self.services.values().find(|s| {
+                s.spec.stage == stage && s.spec.vip == vip && s.spec.ports.contains(&port)
+            })
+        };
+        if holder(Stage::Ingress).is_some() {
+            return Ok(());
+        }
+        let key = spec::vip_key(vip, port, Stage::Ingress);
+        match holder(Stage::Node) {
+            Some(node) => {
+                let value = VipValue {
+                    svc_id: node.svc_id,
+                    ring_base: 0,
+                    ring_size: 0,
+                    prev_base: 0,
+                    prev_size: 0,
+                    flags: VIP_NODE_ONLY,
+                };
+                self.maps.set_vip(&key, &value)
+            }
+            None => self.maps.remove_vip(&key),
+        }
     }
 
     /// Settles services after a table change; call it periodically.
@@ -568,7 +664,7 @@ impl Dataplane {
             let Some(s) = self.services.get(name) else { continue };
             let value = s.vip_value();
             for p in &s.spec.ports {
-                self.maps.set_vip(&spec::vip_key(s.spec.vip, *p), &value)?;
+                self.maps.set_vip(&spec::vip_key(s.spec.vip, *p, s.spec.stage), &value)?;
             }
             self.maps.set_service(s.svc_id, &s.slot())?;
         }
@@ -582,7 +678,7 @@ impl Dataplane {
             return Err(Error::UnknownService(name.to_string()));
         };
         for p in &old.spec.ports {
-            self.maps.remove_vip(&spec::vip_key(old.spec.vip, *p))?;
+            self.unpublish(old.spec.vip, *p, old.spec.stage)?;
         }
         for id in &old.ids {
             self.maps.release_backend(*id)?;
@@ -636,17 +732,102 @@ impl Dataplane {
         (0..reason::COUNT).map(|r| Ok((reason::NAMES[r as usize], self.maps.counter(r)?))).collect()
     }
 
+    /// Sets the peers: the MACs of the other kube-dsr nodes' ingress-stage
+    /// interfaces on this segment (the whole set). A VIP frame from a peer
+    /// goes to the node stage and is never balanced again.
+    pub fn set_peers(&mut self, macs: &[[u8; 6]]) -> Result<()> {
+        if let Some(m) = macs.iter().find(|m| **m == [0; 6] || m[0] & 1 == 1) {
+            return Err(Error::Io {
+                what: "a peer MAC must be unicast",
+                source: std::io::Error::other(format!("{m:02x?}")),
+            });
+        }
+        self.maps.set_peers(&macs.iter().copied().collect())
+    }
+
+    /// The peer MACs as programmed (also after a restart).
+    pub fn peers(&self) -> Vec<[u8; 6]> {
+        self.maps.peers().into_iter().collect()
+    }
+
+    /// Attaches the reply program (tcx ingress) on a local backend pod's
+    /// host-side interface, `ifindex` in the dataplane's network namespace
+    /// (call it from a thread in that namespace). Idempotent. The link is
+    /// pinned under the pin directory: it survives agent restarts, and an
+    /// upgrade swaps the program in place.
+    pub fn attach_reply(&mut self, ifindex: u32) -> Result<()> {
+        if ifindex == self.ifindex {
+            return Err(Error::Io {
+                what: "the reply program never goes on the dataplane's own interface",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        let path = self.pin_dir.join(format!("{REPLY_PIN_PREFIX}{ifindex}"));
+        if path.exists() {
+            match sys::pinned_tcx_link_ifindex(&path) {
+                Ok(i) if i == ifindex => return Ok(()),
+                _ => {
+                    // Its interface is gone (or renumbered): replace it.
+                    std::fs::remove_file(&path)
+                        .map_err(|source| Error::Pin { path: path.clone(), source })?;
+                }
+            }
+        }
+        let name = sys::ifname(ifindex)
+            .map_err(|source| Error::UnknownInterfaceIndex { index: ifindex, source })?;
+        let prog = reply_program_of(&mut self.ebpf)?;
+        let id = prog
+            .attach_with_options(
+                &name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| Error::Program { action: "attach (reply)", source: Box::new(e) })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| Error::Program { action: "link (reply)", source: Box::new(e) })?;
+        let link = FdLink::try_from(link)
+            .map_err(|e| Error::Link { path: path.clone(), source: std::io::Error::other(e) })?;
+        link.pin(&path)
+            .map_err(|e| Error::Pin { path: path.clone(), source: std::io::Error::other(e) })?;
+        Ok(())
+    }
+
+    /// Detaches the reply program from an interface (idempotent; also for
+    /// an interface that is gone).
+    pub fn detach_reply(&mut self, ifindex: u32) -> Result<()> {
+        let path = self.pin_dir.join(format!("{REPLY_PIN_PREFIX}{ifindex}"));
+        match std::fs::remove_file(&path) {
+            // The pin was the link's last reference: it is released, which
+            // detaches the program.
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Pin { path, source }),
+        }
+    }
+
+    /// Interfaces the reply program is attached to (pinned links, also
+    /// those a previous agent attached), in order. Links whose interface is
+    /// gone are not listed.
+    pub fn replies(&self) -> Vec<u32> {
+        reply_pins(&self.pin_dir)
+            .into_iter()
+            .filter(|(i, path)| sys::pinned_tcx_link_ifindex(path).is_ok_and(|at| at == *i))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn check_conflicts(&self, spec: &ServiceSpec) -> Result<()> {
         for other in self.services.values().filter(|o| o.spec.name != spec.name) {
-            if other.spec.vip != spec.vip {
+            if other.spec.vip != spec.vip || other.spec.stage != spec.stage {
                 continue;
             }
             if let Some(p) = spec.ports.iter().find(|p| other.spec.ports.contains(p)) {
                 return Err(Error::InvalidService {
                     service: spec.name.clone(),
                     reason: format!(
-                        "{}:{}/{:?} is already programmed for {:?}",
-                        spec.vip, p.port, p.protocol, other.spec.name
+                        "{}:{}/{:?} is already programmed for {:?} ({:?} stage)",
+                        spec.vip, p.port, p.protocol, other.spec.name, spec.stage
                     ),
                 });
             }
@@ -661,8 +842,10 @@ impl Dataplane {
             .ok_or_else(|| Error::ServicesFull { service: name.to_string(), max })
     }
 
-    /// Removes every pin under `pin_dir`: the link (which detaches the
-    /// program) and the maps. Forwarding stops. For `dsr-agent cleanup`.
+    /// Removes every pin under `pin_dir`: the XDP link and the reply links
+    /// (a pin is a link's last reference, so removing it detaches the
+    /// program) and the maps. Forwarding stops. For `dsr-agent cleanup`;
+    /// no `Dataplane` of the directory may be open.
     pub fn remove_pins(pin_dir: &Path) -> Result<()> {
         let link = pin_dir.join(LINK_PIN);
         if link.exists() {
@@ -686,6 +869,59 @@ impl Dataplane {
         std::fs::remove_dir(pin_dir)
             .map_err(|source| Error::Pin { path: pin_dir.to_path_buf(), source })
     }
+}
+
+fn reply_program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(REPLY_PROGRAM_NAME)
+        .ok_or(Error::MissingMap { name: REPLY_PROGRAM_NAME })?
+        .try_into()
+        .map_err(|e| Error::Program { action: "lookup (reply)", source: Box::new(e) })
+}
+
+/// The reply pins under `pin_dir` with the interface each names.
+fn reply_pins(pin_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return Vec::new() };
+    let mut out: Vec<(u32, PathBuf)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let i = e.file_name().to_str()?.strip_prefix(REPLY_PIN_PREFIX)?.parse().ok()?;
+            Some((i, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Takes over the reply links a previous agent pinned: links whose
+/// interface is gone are unpinned; with `replace`, the others get the
+/// freshly loaded program atomically (an upgrade). Returns how many stay.
+fn adopt_replies(prog: &mut SchedClassifier, pin_dir: &Path, replace: bool) -> Result<usize> {
+    let mut kept = 0;
+    for (ifindex, path) in reply_pins(pin_dir) {
+        if !sys::pinned_tcx_link_ifindex(&path).is_ok_and(|at| at == ifindex) {
+            warn!(path = %path.display(), "removing a reply link whose interface is gone");
+            std::fs::remove_file(&path).map_err(|source| Error::Pin { path, source })?;
+            continue;
+        }
+        kept += 1;
+        if !replace {
+            continue;
+        }
+        let link_err =
+            |e: String| Error::Link { path: path.clone(), source: std::io::Error::other(e) };
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| link_err(e.to_string()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+            .map_err(|e| link_err(e.to_string()))?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(|e| Error::Program { action: "replace (reply)", source: Box::new(e) })?;
+        // Only the pin may hold the link (see the XDP link above).
+        drop(
+            prog.take_link(id)
+                .map_err(|e| Error::Program { action: "link (reply)", source: Box::new(e) })?,
+        );
+    }
+    Ok(kept)
 }
 
 fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
@@ -739,11 +975,16 @@ fn backend_value(
         Some(e) if e.ifindex != attach_ifindex => (e.ifindex, e.mac),
         _ => (0, attach_mac),
     };
+    let reach = match b.reach {
+        Reach::Direct => 0,
+        Reach::ViaNode => BACKEND_VIA_NODE,
+        Reach::Local => BACKEND_LOCAL,
+    };
     Backend {
         macs: Backend::macs_from(b.mac, src),
         ifindex,
         generation,
-        flags: BACKEND_IN_USE | if b.draining { BACKEND_DRAINING } else { 0 },
+        flags: BACKEND_IN_USE | reach | if b.draining { BACKEND_DRAINING } else { 0 },
         svc_id,
         weight: b.weight,
         addr,
@@ -771,6 +1012,7 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
                     table_size: slot.table_size,
                     backends: Vec::new(),
                     pin_all_flows: false,
+                    stage: Stage::Ingress,
                 },
                 ids: Vec::new(),
                 current_row: slot.current_row,
@@ -787,7 +1029,12 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
             maps.remove_vip(&key)?;
             continue;
         };
-        let Some((vip, port)) = key.decode() else { continue };
+        let Some((vip, port, stage)) = key.decode() else { continue };
+        if value.flags & VIP_NODE_ONLY != 0 {
+            // Derived from the node stage's own entry; rewritten with it.
+            continue;
+        }
+        s.spec.stage = stage;
         s.has_table = value.ring_size != 0;
         s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
         s.pins = value.flags & VIP_PINS != 0;
@@ -810,6 +1057,13 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
             weight: b.weight,
             draining: b.flags & BACKEND_DRAINING != 0,
             egress,
+            reach: if b.flags & BACKEND_LOCAL != 0 {
+                Reach::Local
+            } else if b.flags & BACKEND_VIA_NODE != 0 {
+                Reach::ViaNode
+            } else {
+                Reach::Direct
+            },
         });
         s.ids.push(id);
     }

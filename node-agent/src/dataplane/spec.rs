@@ -3,7 +3,8 @@
 use std::net::IpAddr;
 
 use kube_dsr_common::{
-    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey4, VipKey6, port_word, v4_words, v6_words,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, STAGE_NODE, VipKey4, VipKey6, port_word, v4_words,
+    v6_words,
 };
 
 use crate::{
@@ -48,10 +49,43 @@ pub struct Egress {
     pub mac: [u8; 6],
 }
 
+/// Which of a node's two stages a service belongs to.
+///
+/// The ingress stage balances frames from clients over backends anywhere on
+/// the segment. The node stage of a service on a node delivers frames that
+/// an ingress stage (this node's or a peer's) sent to this node, to one of
+/// the node's local backend pods; it never sends a frame back onto the
+/// segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    #[default]
+    Ingress,
+    Node,
+}
+
+/// How a backend is reached: one rewrite each in the XDP program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reach {
+    /// The backend's own MAC on the segment (bridged or macvlan pods,
+    /// static backends); on the node stage, the pod's MAC behind its
+    /// host-side interface (`egress`).
+    #[default]
+    Direct,
+    /// Through the backend's node: destination MAC = the node's MAC on the
+    /// segment; that node's node stage delivers to a pod. `addr` is the
+    /// node's address, `weight` its number of ready backend pods.
+    ViaNode,
+    /// This node: the frame continues into this node's node stage for the
+    /// same VIP:port in the same program run. `mac` and `egress` are
+    /// ignored; `addr` is this node's address.
+    Local,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub addr: IpAddr,
-    /// The backend's MAC on the shared L2 segment.
+    /// The backend's MAC on the shared L2 segment (`Direct`), its node's
+    /// (`ViaNode`), or the pod's behind `egress` (node stage).
     pub mac: [u8; 6],
     /// Relative Maglev weight; 0 takes the backend out of the table.
     pub weight: u32,
@@ -59,12 +93,31 @@ pub struct BackendSpec {
     pub draining: bool,
     /// `None`: the attach interface (`XDP_TX`).
     pub egress: Option<Egress>,
+    pub reach: Reach,
 }
 
 impl BackendSpec {
-    /// A backend with weight 1, not draining, behind the attach interface.
+    /// A `Direct` backend with weight 1, not draining, behind the attach
+    /// interface.
     pub fn new(addr: IpAddr, mac: [u8; 6]) -> Self {
-        Self { addr, mac, weight: 1, draining: false, egress: None }
+        Self { addr, mac, weight: 1, draining: false, egress: None, reach: Reach::Direct }
+    }
+
+    /// A node reached through its MAC on the segment, weighted by its
+    /// number of ready backend pods.
+    pub fn via_node(node_addr: IpAddr, node_mac: [u8; 6], ready_pods: u32) -> Self {
+        Self { weight: ready_pods, reach: Reach::ViaNode, ..Self::new(node_addr, node_mac) }
+    }
+
+    /// This node, weighted by its number of ready local backend pods.
+    pub fn local(node_addr: IpAddr, ready_pods: u32) -> Self {
+        Self { weight: ready_pods, reach: Reach::Local, ..Self::new(node_addr, [0; 6]) }
+    }
+
+    /// A local pod for a node stage: its eth0 MAC behind its host-side
+    /// interface.
+    pub fn pod(addr: IpAddr, pod_mac: [u8; 6], host_side: Egress) -> Self {
+        Self { egress: Some(host_side), ..Self::new(addr, pod_mac) }
     }
 
     /// Whether new flows may be given to this backend.
@@ -88,6 +141,7 @@ pub struct ServiceSpec {
     /// [`kube_dsr_common::VIP_PIN_ALL`]); by default only flows whose
     /// backend a table change would move are pinned.
     pub pin_all_flows: bool,
+    pub stage: Stage,
 }
 
 pub const MAX_NAME_LEN: usize = 64;
@@ -132,9 +186,27 @@ impl ServiceSpec {
             if b.addr.is_ipv4() != self.vip.is_ipv4() {
                 return Err(bad(format!("backend {} is not of the VIP's family", b.addr)));
             }
-            if b.mac == [0; 6] || b.mac[0] & 1 == 1 {
+            if b.reach != Reach::Local && (b.mac == [0; 6] || b.mac[0] & 1 == 1) {
                 return Err(bad(format!("backend {} has no unicast MAC", b.addr)));
             }
+            match (self.stage, b.reach) {
+                (Stage::Node, Reach::ViaNode | Reach::Local) => {
+                    return Err(bad(format!(
+                        "backend {} of a node stage must be a local pod (reach Direct), not {:?}",
+                        b.addr, b.reach
+                    )));
+                }
+                (Stage::Node, Reach::Direct) if b.egress.is_none() => {
+                    return Err(bad(format!(
+                        "backend {} of a node stage needs its host-side interface (egress)",
+                        b.addr
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if self.backends.iter().filter(|b| b.reach == Reach::Local).count() > 1 {
+            return Err(bad("more than one Local backend".into()));
         }
         Ok(())
     }
@@ -208,9 +280,11 @@ pub enum VipKey {
     V6(VipKey6),
 }
 
-/// The VIP map key of `vip` on `port`.
-pub fn vip_key(vip: IpAddr, port: PortSpec) -> VipKey {
-    let (port, proto) = (port_word(port.port), port.protocol.number());
+/// The VIP map key of `vip` on `port` in `stage`: the node stage's keys
+/// carry `STAGE_NODE` on the protocol byte.
+pub fn vip_key(vip: IpAddr, port: PortSpec, stage: Stage) -> VipKey {
+    let proto = port.protocol.number() | if stage == Stage::Node { STAGE_NODE } else { 0 };
+    let port = port_word(port.port);
     match vip {
         IpAddr::V4(a) => {
             VipKey::V4(VipKey4 { addr: v4_words(a.octets())[0], port, proto, _pad: 0 })
@@ -220,15 +294,16 @@ pub fn vip_key(vip: IpAddr, port: PortSpec) -> VipKey {
 }
 
 impl VipKey {
-    /// The VIP and port the key stands for (`None` for a protocol the
-    /// dataplane does not program).
-    pub fn decode(&self) -> Option<(IpAddr, PortSpec)> {
+    /// The VIP, port and stage the key stands for (`None` for a protocol
+    /// the dataplane does not program).
+    pub fn decode(&self) -> Option<(IpAddr, PortSpec, Stage)> {
         let (addr, port, proto) = match self {
             Self::V4(k) => (words_addr([k.addr, 0, 0, 0], FAMILY_V4), k.port, k.proto),
             Self::V6(k) => (words_addr(k.addr, FAMILY_V6), k.port, k.proto),
         };
-        let protocol = Protocol::from_number(proto)?;
-        Some((addr, PortSpec { port: u16::from_be(port), protocol }))
+        let stage = if proto & STAGE_NODE != 0 { Stage::Node } else { Stage::Ingress };
+        let protocol = Protocol::from_number(proto & !STAGE_NODE)?;
+        Some((addr, PortSpec { port: u16::from_be(port), protocol }, stage))
     }
 }
 
@@ -243,6 +318,7 @@ mod tests {
             ports: vec![PortSpec { port: 80, protocol: Protocol::Tcp }],
             table_size: 251,
             pin_all_flows: false,
+            stage: Stage::Ingress,
             backends: vec![
                 BackendSpec::new("10.0.0.2".parse().unwrap(), [2, 0, 0, 0, 0, 2]),
                 BackendSpec::new("10.0.0.3".parse().unwrap(), [2, 0, 0, 0, 0, 3]),
@@ -294,8 +370,36 @@ mod tests {
         for (vip, port) in [("192.0.2.1", 80), ("2001:db8::1", 443)] {
             let p = PortSpec { port, protocol: Protocol::Udp };
             let vip: IpAddr = vip.parse().unwrap();
-            assert_eq!(vip_key(vip, p).decode(), Some((vip, p)));
+            for stage in [Stage::Ingress, Stage::Node] {
+                assert_eq!(vip_key(vip, p, stage).decode(), Some((vip, p, stage)));
+            }
+            assert_ne!(vip_key(vip, p, Stage::Ingress), vip_key(vip, p, Stage::Node));
         }
+    }
+
+    #[test]
+    fn node_stages_take_only_local_pods_behind_an_interface() {
+        let host_side = Egress { ifindex: 7, mac: [2, 0, 0, 0, 0, 7] };
+        let mut s = spec();
+        s.stage = Stage::Node;
+        assert!(s.validate().unwrap_err().to_string().contains("host-side interface"));
+        for b in &mut s.backends {
+            b.egress = Some(host_side);
+        }
+        s.validate().unwrap();
+        s.backends[0].reach = Reach::ViaNode;
+        assert!(s.validate().unwrap_err().to_string().contains("local pod"));
+        s.backends[0] = BackendSpec::local("10.0.0.2".parse().unwrap(), 1);
+        assert!(s.validate().unwrap_err().to_string().contains("local pod"));
+    }
+
+    #[test]
+    fn an_ingress_stage_takes_one_local_backend_without_a_mac() {
+        let mut s = spec();
+        s.backends.push(BackendSpec::local("10.0.0.9".parse().unwrap(), 2));
+        s.validate().unwrap();
+        s.backends.push(BackendSpec::local("10.0.0.8".parse().unwrap(), 1));
+        assert!(s.validate().unwrap_err().to_string().contains("more than one Local"));
     }
 
     #[test]

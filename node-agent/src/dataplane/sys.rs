@@ -79,9 +79,34 @@ struct InfoAttr {
     info: u64,
 }
 
+/// Name of interface `index` in the calling thread's network namespace.
+pub fn ifname(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
+const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
 /// The interface a pinned XDP link is attached to; 0 once its interface is
 /// gone (the link then survives, detached, until unpinned).
 pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<u32> {
+    pinned_link_ifindex(path, BPF_LINK_TYPE_XDP)
+}
+
+/// The same for a pinned tcx link (the reply program's).
+pub fn pinned_tcx_link_ifindex(path: &Path) -> io::Result<u32> {
+    pinned_link_ifindex(path, BPF_LINK_TYPE_TCX)
+}
+
+fn pinned_link_ifindex(path: &Path, want_type: u32) -> io::Result<u32> {
     let c = cpath(path)?;
     let attr =
         ObjGetAttr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
@@ -100,7 +125,7 @@ pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<u32> {
     // SAFETY: fd is a fresh, valid descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union
-    // whose xdp member starts with the ifindex.
+    // whose xdp and tcx members start with the ifindex.
     let mut info = [0u64; 32];
     let attr = InfoAttr {
         bpf_fd: fd.as_raw_fd() as u32,
@@ -119,10 +144,12 @@ pub fn pinned_xdp_link_ifindex(path: &Path) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    const BPF_LINK_TYPE_XDP: u32 = 6;
     let link_type = info[0] as u32;
-    if link_type != BPF_LINK_TYPE_XDP {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "pinned link is not an XDP link"));
+    if link_type != want_type {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("pinned link is of type {link_type}, not {want_type}"),
+        ));
     }
     Ok(info[2] as u32)
 }

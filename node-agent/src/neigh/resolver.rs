@@ -11,6 +11,7 @@ use std::{
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -21,6 +22,16 @@ use netlink_packet_route::{
 use super::plan::{Iface, Lookup, NeighEntry, NeighVerdict, Route, adjacency, classify};
 use crate::rtnl::{Rtnl, nl_err};
 use crate::{Error, Result};
+
+/// One interface as [`Resolver::link_info`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub iface: Iface,
+    /// Its Ethernet address (`None` for interfaces without a 6-byte one).
+    pub mac: Option<[u8; 6]>,
+    /// `IFLA_LINK`: for a veth, the peer's index in the peer's namespace.
+    pub peer: Option<u32>,
+}
 
 /// Looks backends up in the namespace of the thread that created it (run
 /// it inside `Netns::run` for another namespace).
@@ -46,6 +57,59 @@ impl Resolver {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         self.link(msg).map_err(|source| Error::UnknownInterfaceIndex { index, source })
+    }
+
+    /// An interface by index with its MAC and, for one end of a veth pair,
+    /// the other end's index (`IFLA_LINK`, an index in the peer's
+    /// namespace).
+    pub fn link_info(&mut self, index: u32) -> Result<LinkInfo> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        let replies = self
+            .request(RouteNetlinkMessage::GetLink(msg), 0)
+            .map_err(|source| Error::UnknownInterfaceIndex { index, source })?;
+        let l = replies
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .ok_or_else(|| Error::UnknownInterfaceIndex {
+                index,
+                source: io::ErrorKind::NotFound.into(),
+            })?;
+        let mut info = LinkInfo {
+            iface: Iface { index: l.header.index, name: String::new() },
+            mac: None,
+            peer: None,
+        };
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => info.iface.name = n.clone(),
+                LinkAttribute::Address(m) => info.mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
+                LinkAttribute::Link(i) => info.peer = Some(*i),
+                _ => {}
+            }
+        }
+        Ok(info)
+    }
+
+    /// The interface holding `addr` as one of its addresses, if any.
+    pub fn interface_with_address(&mut self, addr: IpAddr) -> Result<Option<Iface>> {
+        let replies = self
+            .request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)
+            .map_err(nl_err("dumping addresses"))?;
+        for m in replies {
+            let RouteNetlinkMessage::NewAddress(a) = m else { continue };
+            let holds = a.attributes.iter().any(|x| match x {
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => *ip == addr,
+                _ => false,
+            });
+            if holds {
+                return Ok(Some(self.interface_by_index(a.header.index)?));
+            }
+        }
+        Ok(None)
     }
 
     fn link(&mut self, msg: LinkMessage) -> io::Result<Iface> {

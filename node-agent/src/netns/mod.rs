@@ -14,16 +14,19 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::Path,
 };
 
 use crate::Error;
 
 pub mod cgroup;
+pub mod link;
 pub mod loopback;
 pub mod plan;
 
 pub use cgroup::{PodNetns, all_pod_uids, find_pod, find_pods};
+pub use link::{PodLink, enable_gro, prepare_pod_link};
 pub use loopback::{ADDR_PROTO, DEFAULT_PROC, LABEL_V4, Netns};
 pub use plan::{
     ArpSysctls, Backend, LoAddress, NsPlan, Observed, SysctlWrite, Target, VipReport, desired,
@@ -40,6 +43,9 @@ pub struct Round {
     /// Namespaces that could not be found, read or changed. One failing
     /// namespace never stops the others.
     pub errors: BTreeMap<Target, Error>,
+    /// Per pod UID asked for in [`converge_with_links`]: its interface
+    /// (GRO turned on), or why not.
+    pub links: BTreeMap<String, Result<PodLink, Error>>,
 }
 
 /// One level-triggered round: finds the namespaces, reads each back,
@@ -50,9 +56,22 @@ pub struct Round {
 /// The node's namespace is always looked at, for the same reason. A pod
 /// that is gone needs nothing: its namespace went with it.
 pub fn converge(proc: &Path, backends: &[Backend], others: &[String]) -> Round {
+    converge_with_links(proc, backends, others, &BTreeMap::new())
+}
+
+/// [`converge`], and for each pod UID in `links` (lowercase) the interface
+/// holding that address inside the pod, with GRO turned on
+/// ([`prepare_pod_link`]) — in the same visit of the namespace.
+pub fn converge_with_links(
+    proc: &Path,
+    backends: &[Backend],
+    others: &[String],
+    links: &BTreeMap<String, IpAddr>,
+) -> Round {
     let desired = desired(backends);
     let mut targets: BTreeSet<Target> = desired.keys().cloned().collect();
     targets.insert(Target::Host);
+    targets.extend(links.keys().map(|u| Target::Pod(u.clone())));
     targets.extend(others.iter().map(|u| Target::Pod(u.to_ascii_lowercase())));
     let uids: BTreeSet<String> = targets
         .iter()
@@ -78,20 +97,37 @@ pub fn converge(proc: &Path, backends: &[Backend], others: &[String]) -> Round {
             Target::Host => Netns::host().map(|n| n.with_proc(proc)),
             Target::Pod(uid) => match pods.remove(uid) {
                 Some(p) => Ok(Netns::from_pod(uid, p).with_proc(proc)),
-                None if desired.contains_key(&target) => {
+                None if desired.contains_key(&target) || links.contains_key(uid) => {
                     Err(Error::PodNetnsNotFound { uid: uid.clone() })
                 }
                 None => continue,
             },
         };
-        let step = ns.and_then(|ns| {
+        let link_of = |t: &Target| match t {
+            Target::Pod(uid) => links.get(uid).map(|a| (uid.clone(), *a)),
+            Target::Host => None,
+        };
+        let ns = match ns {
+            Ok(ns) => ns,
+            Err(e) => {
+                if let Some((uid, _)) = link_of(&target) {
+                    round.links.insert(uid.clone(), Err(Error::PodNetnsNotFound { uid }));
+                }
+                round.errors.insert(target, e);
+                continue;
+            }
+        };
+        if let Some((uid, addr)) = link_of(&target) {
+            round.links.insert(uid, prepare_pod_link(&ns, addr));
+        }
+        let step = (|| {
             let obs = ns.observe()?;
             let one = BTreeMap::from([(target.clone(), obs)]);
             match plan(&desired, &one).pop() {
                 Some(p) if !p.is_noop() => ns.apply(&p),
                 _ => Ok(one.into_values().next().expect("one namespace observed")),
             }
-        });
+        })();
         match step {
             Ok(obs) => {
                 observed.insert(target, obs);
