@@ -2,8 +2,8 @@
 //! client loop runs against the web service, an attacker on the segment
 //! sends the ingress node a bounded burst of malformed frames of every
 //! class, and a bounded SYN flood from random sources. No request fails,
-//! no malformed frame reaches a backend from the ingress node, and new
-//! connections succeed afterwards.
+//! no malformed frame reaches a backend pod, and new connections succeed
+//! afterwards.
 
 use std::{
     collections::BTreeMap,
@@ -81,7 +81,9 @@ fn packet_socket(ifname: &str) -> Result<OwnedFd> {
     Ok(sock)
 }
 
-/// What a backend's capture saw coming from the ingress node's MAC.
+/// What a backend pod's capture saw of the attacker's frames (by source
+/// address: a pod is reached through its node, so the frame's source MAC is
+/// the node's, not the ingress node's).
 #[derive(Debug, Default)]
 struct Seen {
     malformed: Vec<Vec<u8>>,
@@ -89,7 +91,7 @@ struct Seen {
 }
 
 /// Captures on `eth0` in namespace `ns` until `stop`.
-fn capture(ns: String, ingress: Mac, stop: Arc<AtomicBool>) -> JoinHandle<Result<Seen>> {
+fn capture(ns: String, stop: Arc<AtomicBool>) -> JoinHandle<Result<Seen>> {
     std::thread::spawn(move || {
         in_ns(&ns, move || {
             let sock = packet_socket("eth0")?;
@@ -114,9 +116,6 @@ fn capture(ns: String, ingress: Mac, stop: Arc<AtomicBool>) -> JoinHandle<Result
                     continue;
                 }
                 let f = &buf[..n as usize];
-                if f[6..12] != ingress {
-                    continue;
-                }
                 let src4 =
                     (f[12..14] == ETH_P_IP.to_be_bytes() && f.len() >= 28).then(|| &f[26..28]);
                 let src6 =
@@ -188,7 +187,7 @@ fn malformed(ingress: Mac, attacker: Mac) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn reasons(pins: &Path) -> Result<BTreeMap<&'static str, u64>> {
-    let path = pins.join("ingress").join("eth0").join(kube_dsr_common::MAP_COUNTERS);
+    let path = pins.join(cluster::INGRESS).join("eth0").join(kube_dsr_common::MAP_COUNTERS);
     let data = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
     let counters: PerCpuArray<MapData, u64> = Map::PerCpuArray(data).try_into()?;
     let mut out = BTreeMap::new();
@@ -233,8 +232,7 @@ async fn flood(c: &mut Cluster) -> Result<()> {
     let before = reasons(&n.pins)?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let captures: Vec<_> =
-        n.backends.iter().map(|b| capture(b.0.clone(), ingress, stop.clone())).collect();
+    let captures: Vec<_> = n.backends.iter().map(|b| capture(b.0.clone(), stop.clone())).collect();
     // The client loop runs through the whole flood.
     let client = n.client.clone();
     let loop_requests = 60;
@@ -291,7 +289,7 @@ async fn flood(c: &mut Cluster) -> Result<()> {
         after.iter().map(|(k, v)| (*k, v - before[k])).filter(|(_, v)| *v > 0).collect();
     eprintln!(
         "flood: {sent_classes} malformed classes x {} frames, {} SYNs; client {ok}/{loop_requests}; \
-         backends saw {flood_seen} flood SYNs and {} malformed frames from the ingress node; \
+         backend pods saw {flood_seen} flood SYNs and {} malformed frames; \
          reasons {delta:?}",
         ROUNDS * PER_CLASS_PER_ROUND,
         ROUNDS * SYNS_PER_ROUND,
@@ -300,7 +298,7 @@ async fn flood(c: &mut Cluster) -> Result<()> {
     ensure!(ok == loop_requests, "requests failed during the flood: {failed:?}");
     ensure!(
         malformed_seen.is_empty(),
-        "a backend received malformed frames from the ingress node, first: {:02x?}",
+        "a backend pod received malformed frames, first: {:02x?}",
         malformed_seen[0]
     );
     // The captures work: the well-formed SYNs did reach the backends.
