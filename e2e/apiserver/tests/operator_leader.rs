@@ -210,13 +210,15 @@ fn ready_pod(name: &str, node: &str, ip: &str) -> Pod {
     .unwrap()
 }
 
-/// What the agent on `node` would report: the VIP configured in each pod.
+/// What the agent on `node` would report: the VIP configured in each pod
+/// and delivered to it by the node's stage (the operator counts a pod ready
+/// only with both).
 async fn report(client: &Client, node: &str, pods: &[&Pod]) {
     let backends: Vec<Value> = pods
         .iter()
         .map(|p| {
             json!({"podUID": p.uid().unwrap(), "namespace": "default", "name": p.name_any(),
-                   "configuredVips": [VIP]})
+                   "configuredVips": [VIP], "deliveredVips": [VIP], "delivery": "NodeStage"})
         })
         .collect();
     let obj = json!({"apiVersion": "kubedsr.io/v1alpha1", "kind": "DsrNodeReport",
