@@ -1,4 +1,4 @@
-//! A hostile segment (issue 11), on the one-host cluster: while a real
+//! A hostile segment, on the one-host cluster: while a real
 //! client loop runs against the web service, an attacker on the segment
 //! sends the ingress node a bounded burst of malformed frames of every
 //! class, and a bounded SYN flood from random sources. No request fails,

@@ -1,4 +1,4 @@
-//! The node hop on the one-host cluster (issue 10's acceptance): pods
+//! The node hop on the one-host cluster: pods
 //! routed behind three nodes, reached through their node with only MAC
 //! addresses rewritten; replies leave each pod's own node directly.
 

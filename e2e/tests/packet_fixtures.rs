@@ -362,7 +362,7 @@ fn packet_fixtures() {
         out: Out::To(to),
     };
 
-    // Hostile and malformed frames (issue 11): every class is passed or
+    // Hostile and malformed frames: every class is passed or
     // dropped under its own reason, never forwarded.
     let malformed = {
         let set16 = |mut f: Vec<u8>, at: usize, v: u16| {

@@ -1,4 +1,4 @@
-//! 802.1Q tags and native XDP on veth (issue 11): what the agent reports
+//! 802.1Q tags and native XDP on veth: what the agent reports
 //! and why. A tag that crossed a Linux bridge is held out of band by the
 //! kernel; the bridge port's veth passes it on out of band unless its
 //! `tx-vlan-offload` is off, and native XDP on the other end then sees the

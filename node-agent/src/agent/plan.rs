@@ -940,7 +940,7 @@ mod tests {
         );
     }
 
-    /// The cluster of issue 10: `ing` (10.10.0.2) is the ingress node,
+    /// The node-hop cluster: `ing` (10.10.0.2) is the ingress node,
     /// `w1` (10.10.0.11) and `w2` (10.10.0.12) are worker nodes on its
     /// segment, `far` (10.99.0.5) is behind a router, `ghost` has no
     /// address.
