@@ -7,6 +7,8 @@
 //! VIP:port), [`slices`] (the EndpointSlices) and [`status`] (conditions and
 //! events). [`controller`] is the thin I/O shell around them.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod backends;
 pub mod conflicts;

@@ -1,5 +1,7 @@
 //! `dsr-operator`: flags and logging; everything else is in the library.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
