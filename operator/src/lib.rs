@@ -14,7 +14,6 @@ pub mod backends;
 pub mod conflicts;
 pub mod controller;
 pub mod error;
-pub mod http;
 pub mod ingress;
 pub mod leader;
 pub mod metrics;
