@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod contract;
 pub mod dsrservice;
 pub mod error;
 pub mod messages;
