@@ -96,10 +96,15 @@ pub const SLOT_DELETED: u8 = 2;
 ///
 /// Publication: user space fills the key and `values[0]`, then stores
 /// `state = SLOT_USED` last. A value change writes `values[1 - active]`,
-/// then stores the new `active`, so a packet reads one whole value, never a
-/// half-written one. Deletion stores `SLOT_DELETED`. (Ordering: x86_64 keeps
-/// stores and loads in order; on weaker CPUs a packet racing a brand-new
-/// entry may miss it, which is the same as arriving a moment earlier.)
+/// then stores the new `active`, so a packet reads one whole value, not a
+/// half-written one — provided two changes of one slot are further apart
+/// than one packet's lookup (nanoseconds): the second change rewrites the
+/// half a packet may still be reading from the first. The agent changes a
+/// slot at most once per round (milliseconds apart), so this holds; a
+/// writer that could change one slot back to back would need a generation
+/// check. Deletion stores `SLOT_DELETED`. (Ordering: x86_64 keeps stores
+/// and loads in order; on weaker CPUs a packet racing a brand-new entry may
+/// miss it, which is the same as arriving a moment earlier.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipSlot4 {
@@ -636,6 +641,8 @@ mod tests {
         };
         assert_eq!(b.dst_mac(), dst);
         assert_eq!(b.src_mac(), src);
+        // SAFETY: [u32; 3] and [u8; 12] have the same size, and every bit
+        // pattern is a valid byte array.
         let bytes: [u8; 12] = unsafe { core::mem::transmute(b.macs) };
         assert_eq!(&bytes[..6], &dst);
         assert_eq!(&bytes[6..], &src);

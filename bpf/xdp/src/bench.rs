@@ -49,6 +49,8 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let frame = start as *mut u8;
+    // SAFETY: the frame holds TEMPLATE_LEN bytes (checked above) and the
+    // template is a map value, not packet memory: no overlap.
     unsafe { core::ptr::copy_nonoverlapping(t.as_ptr(), frame, TEMPLATE_LEN) };
 
     let mode = CFG.get(0).copied().unwrap_or(MODE_FIXED);
@@ -56,6 +58,8 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         let Some(seq) = SEQ.get_ptr_mut(0) else {
             return xdp_action::XDP_ABORTED;
         };
+        // SAFETY: a per-CPU element, valid for this run and touched by no
+        // other CPU while this program runs.
         let n = unsafe {
             let n = *seq;
             *seq = n + 1;
@@ -70,6 +74,8 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         // Low 16 bits vary the source port, the next 24 the source address.
         let port = ((n & 0xffff) as u16).to_be_bytes();
         let addr = ((0x0a00_0000u32) | ((n >> 16) as u32 & 0x00ff_ffff)).to_be_bytes();
+        // SAFETY: both fields lie inside the TEMPLATE_LEN bytes checked
+        // above; the sources are locals.
         unsafe {
             core::ptr::copy_nonoverlapping(addr.as_ptr(), frame.add(SRC_ADDR_OFF), 4);
             core::ptr::copy_nonoverlapping(port.as_ptr(), frame.add(SRC_PORT_OFF), 2);
@@ -81,6 +87,8 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_sink(_ctx: XdpContext) -> u32 {
     if let Some(c) = SINK.get_ptr_mut(0) {
+        // SAFETY: a per-CPU element, valid for this run and touched by no
+        // other CPU while this program runs.
         unsafe { *c += 1 }
     }
     xdp_action::XDP_DROP
@@ -94,6 +102,8 @@ pub fn bench_floor(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let eth = start as *mut [u8; 6];
+    // SAFETY: the 12 MAC bytes lie inside the packet (checked above), and
+    // byte arrays need no alignment.
     unsafe {
         let dst = *eth;
         *eth = *eth.add(1);

@@ -109,6 +109,9 @@ macro_rules! keys_impl {
 
             #[inline(always)]
             fn pinned(conn: &$conn) -> Option<ConnValue> {
+                // SAFETY: another CPU may update or evict the entry while we
+                // hold the reference; it is copied at once, and a torn copy
+                // names a backend whose generation `backend()` rechecks.
                 unsafe { $conns.get(conn) }.copied()
             }
 
@@ -301,13 +304,21 @@ fn to_pod(ctx: &XdpContext, pod: &Backend) -> (u32, u32) {
     if !set_macs(ctx, pod) {
         return (xdp_action::XDP_PASS, reason::PASS_TRUNCATED);
     }
+    // SAFETY: a helper call without memory arguments; the kernel checks the
+    // ifindex when the redirect is carried out.
     (unsafe { bpf_redirect(pod.ifindex, 0) } as u32, reason::FWD_NODE_LOCAL)
 }
 
 /// `XDP_TX` back out of the attach interface, or a redirect.
 #[inline(always)]
 fn transmit(b: &Backend) -> u32 {
-    if b.ifindex == 0 { xdp_action::XDP_TX } else { unsafe { bpf_redirect(b.ifindex, 0) as u32 } }
+    if b.ifindex == 0 {
+        xdp_action::XDP_TX
+    } else {
+        // SAFETY: a helper call without memory arguments; the kernel checks
+        // the ifindex when the redirect is carried out.
+        unsafe { bpf_redirect(b.ifindex, 0) as u32 }
+    }
 }
 
 /// Only the Ethernet addresses change: the IP packet reaches the backend
@@ -321,6 +332,8 @@ fn set_macs(ctx: &XdpContext, b: &Backend) -> bool {
         return false;
     }
     let eth = start as *mut u32;
+    // SAFETY: bytes start..start+12 lie inside the packet (checked above),
+    // and unaligned writes need no alignment.
     unsafe {
         eth.write_unaligned(b.macs[0]);
         eth.add(1).write_unaligned(b.macs[1]);
@@ -346,6 +359,7 @@ fn from_peer(ctx: &XdpContext) -> bool {
     if start + 14 > ctx.data_end() {
         return false;
     }
+    // SAFETY: bytes start+6..start+14 lie inside the packet (checked above).
     let mac = unsafe { ((start + 6) as *const u64).read_unaligned() } & 0xffff_ffff_ffff;
     let used = mac | (u64::from(SLOT_USED) << 48);
     let first = peer_slot(mac);
@@ -354,6 +368,9 @@ fn from_peer(ctx: &XdpContext) -> bool {
             return false;
         };
         // The slot as one word (see `PeerSlot::as_word`).
+        // SAFETY: `s` points at an 8-byte element of an array map, whose
+        // values the kernel lays out 8-byte aligned; user space stores the
+        // state byte last, so a racing read sees an empty or a whole slot.
         let w = unsafe { (s as *const PeerSlot as *const u64).read() };
         if w == used {
             return true;
@@ -444,6 +461,8 @@ fn in_use(id: u32, svc_id: u32) -> Option<Backend> {
 #[inline(always)]
 fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, len: u64) {
     if let Some(t) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU element, valid for this run and touched by no
+        // other CPU while this program runs.
         unsafe {
             (*t).packets += 1;
             (*t).bytes += len;
@@ -454,6 +473,8 @@ fn add_traffic(map: &PerCpuArray<Traffic>, index: u32, len: u64) {
 #[inline(always)]
 fn bump(why: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(why) {
+        // SAFETY: a per-CPU element, valid for this run and touched by no
+        // other CPU while this program runs.
         unsafe { *c += 1 }
     }
 }

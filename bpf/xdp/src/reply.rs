@@ -56,6 +56,8 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     if start + off + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
     }
+    // SAFETY: the `size_of::<T>()` bytes at `start + off` lie inside the
+    // packet (checked above); `T` is plain data read without alignment.
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
