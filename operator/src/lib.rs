@@ -14,8 +14,10 @@ pub mod controller;
 pub mod error;
 pub mod http;
 pub mod ingress;
+pub mod lbservice;
 pub mod leader;
 pub mod metrics;
+pub mod pool;
 pub mod slices;
 pub mod status;
 
