@@ -622,3 +622,146 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
     }
     info!("address manager stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::service;
+    use kube_dsr_crds::{DsrVipPoolSpec, Protocol, ServicePort};
+
+    fn pool(name: &str, addresses: &[&str], auto: bool) -> DsrVipPool {
+        DsrVipPool::new(
+            name,
+            DsrVipPoolSpec {
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                auto_assign: auto,
+                skip_network_and_broadcast: false,
+                namespace_selector: None,
+                service_selector: None,
+            },
+        )
+    }
+
+    fn with_allocation(mut s: DsrService, ip: &str, pool: &str) -> DsrService {
+        s.status = Some(DsrServiceStatus {
+            allocated_vips: vec![AllocatedVip { address: ip.into(), pool: pool.into() }],
+            ..Default::default()
+        });
+        s
+    }
+
+    fn addresses(p: &Plan) -> Vec<&str> {
+        p.allocated.iter().map(|a| a.address.as_str()).collect()
+    }
+
+    #[test]
+    fn lowest_free_address_of_the_first_pool_by_name() {
+        let (a, b) =
+            (pool("b-pool", &["192.0.2.96/30"], true), pool("a-pool", &["192.0.2.64/30"], true));
+        let taken = with_allocation(service("x", &[], 100), "192.0.2.64", "a-pool");
+        let written = service("y", &["192.0.2.65"], 100);
+        let me = service("me", &[], 200);
+        let p = plan(&me, &[&taken, &written, &me], &[&a, &b], &BTreeMap::new());
+        assert_eq!(addresses(&p), ["192.0.2.66"]);
+        assert_eq!(p.allocated[0].pool, "a-pool");
+        assert!(p.shortages.is_empty());
+        // Written VIPs ask for nothing.
+        assert_eq!(plan(&written, &[&written], &[&a], &BTreeMap::new()).allocated, vec![]);
+    }
+
+    #[test]
+    fn exhaustion_no_pool_and_pool_choice() {
+        let small = pool("small", &["192.0.2.64/31"], true);
+        let one = with_allocation(service("one", &[], 100), "192.0.2.64", "small");
+        let two = with_allocation(service("two", &[], 100), "192.0.2.65", "small");
+        let me = service("me", &[], 200);
+        let p = plan(&me, &[&one, &two, &me], &[&small], &BTreeMap::new());
+        assert!(p.allocated.is_empty());
+        assert_eq!(p.shortages[0].reason(), "PoolExhausted");
+        let mut v6 = me.clone();
+        v6.spec.ip_families = vec![IpFamily::IPv6];
+        assert_eq!(
+            plan(&v6, &[&v6], &[&small], &BTreeMap::new()).shortages,
+            vec![Shortage::NoPool(IpFamily::IPv6)]
+        );
+        // autoAssign: false is only used when named.
+        let manual = pool("manual", &["198.51.100.0/30"], false);
+        assert_eq!(plan(&me, &[&me], &[&manual], &BTreeMap::new()).shortages[0].reason(), "NoPool");
+        let mut named = me.clone();
+        named.metadata.annotations =
+            Some([(ADDRESS_POOL_ANNOTATION.to_string(), "manual".to_string())].into());
+        assert_eq!(
+            addresses(&plan(&named, &[&named], &[&small, &manual], &BTreeMap::new())),
+            ["198.51.100.0"]
+        );
+    }
+
+    #[test]
+    fn selectors_and_dual_stack() {
+        let mut p = pool("p", &["192.0.2.64/30", "2001:db8::100/126"], true);
+        p.spec.namespace_selector = Some(LabelSelector {
+            match_labels: Some([("vips".to_string(), "yes".to_string())].into()),
+            ..Default::default()
+        });
+        let mut me = service("me", &[], 100);
+        me.spec.ip_families = vec![IpFamily::IPv6, IpFamily::IPv4];
+        assert_eq!(plan(&me, &[&me], &[&p], &BTreeMap::new()).shortages.len(), 2);
+        let labels = [("vips".to_string(), "yes".to_string())].into();
+        assert_eq!(addresses(&plan(&me, &[&me], &[&p], &labels)), ["192.0.2.64", "2001:db8::100"]);
+    }
+
+    #[test]
+    fn a_sharing_key_reuses_an_address_when_ports_do_not_collide() {
+        let p = pool("p", &["192.0.2.64/30"], true);
+        let key = |mut s: DsrService| {
+            s.metadata.annotations = Some(
+                [(kube_dsr_crds::ALLOW_SHARED_IP_ANNOTATION.to_string(), "dns".to_string())].into(),
+            );
+            s
+        };
+        let tcp = key(with_allocation(service("tcp", &[], 100), "192.0.2.64", "p"));
+        let mut udp = key(service("udp", &[], 200));
+        udp.spec.ports = vec![ServicePort { name: None, port: 80, protocol: Protocol::Udp }];
+        assert_eq!(addresses(&plan(&udp, &[&tcp, &udp], &[&p], &BTreeMap::new())), ["192.0.2.64"]);
+        let same_port = key(service("again", &[], 200));
+        assert_eq!(
+            addresses(&plan(&same_port, &[&tcp, &same_port], &[&p], &BTreeMap::new())),
+            ["192.0.2.65"]
+        );
+        let no_key = service("nokey", &[], 200);
+        assert_eq!(
+            addresses(&plan(&no_key, &[&tcp, &no_key], &[&p], &BTreeMap::new())),
+            ["192.0.2.65"]
+        );
+    }
+
+    #[test]
+    fn a_duplicate_allocation_moves_the_later_service_and_keeps_the_earlier() {
+        let p = pool("p", &["192.0.2.64/30"], true);
+        let first = with_allocation(service("first", &[], 100), "192.0.2.64", "p");
+        let second = with_allocation(service("second", &[], 200), "192.0.2.64", "p");
+        let all = [&first, &second];
+        assert_eq!(addresses(&plan(&first, &all, &[&p], &BTreeMap::new())), ["192.0.2.64"]);
+        assert_eq!(addresses(&plan(&second, &all, &[&p], &BTreeMap::new())), ["192.0.2.65"]);
+    }
+
+    #[test]
+    fn pool_status_counts_and_reports_addresses_left_outside() {
+        let mut p = pool("p", &["192.0.2.64/30"], true);
+        let a = with_allocation(service("a", &[], 100), "192.0.2.64", "p");
+        let b = with_allocation(service("b", &[], 100), "192.0.2.99", "p");
+        let (st, outside) = pool_status(&p, &[&a, &b]);
+        assert_eq!((st.size.as_str(), st.used, st.free.as_str()), ("4", 1, "3"));
+        assert_eq!(outside, vec!["192.0.2.99 (default/b)"]);
+        let cond = |st: &DsrVipPoolStatus, t: &str| {
+            st.conditions.iter().find(|c| c.type_ == t).unwrap().status.clone()
+        };
+        assert_eq!(cond(&st, pool_conditions::OUTSIDE), "True");
+        assert_eq!(cond(&st, pool_conditions::EXHAUSTED), "False");
+        p.spec.addresses = vec!["192.0.2.64/32".into()];
+        let (st, _) = pool_status(&p, &[&a]);
+        assert_eq!(cond(&st, pool_conditions::EXHAUSTED), "True");
+        p.spec.addresses = vec!["nonsense".into()];
+        assert_eq!(cond(&pool_status(&p, &[&a]).0, pool_conditions::VALID), "False");
+    }
+}
