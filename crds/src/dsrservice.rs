@@ -349,6 +349,14 @@ pub struct DsrServiceStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["address".into()]))]
     pub allocated_vips: Vec<AllocatedVip>,
 
+    /// Whether every family that wants a pool address has one (type
+    /// `VipAllocated`; reasons `Allocated`, `NoPool`, `PoolExhausted`).
+    /// Absent when `spec.vips` is written. A field of its own rather than
+    /// an entry of `conditions`, so that each writer owns whole fields and
+    /// no list is shared between two of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_allocated: Option<Condition>,
+
     /// Human-readable summaries for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<StatusSummary>,
@@ -458,7 +466,12 @@ impl DsrService {
     /// functions that read a spec.
     pub fn with_effective_vips(&self) -> DsrService {
         let mut out = self.clone();
-        out.spec.vips = self.effective_vips().into_iter().map(str::to_string).collect();
+        if out.spec.vips.is_empty() {
+            out.spec.vips = self.effective_vips().into_iter().map(str::to_string).collect();
+            // They chose the allocated VIPs and have no other meaning (the
+            // spec rules allow them only beside empty `vips`).
+            out.spec.ip_families.clear();
+        }
         out
     }
 

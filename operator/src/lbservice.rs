@@ -299,8 +299,10 @@ pub fn lb_status(svc: &Service, outcome: Result<&DsrService, &Refusal>) -> LbSta
                     g,
                 ),
             }];
+            let allocated = d.status.as_ref().and_then(|s| s.vip_allocated.clone());
             for t in MIRRORED {
-                if let Some(c) = find(t) {
+                let c = if t == crate::pool::VIP_ALLOCATED { allocated.as_ref() } else { find(t) };
+                if let Some(c) = c {
                     out.push(Condition {
                         type_: format!("kubedsr.io/{t}"),
                         observed_generation: g,

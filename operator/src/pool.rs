@@ -44,9 +44,9 @@ use tracing::{debug, info, warn};
 use crate::conflicts::{claims, conflicts_of, may_share_vip, sharing_key};
 use crate::error::Error;
 
-/// Field manager of `status.allocatedVips` and the `VipAllocated` condition.
+/// Field manager of `status.allocatedVips` and `status.vipAllocated`.
 pub const IPAM_MANAGER: &str = "dsr-operator-ipam";
-/// Condition the address manager owns on a DsrService.
+/// Type of the `status.vipAllocated` condition.
 pub const VIP_ALLOCATED: &str = "VipAllocated";
 
 const RESYNC: Duration = Duration::from_secs(300);
@@ -56,7 +56,7 @@ const RETRY: Duration = Duration::from_secs(5);
 /// main status writer compares its own result with.
 pub fn without_ipam_fields(mut status: DsrServiceStatus) -> DsrServiceStatus {
     status.allocated_vips.clear();
-    status.conditions.retain(|c| c.type_ != VIP_ALLOCATED);
+    status.vip_allocated = None;
     status
 }
 
@@ -370,9 +370,7 @@ impl Ctx {
 }
 
 fn has_ipam_fields(svc: &DsrService) -> bool {
-    svc.status.as_ref().is_some_and(|s| {
-        !s.allocated_vips.is_empty() || s.conditions.iter().any(|c| c.type_ == VIP_ALLOCATED)
-    })
+    svc.status.as_ref().is_some_and(|s| !s.allocated_vips.is_empty() || s.vip_allocated.is_some())
 }
 
 async fn reconcile_service(svc: Arc<DsrService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -426,7 +424,7 @@ async fn allocate(svc: &DsrService, ctx: &Ctx) -> Result<(), Error> {
     let p = plan(&me, &all, &pools, &ns_labels);
 
     let old = me.status.clone().unwrap_or_default();
-    let old_cond = old.conditions.iter().find(|c| c.type_ == VIP_ALLOCATED).cloned();
+    let old_cond = old.vip_allocated.clone();
     let mut conditions: Vec<Condition> = Vec::new();
     if me.spec.vips.is_empty() {
         let (ok, reason, message) = if p.shortages.is_empty() {
@@ -446,7 +444,7 @@ async fn allocate(svc: &DsrService, ctx: &Ctx) -> Result<(), Error> {
             observed_generation: me.metadata.generation,
             last_transition_time: Time(Timestamp::now()),
         });
-        keep_transition_times(&mut conditions, &old.conditions);
+        keep_transition_times(&mut conditions, old_cond.as_slice());
     }
     let unchanged = old.allocated_vips == p.allocated
         && match (&old_cond, conditions.first()) {
@@ -457,10 +455,14 @@ async fn allocate(svc: &DsrService, ctx: &Ctx) -> Result<(), Error> {
     if unchanged {
         return Ok(());
     }
+    let mut status = serde_json::json!({"allocatedVips": p.allocated});
+    if let Some(c) = conditions.first() {
+        status["vipAllocated"] = serde_json::json!(c);
+    }
     let body = serde_json::json!({
         "apiVersion": DsrService::api_version(&()),
         "kind": DsrService::kind(&()),
-        "status": {"allocatedVips": p.allocated, "conditions": conditions},
+        "status": status,
     });
     let api: Api<DsrService> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(&name, &PatchParams::apply(IPAM_MANAGER).force(), &Patch::Apply(&body))
@@ -743,6 +745,20 @@ mod tests {
         let all = [&first, &second];
         assert_eq!(addresses(&plan(&first, &all, &[&p], &BTreeMap::new())), ["192.0.2.64"]);
         assert_eq!(addresses(&plan(&second, &all, &[&p], &BTreeMap::new())), ["192.0.2.65"]);
+    }
+
+    #[test]
+    fn allocated_vips_make_a_valid_spec_for_everything_downstream() {
+        let mut s = with_allocation(service("s", &[], 100), "192.0.2.64", "p");
+        s.spec.ip_families = vec![IpFamily::IPv4];
+        assert!(kube_dsr_crds::validation::validate_spec(&s.spec).is_empty());
+        let e = s.with_effective_vips();
+        assert_eq!(e.spec.vips, vec!["192.0.2.64"]);
+        assert!(
+            kube_dsr_crds::validation::validate_spec(&e.spec).is_empty(),
+            "{:?}",
+            kube_dsr_crds::validation::validate_spec(&e.spec)
+        );
     }
 
     #[test]
