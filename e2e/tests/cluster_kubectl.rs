@@ -958,9 +958,15 @@ async fn fifty_services_two_replicas(c: &mut Cluster) -> Result<()> {
     })
     .await?;
     c.kill_operator(&leader);
+    // Everything the killed leader recorded (it writes nothing more).
+    let first = allocations(c)
+        .await?
+        .into_iter()
+        .chain(first)
+        .collect::<std::collections::BTreeMap<_, _>>();
     // The other half at once while there is no leader.
     create_all(25..50).await?;
-    eprintln!("leader {leader} killed after {} of 25 allocations were recorded", first.len());
+    eprintln!("leader {leader} killed after it recorded {} of 25 allocations", first.len());
     let all = cluster::wait_for("50 allocations", Duration::from_secs(90), || async {
         let a = allocations(c).await?;
         Ok((a.len() == 50).then_some(a))
