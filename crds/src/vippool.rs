@@ -16,6 +16,9 @@ use crate::messages;
 pub const MAX_BLOCKS: usize = 64;
 
 /// A pool of VIPs.
+// Several printer columns share a `type_`: that is not a duplicated
+// attribute, whatever the lint infers from the multi-line layout.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "kubedsr.io",

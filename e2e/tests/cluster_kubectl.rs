@@ -611,6 +611,9 @@ fn events_about(k: &Kubectl, name: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// A kubectl run off the async runtime.
+type KubectlCall = Box<dyn FnOnce(&Kubectl) -> Result<String> + Send>;
+
 /// One UDP request from the client namespace; the answer, if any.
 fn udp_ask(client: &str, to: std::net::SocketAddr) -> Result<Option<String>> {
     kube_dsr_e2e::netns::run_in(client, move || -> Result<Option<String>> {
@@ -672,7 +675,7 @@ async fn lb_services_with_kubectl(c: &mut Cluster) -> Result<()> {
     ))?;
     let url = format!("http://{ROUTER_LAN}:{API_PORT}");
     let k = std::sync::Arc::new(Kubectl::new(&kube_dsr_apiserver::kubeconfig(&url))?);
-    let kc = |f: Box<dyn FnOnce(&Kubectl) -> Result<String> + Send>| {
+    let kc = |f: KubectlCall| {
         let k = std::sync::Arc::clone(&k);
         tokio::task::spawn_blocking(move || f(&k))
     };

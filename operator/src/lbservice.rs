@@ -311,7 +311,7 @@ pub fn lb_status(svc: &Service, outcome: Result<&DsrService, &Refusal>) -> LbSta
                 }
             }
             let programmed = find(svc_conditions::PROGRAMMED).is_some_and(|c| c.status == "True")
-                && !find(svc_conditions::CONFLICT).is_some_and(|c| c.status == "True");
+                && find(svc_conditions::CONFLICT).is_none_or(|c| c.status != "True");
             let ingress = if programmed {
                 d.effective_vips().into_iter().map(str::to_string).collect()
             } else {
