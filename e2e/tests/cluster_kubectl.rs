@@ -781,6 +781,63 @@ async fn lb_services_with_kubectl(c: &mut Cluster) -> Result<()> {
         (Some("14"), Some("13"))
     );
 
+    // An edit to the owned DsrService is put back.
+    kc(Box::new(|k| {
+        k.ok(&[
+            "patch",
+            "dsrsvc",
+            "web-lb",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"hashing":{"tableSize":4093}}}"#,
+        ])
+    }))
+    .await??;
+    cluster::wait_for("the edit put back", Duration::from_secs(30), || async {
+        let d = get_json("get dsrsvc web-lb").await?;
+        Ok((d["spec"]["hashing"]["tableSize"] == 65537).then_some(()))
+    })
+    .await?;
+
+    // An exhausted pool: a condition on the pool and on the Service, and
+    // an event.
+    apply(
+        "apiVersion: kubedsr.io/v1alpha1\nkind: DsrVipPool\nmetadata: {name: tiny}\nspec:\n  addresses: [192.0.2.200/32]\n  autoAssign: false\n"
+            .to_string(),
+    )
+    .await??;
+    let tiny = "kubedsr.io/address-pool: tiny";
+    apply(lb_service("tiny-1", tiny, "[{port: 80}]", "")).await??;
+    apply(lb_service("tiny-2", tiny, "[{port: 80}]", "")).await??;
+    let short = cluster::wait_for("tiny-2 without an address", Duration::from_secs(30), || async {
+        let s = get_json("get svc tiny-2").await?;
+        let cond = s["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "kubedsr.io/VipAllocated" && c["status"] == "False")
+            .cloned();
+        Ok(cond)
+    })
+    .await?;
+    assert_eq!(short["reason"], "PoolExhausted", "{short}");
+    let first = get_json("get dsrsvc tiny-1").await?;
+    assert_eq!(first["status"]["allocatedVips"][0]["address"], "192.0.2.200");
+    cluster::wait_for("the pool's Exhausted condition", Duration::from_secs(20), || async {
+        let p = get_json("get dsrpool tiny").await?;
+        let exhausted = p["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Exhausted" && c["status"] == "True");
+        Ok(exhausted.then_some(()))
+    })
+    .await?;
+    let k2 = std::sync::Arc::clone(&k);
+    let events = tokio::task::spawn_blocking(move || events_about(&k2, "tiny-2")).await??;
+    assert!(events.iter().any(|e| e == "PoolExhausted"), "{events:?}");
+    kc(Box::new(|k| k.ok(&["delete", "svc", "tiny-1", "tiny-2"]))).await??;
+
     // 2. Port translation is refused: condition, event, nothing programmed.
     apply(lb_service("translate", "", "[{port: 80, targetPort: 8080}]", "")).await??;
     let refused = cluster::wait_for("translate refused", Duration::from_secs(30), || async {
