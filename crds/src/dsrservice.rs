@@ -51,6 +51,7 @@ pub const MAX_STATIC_BACKENDS: usize = 1024;
     doc = "A Direct Server Return load-balanced service: VIPs, ports, backends, ingress nodes.",
     validation = Rule::new("self.metadata.name.size() <= 63").message(messages::NAME_TOO_LONG),
     printcolumn(json_path = ".spec.vips", name = "VIPs", type_ = "string", description = "Virtual IP addresses"),
+    printcolumn(json_path = ".status.allocatedVips[*].address", name = "Allocated", type_ = "string", description = "Addresses taken from a DsrVipPool (when spec.vips is empty)"),
     printcolumn(json_path = ".status.summary.ports", name = "Ports", type_ = "string", description = "Ports and protocols"),
     printcolumn(json_path = ".status.summary.backends", name = "Backends", type_ = "string", description = "Ready/total backends"),
     printcolumn(json_path = ".status.conditions[?(@.type==\"Programmed\")].status", name = "Programmed", type_ = "string", description = "Whether the ingress nodes have programmed the service"),
@@ -58,6 +59,7 @@ pub const MAX_STATIC_BACKENDS: usize = 1024;
 )]
 #[x_kube(
     validation = Rule::new("has(self.selector) != has(self.backends)").message(messages::SELECTOR_XOR_BACKENDS),
+    validation = Rule::new("!has(self.ipFamilies) || self.ipFamilies.size() == 0 || !has(self.vips) || self.vips.size() == 0").message(messages::IP_FAMILIES_WITH_VIPS),
     validation = Rule::new("!has(self.backends) || self.backends.all(b, !isIP(b.address) || self.vips.exists(v, isIP(v) && ip(v).family() == ip(b.address).family()))").message(messages::BACKEND_FAMILY),
 )]
 #[serde(rename_all = "camelCase")]
@@ -65,7 +67,11 @@ pub struct DsrServiceSpec {
     /// Virtual IPs clients connect to: one address, or one IPv4 and one IPv6
     /// address for a dual-stack service. Canonical form (`192.0.2.10`,
     /// `2001:db8::10`); not unspecified, loopback, multicast or link-local.
-    #[schemars(length(min = 1, max = 2), inner(length(max = 39)))]
+    /// Empty: the operator takes one address per family of `ipFamilies`
+    /// from a `DsrVipPool` and records it in `status.allocatedVips` (the
+    /// spec stays as written, so GitOps tools see no drift).
+    #[serde(default)]
+    #[schemars(length(max = 2), inner(length(max = 39)))]
     #[x_kube(
         merge_strategy = ListMerge::Set,
         validation = Rule::new("self.all(v, isIP(v))").message(messages::VIP_INVALID),
@@ -77,6 +83,16 @@ pub struct DsrServiceSpec {
         validation = Rule::new("self.size() < 2 || !isIP(self[0]) || !isIP(self[1]) || ip(self[0]).family() != ip(self[1]).family()").message(messages::VIP_FAMILIES),
     )]
     pub vips: Vec<String>,
+
+    /// Families to take pool addresses for when `vips` is empty: `IPv4`,
+    /// `IPv6` or both (dual-stack). Absent: `[IPv4]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2))]
+    #[x_kube(
+        merge_strategy = ListMerge::Set,
+        validation = Rule::new("self.size() < 2 || self[0] != self[1]").message(messages::IP_FAMILIES_DUPLICATE),
+    )]
+    pub ip_families: Vec<IpFamily>,
 
     /// Ports served on every VIP. DSR delivers packets with the port the
     /// client used, so backends listen on these same ports (there is no
@@ -116,6 +132,23 @@ pub struct DsrServiceSpec {
     /// What the node agent configures inside backend pods.
     #[serde(default)]
     pub backend_setup: BackendSetup,
+}
+
+/// An IP address family.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    IPv4,
+    #[serde(rename = "IPv6")]
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(addr: &std::net::IpAddr) -> IpFamily {
+        if addr.is_ipv4() { IpFamily::IPv4 } else { IpFamily::IPv6 }
+    }
 }
 
 /// One port served on every VIP.
@@ -308,9 +341,35 @@ pub struct DsrServiceStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
     pub reach: Vec<NodeReach>,
 
+    /// Addresses taken from pools for a service whose `spec.vips` is
+    /// empty: the allocation's only record. Written by the operator's
+    /// address manager (field manager `dsr-operator-ipam`), never by the
+    /// status writer above, so neither removes the other's fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["address".into()]))]
+    pub allocated_vips: Vec<AllocatedVip>,
+
+    /// Whether every family that wants a pool address has one (type
+    /// `VipAllocated`; reasons `Allocated`, `NoPool`, `PoolExhausted`).
+    /// Absent when `spec.vips` is written. A field of its own rather than
+    /// an entry of `conditions`, so that each writer owns whole fields and
+    /// no list is shared between two of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_allocated: Option<Condition>,
+
     /// Human-readable summaries for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<StatusSummary>,
+}
+
+/// One address a pool gave to a service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocatedVip {
+    /// The address, canonical form.
+    pub address: String,
+    /// The `DsrVipPool` it was taken from.
+    pub pool: String,
 }
 
 /// Announcement state of one VIP.
@@ -384,6 +443,45 @@ pub mod conditions {
         pub const NO_BACKENDS: &str = "NoBackends";
         pub const PORT_CONFLICT: &str = "PortConflict";
         pub const NO_CONFLICT: &str = "NoConflict";
+    }
+}
+
+impl DsrService {
+    /// The VIPs this service is served on: `spec.vips` as written or, when
+    /// that is empty, the addresses its pool allocation recorded in status.
+    /// Every consumer (conflicts, backend sets, ingress plan, the agents)
+    /// reads VIPs through this, so an allocated address behaves exactly
+    /// like a written one.
+    pub fn effective_vips(&self) -> Vec<&str> {
+        if !self.spec.vips.is_empty() {
+            return self.spec.vips.iter().map(String::as_str).collect();
+        }
+        self.status
+            .iter()
+            .flat_map(|s| s.allocated_vips.iter().map(|a| a.address.as_str()))
+            .collect()
+    }
+
+    /// A copy whose `spec.vips` holds [`Self::effective_vips`], for the
+    /// functions that read a spec.
+    pub fn with_effective_vips(&self) -> DsrService {
+        let mut out = self.clone();
+        if out.spec.vips.is_empty() {
+            out.spec.vips = self.effective_vips().into_iter().map(str::to_string).collect();
+            // They chose the allocated VIPs and have no other meaning (the
+            // spec rules allow them only beside empty `vips`).
+            out.spec.ip_families.clear();
+        }
+        out
+    }
+
+    /// The families to take pool addresses for when `spec.vips` is empty.
+    pub fn wanted_families(&self) -> Vec<IpFamily> {
+        if self.spec.ip_families.is_empty() {
+            vec![IpFamily::IPv4]
+        } else {
+            self.spec.ip_families.clone()
+        }
     }
 }
 

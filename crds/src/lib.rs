@@ -10,10 +10,12 @@ pub mod error;
 pub mod messages;
 pub mod nodereport;
 pub mod validation;
+pub mod vippool;
 
 pub use dsrservice::{
-    Announcement, BackendSetup, DsrService, DsrServiceSpec, DsrServiceStatus, Hashing, Ingress,
-    NodeReach, Protocol, ServicePort, StaticBackend, StatusSummary, VipStatus,
+    AllocatedVip, Announcement, BackendSetup, DsrService, DsrServiceSpec, DsrServiceStatus,
+    Hashing, Ingress, IpFamily, NodeReach, Protocol, ServicePort, StaticBackend, StatusSummary,
+    VipStatus,
 };
 pub use error::Error;
 pub use nodereport::{
@@ -21,7 +23,21 @@ pub use nodereport::{
     UnreachedBackend,
 };
 
+pub use vippool::{DsrVipPool, DsrVipPoolSpec, DsrVipPoolStatus};
+
 use kube::CustomResourceExt;
+
+/// `spec.loadBalancerClass` of the Services kube-dsr serves.
+pub const LOAD_BALANCER_CLASS: &str = "kubedsr.io/dsr";
+/// Annotation: requested VIPs, comma-separated, at most one per family
+/// (on a `Service`; `spec.loadBalancerIP` is the deprecated fallback).
+pub const LOAD_BALANCER_IPS_ANNOTATION: &str = "kubedsr.io/loadBalancerIPs";
+/// Annotation: services with the same value may share a VIP when their
+/// ports do not collide (on a `Service` or a `DsrService`).
+pub const ALLOW_SHARED_IP_ANNOTATION: &str = "kubedsr.io/allow-shared-ip";
+/// Annotation: take the VIP from this `DsrVipPool` (even one with
+/// `autoAssign: false`).
+pub const ADDRESS_POOL_ANNOTATION: &str = "kubedsr.io/address-pool";
 
 /// API group of every kube-dsr resource.
 pub const GROUP: &str = "kubedsr.io";
@@ -31,16 +47,18 @@ pub const GROUP: &str = "kubedsr.io";
 pub enum Crd {
     DsrService,
     DsrNodeReport,
+    DsrVipPool,
 }
 
 impl Crd {
-    pub const ALL: [Crd; 2] = [Crd::DsrService, Crd::DsrNodeReport];
+    pub const ALL: [Crd; 3] = [Crd::DsrService, Crd::DsrNodeReport, Crd::DsrVipPool];
 
     /// File name under `crds/`.
     pub fn file_name(self) -> &'static str {
         match self {
             Crd::DsrService => "dsrservice.yaml",
             Crd::DsrNodeReport => "dsrnodereport.yaml",
+            Crd::DsrVipPool => "dsrvippool.yaml",
         }
     }
 
@@ -49,6 +67,7 @@ impl Crd {
         let crd = match self {
             Crd::DsrService => DsrService::crd(),
             Crd::DsrNodeReport => DsrNodeReport::crd(),
+            Crd::DsrVipPool => DsrVipPool::crd(),
         };
         let body = serde_yaml::to_string(&crd)
             .map_err(|source| Error::Yaml { file: self.file_name(), source })?;

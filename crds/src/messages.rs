@@ -23,3 +23,7 @@ pub const BACKEND_NOT_UNICAST: &str = "backend address must be a unicast address
 pub const INTERFACE_INVALID: &str =
     "interface must be a Linux interface name: at most 15 characters, no '/', ':' or whitespace";
 pub const TABLE_SIZE: &str = "tableSize must be one of 251, 1021, 4093, 16381, 32749, 65537 (the prime table sizes the dataplane supports)";
+pub const IP_FAMILIES_DUPLICATE: &str = "ipFamilies lists each family at most once";
+pub const IP_FAMILIES_WITH_VIPS: &str =
+    "ipFamilies is for pool allocation: set it only when vips is empty";
+pub const POOL_ADDRESS_INVALID: &str = "each address must be a CIDR (192.0.2.0/24, 2001:db8::/120), a single address, or a range first-last of one family";

@@ -85,7 +85,7 @@ fn is_multicast_or_broadcast(addr: &IpAddr) -> bool {
 }
 
 /// Problems with one address used as a VIP, in rule order.
-fn vip_errors(s: &str) -> Vec<&'static str> {
+pub fn vip_errors(s: &str) -> Vec<&'static str> {
     let Some(addr) = parse_ip(s) else {
         return vec![messages::VIP_INVALID];
     };
@@ -158,8 +158,15 @@ pub fn validate_spec(spec: &DsrServiceSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
 
     // VIPs
-    if spec.vips.is_empty() || spec.vips.len() > 2 {
-        errs.push(FieldError::new("spec.vips", "must have 1 or 2 items"));
+    // Empty VIPs ask for pool addresses.
+    if spec.vips.len() > 2 {
+        errs.push(FieldError::new("spec.vips", "must have at most 2 items"));
+    }
+    if spec.ip_families.len() > 1 && spec.ip_families[0] == spec.ip_families[1] {
+        errs.push(FieldError::new("spec.ipFamilies", messages::IP_FAMILIES_DUPLICATE));
+    }
+    if !spec.ip_families.is_empty() && !spec.vips.is_empty() {
+        errs.push(FieldError::new("spec", messages::IP_FAMILIES_WITH_VIPS));
     }
     let mut seen = BTreeSet::new();
     for vip in &spec.vips {
@@ -275,6 +282,7 @@ mod tests {
     fn spec(vips: &[&str]) -> DsrServiceSpec {
         DsrServiceSpec {
             vips: vips.iter().map(|s| s.to_string()).collect(),
+            ip_families: Vec::new(),
             ports: vec![ServicePort { name: None, port: 80, protocol: Protocol::Tcp }],
             selector: Some(BTreeMap::from([("app".into(), "web".into())])),
             backends: None,
@@ -328,7 +336,7 @@ mod tests {
             messages_of(&spec(&["192.0.2.10", "192.0.2.11"])),
             vec![messages::VIP_FAMILIES.to_string()]
         );
-        assert!(!validate_spec(&spec(&[])).is_empty());
+        assert!(validate_spec(&spec(&[])).is_empty(), "empty VIPs ask for pool addresses");
         assert!(!validate_spec(&spec(&["192.0.2.1", "2001:db8::1", "192.0.2.2"])).is_empty());
     }
 

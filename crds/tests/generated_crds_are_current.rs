@@ -30,7 +30,7 @@ fn dsrservice_crd_is_structural_with_rules_and_columns() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["VIPs", "Ports", "Backends", "Programmed", "Age"]);
+    assert_eq!(columns, ["VIPs", "Allocated", "Ports", "Backends", "Programmed", "Age"]);
     let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
     assert!(spec["properties"]["ports"]["items"]["properties"].get("targetPort").is_none());
     assert!(spec["x-kubernetes-validations"].as_array().unwrap().len() >= 2);

@@ -6,8 +6,8 @@
 //! must fail with the message the user will see; each manifest is also run
 //! through the Rust validation, which must agree.
 
-use kube_dsr_crds::DsrService;
 use kube_dsr_crds::validation::{validate_name, validate_spec};
+use kube_dsr_crds::{DsrService, messages};
 use serde_json::Value;
 
 use kube_dsr_apiserver::schema as apiserver;
@@ -142,10 +142,28 @@ fn table() -> Vec<(&'static str, String, String, Option<&'static str>)> {
             Some("should have at least 1 items"),
         ),
         (
-            "no vips",
+            "no vips: a pool address is asked for",
             n("web"),
             n("vips: []\nports: [{port: 80}]\nselector: {app: web}"),
-            Some("should have at least 1 items"),
+            None,
+        ),
+        (
+            "pool families, dual-stack",
+            n("web"),
+            n("ipFamilies: [IPv6, IPv4]\nports: [{port: 80}]\nselector: {app: web}"),
+            None,
+        ),
+        (
+            "pool families next to written vips",
+            n("web"),
+            n("vips: [192.0.2.10]\nipFamilies: [IPv4]\nports: [{port: 80}]\nselector: {app: web}"),
+            Some(messages::IP_FAMILIES_WITH_VIPS),
+        ),
+        (
+            "a pool family twice",
+            n("web"),
+            n("ipFamilies: [IPv4, IPv4]\nports: [{port: 80}]\nselector: {app: web}"),
+            Some(messages::IP_FAMILIES_DUPLICATE),
         ),
         (
             "three vips",
@@ -156,10 +174,10 @@ fn table() -> Vec<(&'static str, String, String, Option<&'static str>)> {
             Some("must have at most 2 items"),
         ),
         (
-            "vips missing",
+            "vips missing: a pool address is asked for",
             n("web"),
             n("ports: [{port: 80}]\nselector: {app: web}"),
-            Some("spec.vips: Required value"),
+            None,
         ),
         (
             "announcement BGP",

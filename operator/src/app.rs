@@ -36,6 +36,26 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// `None` runs without leader election (a single replica, or development).
     pub lease: Option<LeaseConfig>,
+    /// Serve class-less LoadBalancer Services too.
+    pub default_class: bool,
+}
+
+/// Everything that runs only while leading, until `stop` resolves: the
+/// DsrService controller, the address manager (pools) and the Service
+/// controller.
+async fn controllers(
+    client: Client,
+    metrics: Arc<Metrics>,
+    default_class: bool,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::FutureExt;
+    let stop = stop.shared();
+    tokio::join!(
+        controller::run(client.clone(), metrics, stop.clone()),
+        crate::pool::run(client.clone(), stop.clone()),
+        crate::lbservice::run(client, default_class, stop),
+    );
 }
 
 /// Runs the operator until SIGTERM (`Ok`) or until the lease is lost
@@ -89,7 +109,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 leader_rx,
                 shutdown.receiver(),
                 move |is| m.set_leader(is),
-                |stop| controller::run(client.clone(), Arc::clone(&metrics), stop),
+                |stop| {
+                    controllers(client.clone(), Arc::clone(&metrics), config.default_class, stop)
+                },
             )
             .await;
             // `lead` dropped the receiver, so the guard ended and dropped
@@ -104,7 +126,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         None => {
             metrics.set_leader(true);
-            controller::run(client, Arc::clone(&metrics), shutdown.requested()).await;
+            controllers(client, Arc::clone(&metrics), config.default_class, shutdown.requested())
+                .await;
             Outcome::Shutdown
         }
     };

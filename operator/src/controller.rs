@@ -92,6 +92,10 @@ pub fn error_policy(svc: Arc<DsrService>, error: &Error, ctx: Arc<Context>) -> A
 }
 
 async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
+    // From here on an address a pool gave the service is a VIP like any
+    // written one (`spec.vips` empty: status.allocatedVips).
+    let effective = svc.with_effective_vips();
+    let svc = &effective;
     let namespace = svc
         .namespace()
         .ok_or(Error::MissingField { kind: "DsrService", field: "metadata.namespace" })?;
@@ -174,7 +178,8 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
         reports: &reports,
     };
     let status = desired_status(&obs, svc.status.as_ref(), &now());
-    if svc.status.as_ref() != Some(&status) {
+    // The address manager's fields are not this writer's to compare.
+    if svc.status.clone().map(crate::pool::without_ipam_fields).as_ref() != Some(&status) {
         let api: Api<DsrService> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = serde_json::json!({
             "apiVersion": DsrService::api_version(&()),

@@ -15,8 +15,10 @@ pub mod conflicts;
 pub mod controller;
 pub mod error;
 pub mod ingress;
+pub mod lbservice;
 pub mod leader;
 pub mod metrics;
+pub mod pool;
 pub mod slices;
 pub mod status;
 

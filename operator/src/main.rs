@@ -37,6 +37,10 @@ struct Args {
     /// Seconds before expiry at which the leader renews.
     #[arg(long, default_value_t = 5)]
     lease_grace: u64,
+    /// Also serve LoadBalancer Services without `spec.loadBalancerClass`
+    /// (kube-dsr as the cluster's default load balancer).
+    #[arg(long, env = "DSR_DEFAULT_LOAD_BALANCER_CLASS")]
+    default_load_balancer_class: bool,
 }
 
 #[tokio::main]
@@ -54,5 +58,8 @@ async fn main() -> anyhow::Result<()> {
         duration: args.lease_duration,
         grace: args.lease_grace,
     });
-    app::run(Config { http_addr: args.http_addr, lease }).await.context("dsr-operator failed")
+    let default_class = args.default_load_balancer_class;
+    app::run(Config { http_addr: args.http_addr, lease, default_class })
+        .await
+        .context("dsr-operator failed")
 }

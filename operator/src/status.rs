@@ -297,6 +297,9 @@ pub fn desired_status(
         ingress_nodes: if active { obs.plan.nodes.clone() } else { Vec::new() },
         vips: vip_status,
         reach,
+        // The address manager's fields, never part of this writer's apply.
+        allocated_vips: Vec::new(),
+        vip_allocated: None,
         summary: Some(StatusSummary {
             ports: ports_summary(obs.spec),
             backends: format!("{}/{}", counts.ready, counts.total),

@@ -23,6 +23,7 @@ pub fn service(name: &str, vips: &[&str], created: i64) -> DsrService {
         name,
         DsrServiceSpec {
             vips: vips.iter().map(|v| v.to_string()).collect(),
+            ip_families: Vec::new(),
             ports: vec![ServicePort { name: None, port: 80, protocol: Protocol::Tcp }],
             selector: Some(BTreeMap::from([("app".into(), "web".into())])),
             backends: None,

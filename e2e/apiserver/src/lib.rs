@@ -20,6 +20,7 @@ mod proto;
 pub mod resources;
 pub mod schema;
 pub mod selector;
+pub mod service;
 pub mod store;
 pub mod table;
 mod util;

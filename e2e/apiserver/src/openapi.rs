@@ -50,6 +50,7 @@ fn builtin_schemas() -> Map<String, Value> {
     generator.subschema_for::<core::v1::Namespace>();
     generator.subschema_for::<core::v1::Node>();
     generator.subschema_for::<core::v1::Pod>();
+    generator.subschema_for::<core::v1::Service>();
     generator.subschema_for::<core::v1::Event>();
     generator.subschema_for::<core::v1::ConfigMap>();
     generator.subschema_for::<events::v1::Event>();

@@ -76,6 +76,7 @@ const fn r(
 
 pub const DSRSERVICE_CRD: &str = include_str!("../../../crds/dsrservice.yaml");
 pub const DSRNODEREPORT_CRD: &str = include_str!("../../../crds/dsrnodereport.yaml");
+pub const DSRVIPPOOL_CRD: &str = include_str!("../../../crds/dsrvippool.yaml");
 
 pub static RESOURCES: &[Resource] = &[
     // Short names and categories as the apiserver's discovery gives them.
@@ -88,6 +89,11 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["po"],
         categories: &["all"],
         ..r("", "v1", "pods", "pod", "Pod", true, true)
+    },
+    Resource {
+        short_names: &["svc"],
+        categories: &["all"],
+        ..r("", "v1", "services", "service", "Service", true, true)
     },
     Resource { short_names: &["ev"], ..r("", "v1", "events", "event", "Event", true, false) },
     Resource {
@@ -119,6 +125,12 @@ pub static RESOURCES: &[Resource] = &[
             false,
             false,
         )
+    },
+    Resource {
+        short_names: &["dsrpool"],
+        categories: &["kubedsr"],
+        crd: Some(DSRVIPPOOL_CRD),
+        ..r("kubedsr.io", "v1alpha1", "dsrvippools", "dsrvippool", "DsrVipPool", false, true)
     },
 ];
 

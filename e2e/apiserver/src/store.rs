@@ -314,6 +314,9 @@ impl Store {
     /// unknown fields: what the apiserver does while decoding a custom
     /// resource, before it compares or validates anything.
     fn normalize(&mut self, res: &Resource, obj: &mut Value, opts: &WriteOpts) -> Result<()> {
+        if crate::service::is_service(res) {
+            self.service_defaults(res, obj);
+        }
         let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
         schema::apply_defaults(schema, obj);
         let unknown: Vec<String> = schema::validate(schema, obj)
@@ -340,9 +343,12 @@ impl Store {
 
     /// Schema and CEL validation (with `old` for transition rules).
     fn check(&self, res: &Resource, obj: &Value, old: Option<&Value>) -> Result<()> {
-        let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
+        let errs = match &self.schemas[Self::index(res)] {
+            Some(schema) => schema::field_errors(schema, obj, old),
+            None if crate::service::is_service(res) => crate::service::validate(obj, old),
+            None => return Ok(()),
+        };
         let name = meta_str(obj, "name").unwrap_or("").to_string();
-        let errs = schema::field_errors(schema, obj, old);
         if errs.is_empty() {
             return Ok(());
         }
@@ -365,6 +371,28 @@ impl Store {
         e.details =
             Some(json!({"name": name, "group": res.group, "kind": res.kind, "causes": causes}));
         Err(e)
+    }
+
+    /// Service defaults, with the cluster IPs and node ports every other
+    /// Service holds.
+    fn service_defaults(&self, res: &Resource, obj: &mut Value) {
+        let (ns, name) =
+            (meta_str(obj, "namespace").unwrap_or(""), meta_str(obj, "name").unwrap_or(""));
+        let me = (Self::index(res), ns.to_string(), name.to_string());
+        let mut ips = BTreeSet::new();
+        let mut ports = BTreeSet::new();
+        for (k, s) in self.objects.range((me.0, String::new(), String::new())..) {
+            if k.0 != me.0 {
+                break;
+            }
+            if *k == me {
+                continue;
+            }
+            let (ip, np) = crate::service::allocations(&s.obj);
+            ips.extend(ip);
+            ports.extend(np);
+        }
+        crate::service::defaults(obj, &ips, &ports);
     }
 
     fn check_namespace(res: &Resource, ns: &str, obj: &mut Value) -> Result<()> {

@@ -261,6 +261,81 @@ fn builtin_table(res: &Resource, objs: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>
                 vec![o["metadata"]["name"].clone(), json!(phase), created(o)]
             }),
         ),
+        ("", "services") => (
+            vec![
+                name,
+                column("Type", "string", "", 0, "The type of the service"),
+                column("Cluster-IP", "string", "", 0, "The cluster IP of the service"),
+                column("External-IP", "string", "", 0, "The external IP of the service"),
+                column("Port(s)", "string", "", 0, "The ports of the service"),
+                age_col,
+                column("Selector", "string", "", 1, "The selector of the service"),
+            ],
+            Box::new(move |o| {
+                let spec = &o["spec"];
+                let ty = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
+                let external: Vec<String> = spec["externalIPs"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                // As kubectl's service printer: load-balancer ingress
+                // addresses (or hostnames), then external IPs; a
+                // LoadBalancer without any is <pending>.
+                let external_ip = if ty == "LoadBalancer" {
+                    let mut lb: Vec<String> = o["status"]["loadBalancer"]["ingress"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|i| i["ip"].as_str().or(i["hostname"].as_str()))
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let mut joined = lb.join(",");
+                    if joined.len() > 16 {
+                        joined = format!("{}...", &joined[..13]);
+                    }
+                    lb = if joined.is_empty() { Vec::new() } else { vec![joined] };
+                    lb.extend(external);
+                    if lb.is_empty() { "<pending>".to_string() } else { lb.join(",") }
+                } else if external.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    external.join(",")
+                };
+                let ports: Vec<String> = spec["ports"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter()
+                            .map(|p| {
+                                let proto = p["protocol"].as_str().unwrap_or("TCP");
+                                match p["nodePort"].as_i64() {
+                                    Some(np) if np != 0 => format!("{}:{np}/{proto}", p["port"]),
+                                    _ => format!("{}/{proto}", p["port"]),
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let selector: Vec<String> = spec["selector"]
+                    .as_object()
+                    .map(|m| m.iter().map(|(k, v)| format!("{k}={}", str_of(v))).collect())
+                    .unwrap_or_default();
+                vec![
+                    o["metadata"]["name"].clone(),
+                    json!(ty),
+                    json!(none_if_empty(str_of(&spec["clusterIP"]))),
+                    json!(external_ip),
+                    json!(if ports.is_empty() { "<none>".to_string() } else { ports.join(",") }),
+                    created(o),
+                    json!(if selector.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        selector.join(",")
+                    }),
+                ]
+            }),
+        ),
         ("", "nodes") => (
             vec![
                 name,

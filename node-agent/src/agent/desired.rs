@@ -228,7 +228,8 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
             .collect();
         let mut vips = Vec::new();
         let mut node_vips = Vec::new();
-        for vip in svc.spec.vips.iter().filter_map(|v| parse_ip(v)) {
+        // Written VIPs, or the addresses a pool gave (status.allocatedVips).
+        for vip in svc.effective_vips().into_iter().filter_map(parse_ip) {
             let family = Family::of(&vip);
             let of_family: Vec<&&EndpointSlice> =
                 own.iter().filter(|s| family_of_slice(s) == Some(family)).collect();
