@@ -562,9 +562,15 @@ impl Cluster {
     /// on the router's segment interface per sending node (by source MAC).
     /// Read them with [`Cluster::replies`].
     pub fn count_replies(&self) -> Result<()> {
+        self.count_replies_from(&[VIP.into(), VIP6.into()])
+    }
+
+    /// [`Cluster::count_replies`] for other VIPs (a pool's addresses).
+    pub fn count_replies_from(&self, vips: &[std::net::IpAddr]) -> Result<()> {
         for n in &self.n.nodes {
             let mac = sh(&format!("ip netns exec {} cat /sys/class/net/eth0/address", n.ns))?;
-            for (fam, vip) in [("iptables", VIP.to_string()), ("ip6tables", VIP6.to_string())] {
+            for vip in vips {
+                let fam = if vip.is_ipv4() { "iptables" } else { "ip6tables" };
                 sh(&format!(
                     "ip netns exec {ns} {fam} -t raw -A PREROUTING -i eth0 -s {vip} \
                      -m comment --comment kdsr-seen && \
