@@ -73,6 +73,8 @@ pub struct Config {
     /// Where the node stage attaches; `None`: the interface holding the
     /// node's InternalIP, else the one facing the other nodes.
     pub node_interface: Option<String>,
+    /// Capacity of each dataplane's maps.
+    pub capacity: crate::dataplane::Capacity,
 }
 
 /// Resolves once `rx` turns true (or its sender is gone).
@@ -248,6 +250,7 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
         node_name: cfg.node_name.clone(),
         node_interface: cfg.node_interface.clone(),
         known_pods,
+        capacity: cfg.capacity,
     };
     let wmetrics = Arc::clone(&metrics);
     let worker = std::thread::Builder::new()

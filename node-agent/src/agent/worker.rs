@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     /// so that what was added to them is removed if they are no longer
     /// backends.
     pub known_pods: BTreeSet<String>,
+    /// Capacity of each dataplane's maps.
+    pub capacity: crate::dataplane::Capacity,
 }
 
 /// What one round achieved: the material of the node report.
@@ -119,6 +121,7 @@ impl Worker {
             let mut cfg = DpConfig::new(ifname);
             cfg.pin_dir = self.cfg.bpffs_dir.join(ifname);
             cfg.attach = self.cfg.attach;
+            cfg.capacity = self.cfg.capacity;
             let dp = Dataplane::open(&cfg)?;
             info!(interface = %ifname, start = ?dp.start(), mode = dp.attached().as_str(), "dataplane open");
             self.metrics.set_attached(ifname, dp.attached());
