@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use kube_dsr_crds::nodereport::{
-    BackendReport, Delivery, IngressReport, MAX_UNREACHED, ReachCounts, UnreachedBackend,
+    BackendReport, Delivery, IngressErrorReason, IngressReport, MAX_UNREACHED, ReachCounts,
+    UnreachedBackend,
 };
 use sha2::{Digest, Sha256};
 
 use crate::dataplane::{BackendSpec, Egress, Reach, ServiceSpec, Stage};
 use crate::neigh::{Iface, Lookup, Route};
 
+use super::backoff::Failure;
 use super::desired::{Desired, IngressService, SvcKey};
 
 /// The dataplane's name for one VIP of a service: `<ns>/<name>/<v4|v6>`, or
@@ -563,9 +565,10 @@ pub fn diff(
     }
     for (ifname, specs) in wanted {
         let c = out.entry(ifname.clone()).or_default();
-        let held = held.get(ifname);
+        let held: BTreeMap<&str, &ServiceSpec> =
+            held.get(ifname).into_iter().flatten().map(|h| (h.name.as_str(), h)).collect();
         for spec in specs {
-            match held.and_then(|h| h.iter().find(|h| h.name == spec.name)) {
+            match held.get(spec.name.as_str()) {
                 Some(h) if same_spec(h, spec) => c.unchanged.push(spec.name.clone()),
                 _ => c.upsert.push(spec.clone()),
             }
@@ -611,7 +614,7 @@ pub fn round_plan(services: BTreeMap<SvcKey, ServicePlan>, node: &NodeStagePlan)
 pub fn ingress_reports(
     d: &Desired,
     plan: &RoundPlan,
-    programmed: &BTreeMap<String, Result<usize, String>>,
+    programmed: &BTreeMap<String, Result<usize, Failure>>,
 ) -> Vec<IngressReport> {
     let mut out = Vec::new();
     for s in &d.ingress {
@@ -623,19 +626,24 @@ pub fn ingress_reports(
             announced_vips: Vec::new(),
             backends: 0,
             error: None,
+            error_reason: None,
             reach: ReachCounts::default(),
             unreached: Vec::new(),
         };
         match plan.services.get(&s.key) {
             None => {}
             Some(ServicePlan::NoInterface) => {
+                report.error_reason = Some(IngressErrorReason::NoInterface);
                 report.error = Some(
                     "no backends yet, and no route toward the VIP to choose an interface \
                      (set spec.ingress.interface to program it before backends exist)"
                         .into(),
                 );
             }
-            Some(ServicePlan::Keep(e)) => report.error = Some(e.clone()),
+            Some(ServicePlan::Keep(e)) => {
+                report.error_reason = Some(IngressErrorReason::ProgrammingFailed);
+                report.error = Some(e.clone());
+            }
             Some(ServicePlan::Program { specs, unreached, reach, .. }) => {
                 if !unreached.is_empty() {
                     let reasons: Vec<String> = unreached
@@ -659,9 +667,10 @@ pub fn ingress_reports(
                             report.backends += i32::try_from(*n).unwrap_or(i32::MAX);
                             report.programmed_vips.push(spec.vip.to_string());
                         }
-                        Some(Err(e)) => {
+                        Some(Err(f)) => {
                             all_ok = false;
-                            report.error = Some(e.clone());
+                            report.error = Some(f.message.clone());
+                            report.error_reason = Some(f.reason);
                         }
                         None => all_ok = false,
                     }
@@ -696,7 +705,7 @@ pub fn backend_reports(
     d: &Desired,
     facts: &BTreeMap<String, PodFacts>,
     node: &NodeStagePlan,
-    programmed: &BTreeMap<String, Result<usize, String>>,
+    programmed: &BTreeMap<String, Result<usize, Failure>>,
     replies: &BTreeMap<u32, Result<(), String>>,
 ) -> Vec<BackendReport> {
     let mut out = Vec::new();
@@ -731,7 +740,9 @@ pub fn backend_reports(
                         let name = node_stage_name(&svc.key, v.vip);
                         match (programmed.get(&name), replies.get(&host.index)) {
                             (Some(Ok(_)), Some(Ok(()))) => r.delivered_vips.push(vip),
-                            (Some(Err(e)), _) => errors.push(format!("{vip}: node stage: {e}")),
+                            (Some(Err(e)), _) => {
+                                errors.push(format!("{vip}: node stage: {}", e.message))
+                            }
                             (_, Some(Err(e))) => {
                                 errors.push(format!("{vip}: reply program on {host}: {e}"))
                             }
@@ -1303,7 +1314,11 @@ mod tests {
         assert_eq!(by["e"].delivered_vips, ["192.0.2.10"]);
         assert_eq!(by["e"].delivery, Some(Delivery::Segment));
         // A failed node-stage upsert delivers nothing.
-        let failed = BTreeMap::from([(spec.name.clone(), Err("VIP table full".to_string()))]);
+        let full = Failure {
+            message: "VIP table full".into(),
+            reason: IngressErrorReason::CapacityExceeded,
+        };
+        let failed = BTreeMap::from([(spec.name.clone(), Err(full))]);
         let r = backend_reports(&d, &facts, &p, &failed, &replies);
         assert!(r[0].delivered_vips.is_empty());
         assert_eq!(r[0].delivery_error.as_deref(), Some("192.0.2.10: node stage: VIP table full"));
@@ -1427,7 +1442,13 @@ mod tests {
         assert_eq!(plan.keep, BTreeSet::from(names_of(&key("c"))));
         let programmed = BTreeMap::from([
             (spec_a.name.clone(), Ok(1)),
-            (spec_d.name.clone(), Err("VIP table full".to_string())),
+            (
+                spec_d.name.clone(),
+                Err(Failure {
+                    message: "VIP table full".into(),
+                    reason: IngressErrorReason::CapacityExceeded,
+                }),
+            ),
         ]);
         let r = ingress_reports(&d, &plan, &programmed);
         assert_eq!(r.len(), 4);
@@ -1439,5 +1460,9 @@ mod tests {
         assert_eq!(r[2].error.as_deref(), Some("route lookup failed"));
         assert_eq!(r[3].observed_generation, 0, "a failed upsert is not observed");
         assert_eq!(r[3].error.as_deref(), Some("VIP table full"));
+        assert_eq!(r[3].error_reason, Some(IngressErrorReason::CapacityExceeded));
+        assert_eq!(r[0].error_reason, None, "programmed, though some backends are unreached");
+        assert_eq!(r[1].error_reason, Some(IngressErrorReason::NoInterface));
+        assert_eq!(r[2].error_reason, Some(IngressErrorReason::ProgrammingFailed));
     }
 }
