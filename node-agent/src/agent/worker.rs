@@ -572,6 +572,9 @@ impl Worker {
     pub fn round(&mut self, d: &Desired, periodic: bool) -> Option<Outcome> {
         let started = Instant::now();
         let mut out = Outcome::default();
+        if let Ok(r) = self.resolver() {
+            r.begin_round();
+        }
         let (facts, links) = self.pods(d);
         let node_iface = self.node_interface(d);
         let local = self.observe_local(d, node_iface.as_ref(), &links, periodic);
