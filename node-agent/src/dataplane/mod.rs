@@ -227,6 +227,9 @@ struct Installed {
     changed_at: Instant,
     /// The connection table may hold pins of this service (`VIP_PINS`).
     pins: bool,
+    /// This process wrote (or compared) the current table for `spec`, so
+    /// the same spec needs no new table.
+    verified: bool,
 }
 
 impl Installed {
@@ -638,7 +641,10 @@ impl Dataplane {
         // its table size: the current table and the previous one (or a
         // spare). A change while the previous table is still kept takes a
         // third row when one is free, else it gives the previous table up.
-        let table = spec.table(&ids)?;
+        // The same spec as last written gives the same table: no need to
+        // build it (after a restart the table is built and compared once).
+        let same_spec = old.is_some_and(|o| o.verified && o.spec == *spec);
+        let table = if same_spec { None } else { spec.table(&ids)? };
         let size = spec.table_size;
         let mut rows: Vec<Row> = old.map(|o| o.rows.clone()).unwrap_or_default();
         let of_size = rows.iter().filter(|r| r.size == size).count();
@@ -655,13 +661,14 @@ impl Dataplane {
             rows.extend(got);
         }
         let (old_current, old_previous) = old.map_or((None, None), |o| (o.current, o.previous));
-        let unchanged = old.is_some_and(|o| match (&table, o.current) {
-            (Some(t), Some(cur)) => {
-                cur.size == size && self.maps.read_ring(cur).is_ok_and(|r| r == *t)
-            }
-            (None, None) => true,
-            _ => false,
-        });
+        let unchanged = same_spec
+            || old.is_some_and(|o| match (&table, o.current) {
+                (Some(t), Some(cur)) => {
+                    cur.size == size && self.maps.read_ring(cur).is_ok_and(|r| r == *t)
+                }
+                (None, None) => true,
+                _ => false,
+            });
         let mut give_up_previous = false;
         let target = if unchanged || table.is_none() {
             None
@@ -714,6 +721,7 @@ impl Dataplane {
                 rows: Vec::new(),
                 changed_at: Instant::now(),
                 pins: false,
+                verified: false,
             };
             self.maps.set_service(svc_id, &claim.slot())?;
             self.maps.reset_vip_stats(svc_id)?;
@@ -743,7 +751,7 @@ impl Dataplane {
         let installed = match old {
             Some(o) if unchanged => {
                 let pins = o.pins || spec.pin_all_flows;
-                Installed { spec: spec.clone(), ids, gens, rows, pins, ..o.clone() }
+                Installed { spec: spec.clone(), ids, gens, rows, pins, verified: true, ..o.clone() }
             }
             _ => {
                 if give_up_previous && let Some(o) = old {
@@ -774,6 +782,7 @@ impl Dataplane {
                     rows,
                     changed_at: Instant::now(),
                     pins,
+                    verified: true,
                 }
             }
         };
@@ -1320,6 +1329,7 @@ fn read_back(
                 rows: Vec::new(),
                 changed_at: Instant::now(),
                 pins: false,
+                verified: false,
             },
         );
     }
@@ -1401,6 +1411,20 @@ fn read_back(
             }
         }
         out.insert(s.spec.name.clone(), s);
+    }
+    // Only once every row in use is known: each service gets its spare
+    // back, so a change never waits for ring memory after a restart either.
+    for s in out.values_mut() {
+        let size = s.spec.table_size;
+        let missing = 2usize.saturating_sub(s.rows.iter().filter(|r| r.size == size).count());
+        match rings.alloc(size, missing) {
+            Some(spare) => s.rows.extend(spare),
+            None => warn!(
+                service = %s.spec.name,
+                "no ring room for the service's spare table: a change of its table waits \
+                 for room (refused with RingsFull meanwhile; it keeps forwarding)"
+            ),
+        }
     }
     Ok(out)
 }
