@@ -295,7 +295,7 @@ pub fn plan_node_stage(d: &Desired, node_iface: Option<&Iface>, obs: &LocalObs) 
                     name: node_stage_name(&svc.key, v.vip),
                     vip: v.vip,
                     ports,
-                    table_size: svc.table_size,
+                    table_size: node_stage_table_size(svc.table_size, v.pods.len()),
                     backends,
                     pin_all_flows: false,
                     stage: Stage::Node,
@@ -304,6 +304,17 @@ pub fn plan_node_stage(d: &Desired, node_iface: Option<&Iface>, obs: &LocalObs) 
         }
     }
     out
+}
+
+/// The Maglev table size of a node stage with `pods` local pods: at least
+/// 100 slots per pod (shares within about 1 %), never above the service's
+/// own size. Only this node reads it, so it need not match other nodes'; a
+/// node hosting pods of a thousand services keeps a thousand small tables
+/// (2 KiB each for a pod or two), not a thousand of the ingress size.
+pub fn node_stage_table_size(service: u32, pods: usize) -> u32 {
+    let want = 100 * pods.max(1);
+    let fits = crate::maglev::TABLE_SIZES.iter().copied().find(|m| *m as usize >= want);
+    fits.unwrap_or(u32::MAX).min(service)
 }
 
 /// What an ingress service's plan looks at besides its own backends.
@@ -1322,6 +1333,18 @@ mod tests {
         let r = backend_reports(&d, &facts, &p, &failed, &replies);
         assert!(r[0].delivered_vips.is_empty());
         assert_eq!(r[0].delivery_error.as_deref(), Some("192.0.2.10: node stage: VIP table full"));
+    }
+
+    #[test]
+    fn a_node_stage_table_grows_with_its_pods_up_to_the_service_size() {
+        assert_eq!(node_stage_table_size(65537, 1), 251);
+        assert_eq!(node_stage_table_size(65537, 2), 251);
+        assert_eq!(node_stage_table_size(65537, 3), 1021);
+        assert_eq!(node_stage_table_size(65537, 40), 4093);
+        assert_eq!(node_stage_table_size(65537, 41), 16381);
+        assert_eq!(node_stage_table_size(65537, 5000), 65537);
+        assert_eq!(node_stage_table_size(1021, 50), 1021, "never above the service's");
+        assert_eq!(node_stage_table_size(251, 0), 251);
     }
 
     #[test]
