@@ -763,16 +763,14 @@ impl Worker {
                         bytes: t.bytes,
                     });
                 }
-                for b in &spec.backends {
-                    if let Ok(t) = dp.backend_traffic(&spec.name, b.addr) {
-                        samples.push(TrafficSample {
-                            service: spec.name.clone(),
-                            vip: spec.vip.to_string(),
-                            backend: Some(b.addr.to_string()),
-                            packets: t.packets,
-                            bytes: t.bytes,
-                        });
-                    }
+                for (addr, t) in dp.backends_traffic(&spec.name).unwrap_or_default() {
+                    samples.push(TrafficSample {
+                        service: spec.name.clone(),
+                        vip: spec.vip.to_string(),
+                        backend: Some(addr.to_string()),
+                        packets: t.packets,
+                        bytes: t.bytes,
+                    });
                 }
             }
         }

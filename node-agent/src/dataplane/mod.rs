@@ -1019,6 +1019,18 @@ impl Dataplane {
         self.maps.backend_traffic(s.ids[i])
     }
 
+    /// Packets and bytes forwarded to each backend of a service, in the
+    /// order of [`Self::services`]' backends.
+    pub fn backends_traffic(&self, name: &str) -> Result<Vec<(IpAddr, Traffic)>> {
+        let s = self.services.get(name).ok_or_else(|| Error::UnknownService(name.to_string()))?;
+        s.spec
+            .backends
+            .iter()
+            .zip(&s.ids)
+            .map(|(b, id)| Ok((b.addr, self.maps.backend_traffic(*id)?)))
+            .collect()
+    }
+
     /// Packets per verdict reason, summed over CPUs, labelled with the fixed
     /// names of [`kube_dsr_common::reason::NAMES`].
     pub fn reason_counts(&self) -> Result<Vec<(&'static str, u64)>> {
