@@ -215,7 +215,8 @@ pub fn strip_service(s: &mut DsrService) {
 }
 
 /// Keeps only what the agent reads of an EndpointSlice: its labels, owner
-/// references and endpoints' addresses, conditions, node and pod.
+/// references and endpoints' first address, conditions, node and pod
+/// (namespace, name, UID).
 pub fn strip_slice(s: &mut EndpointSlice) {
     s.metadata.managed_fields = None;
     s.metadata.annotations = None;
@@ -224,6 +225,13 @@ pub fn strip_slice(s: &mut EndpointSlice) {
         e.hostname = None;
         e.zone = None;
         e.deprecated_topology = None;
+        e.addresses.truncate(1);
+        if let Some(t) = e.target_ref.as_mut() {
+            t.api_version = None;
+            t.field_path = None;
+            t.kind = None;
+            t.resource_version = None;
+        }
     }
 }
 
@@ -517,6 +525,39 @@ mod tests {
             desired("n9", &[svc("web", &["192.0.2.10"], &["ing-a"])], &[]),
             Desired::default()
         );
+    }
+
+    #[test]
+    fn stripped_caches_give_the_same_desired_state() {
+        let web = svc("web", &["192.0.2.10"], &["n1"]);
+        let mut s = slice(
+            &web,
+            "web-v4-0",
+            "IPv4",
+            vec![
+                ep("10.0.0.1", "n1", "a", true, true, false),
+                ep("10.0.0.2", "n2", "b", false, true, true),
+            ],
+        );
+        s.endpoints[0].zone = Some("z1".into());
+        s.endpoints[0].hostname = Some("h".into());
+        let mut web2 = web.clone();
+        web2.metadata.managed_fields = Some(vec![Default::default()]);
+        web2.metadata.annotations = Some([("a".to_string(), "b".repeat(1000))].into());
+        let (mut ws, mut ss) = (web2.clone(), s.clone());
+        strip_service(&mut ws);
+        strip_slice(&mut ss);
+        assert!(ws.metadata.managed_fields.is_none() && ws.metadata.annotations.is_none());
+        assert!(ss.endpoints[0].zone.is_none());
+        assert!(ss.endpoints[0].target_ref.as_ref().unwrap().kind.is_none());
+        for node in ["n1", "n2"] {
+            assert_eq!(
+                desired(node, std::slice::from_ref(&web2), std::slice::from_ref(&s)),
+                desired(node, &[ws.clone()], &[ss.clone()]),
+                "{node}"
+            );
+        }
+        assert!(!desired("n1", &[ws], &[ss]).ingress.is_empty());
     }
 
     #[test]
