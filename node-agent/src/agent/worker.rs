@@ -98,6 +98,8 @@ pub struct Worker {
     planned: BTreeMap<SvcKey, (IngressService, ServicePlan)>,
     /// The round-wide inputs of those plans.
     planned_with: Option<PlanInputs>,
+    /// Services whose counters `/metrics` shows.
+    sampled: BTreeSet<String>,
 }
 
 /// What every service's plan depends on besides the service itself.
@@ -122,6 +124,7 @@ impl Worker {
             cancel,
             planned: BTreeMap::new(),
             planned_with: None,
+            sampled: BTreeSet::new(),
         };
         w.adopt_pinned();
         w
@@ -651,6 +654,13 @@ impl Worker {
         }
         let took = started.elapsed();
         self.metrics.round(took);
+        // A service that came or went shows in /metrics at once; traffic of
+        // the others follows on the counters' own clock.
+        let names: BTreeSet<String> =
+            self.dataplanes.values().flat_map(|dp| dp.services().map(|s| s.name.clone())).collect();
+        if names != self.sampled {
+            self.sample_counters();
+        }
         debug!(?took, services = d.ingress.len(), replanned, periodic, "round done");
         Some(out)
     }
@@ -751,6 +761,8 @@ impl Worker {
 
     /// Reads the per-CPU counters of every programmed service and backend.
     pub fn sample_counters(&mut self) {
+        self.sampled =
+            self.dataplanes.values().flat_map(|dp| dp.services().map(|s| s.name.clone())).collect();
         let mut samples = Vec::new();
         for dp in self.dataplanes.values() {
             for spec in dp.services() {
