@@ -19,8 +19,8 @@ pub use dsrservice::{
 };
 pub use error::Error;
 pub use nodereport::{
-    BackendReport, Delivery, DsrNodeReport, DsrNodeReportSpec, IngressReport, ReachCounts,
-    UnreachedBackend,
+    BackendReport, Delivery, DsrNodeReport, DsrNodeReportSpec, IngressErrorReason, IngressReport,
+    ReachCounts, UnreachedBackend,
 };
 
 pub use vippool::{DsrVipPool, DsrVipPoolSpec, DsrVipPoolStatus};
