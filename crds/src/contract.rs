@@ -60,6 +60,8 @@ mod tests {
         assert_eq!(vip_lease_name("192.0.2.10".parse().unwrap()), "kdsr-vip-192.0.2.10");
         let v6 = vip_lease_name("2001:db8::10".parse().unwrap());
         assert_eq!(v6, "kdsr-vip-20010db8000000000000000000000010");
-        assert!(v6.len() <= 63);
+        assert!(
+            v6.len() <= 63 && v6.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        );
     }
 }

@@ -8,13 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_dsr_agent::agent::{self, Config};
 use kube_dsr_agent::dataplane::{AttachMode, Capacity, DEFAULT_PIN_DIR};
-use tracing_subscriber::EnvFilter;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use kube_dsr_process::logging::{self, LogFormat, Output};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Attach {
@@ -108,11 +102,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-    }
+    logging::init(args.log_format, "info", Output::Stdout);
     if let Some(Command::Cleanup { pod_uids }) = args.command {
         let only = (!pod_uids.is_empty()).then_some(pod_uids.as_slice());
         let failed = agent::worker::cleanup(&args.bpffs_dir, &args.proc_dir, only);

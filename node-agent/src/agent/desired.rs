@@ -29,12 +29,7 @@ use kube_dsr_crds::validation::{Family, parse_ip, validate_spec};
 
 use crate::dataplane::{PortSpec, Protocol};
 
-/// Label the operator puts on every slice it writes.
-pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
-/// Its value.
-pub const MANAGED_BY: &str = "kubedsr.io";
-/// Label naming the slice's DsrService (same namespace).
-pub const SERVICE_NAME_LABEL: &str = "kubedsr.io/service-name";
+pub use kube_dsr_crds::contract::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 
 /// A DsrService's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -24,17 +24,7 @@ use kube::api::PostParams;
 
 use super::desired::Desired;
 
-/// The Lease of one VIP: `kdsr-vip-<IPv4 dotted>` or `kdsr-vip-<IPv6 as 32
-/// hex digits>`, a valid object name for every address.
-pub fn lease_name(vip: IpAddr) -> String {
-    match vip {
-        IpAddr::V4(a) => format!("kdsr-vip-{a}"),
-        IpAddr::V6(a) => {
-            let hex: String = a.octets().iter().map(|b| format!("{b:02x}")).collect();
-            format!("kdsr-vip-{hex}")
-        }
-    }
-}
+pub use kube_dsr_crds::contract::vip_lease_name as lease_name;
 
 /// VIPs this node is a candidate for, and whether it is the preferred one.
 pub fn candidates(node: &str, d: &Desired) -> BTreeMap<IpAddr, bool> {
@@ -297,17 +287,6 @@ mod tests {
             lease_duration_seconds: Some(secs),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn names_are_valid_object_names() {
-        assert_eq!(lease_name("192.0.2.10".parse().unwrap()), "kdsr-vip-192.0.2.10");
-        let v6 = lease_name("2001:db8::".parse().unwrap());
-        assert_eq!(v6, "kdsr-vip-20010db8000000000000000000000000");
-        assert!(
-            v6.len() <= 253
-                && v6.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        );
     }
 
     #[test]

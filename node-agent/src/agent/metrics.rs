@@ -171,6 +171,12 @@ impl Metrics {
     }
 }
 
+impl kube_dsr_process::http::Render for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,6 @@
 
 pub mod backoff;
 pub mod desired;
-pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod plan;
@@ -40,11 +39,13 @@ use tracing::{error, info, warn};
 
 use crate::dataplane::AttachMode;
 use desired::Desired;
+use kube_dsr_process::Shutdown;
+use kube_dsr_process::http::{self, Health};
 use metrics::Metrics;
 use worker::{Outcome, WorkerConfig};
 
 /// Field manager of everything the agent writes.
-pub const FIELD_MANAGER: &str = "dsr-agent";
+pub use kube_dsr_crds::contract::AGENT_FIELD_MANAGER as FIELD_MANAGER;
 
 /// Answers ARP / neighbour discovery for VIPs this node holds the Lease of.
 pub trait Announce: Send {
@@ -76,34 +77,6 @@ pub struct Config {
     pub node_interface: Option<String>,
     /// Capacity of each dataplane's maps.
     pub capacity: crate::dataplane::Capacity,
-}
-
-/// Resolves once `rx` turns true (or its sender is gone).
-async fn when_true(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
-}
-
-fn shutdown_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            _ = term => info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        }
-        let _ = tx.send(true);
-    });
-    rx
 }
 
 /// Keeps only what the agent reads of a Node: its name and addresses.
@@ -161,28 +134,27 @@ where
 /// in pods stay as they are when it stops: an agent restart or upgrade
 /// never interrupts forwarding. `announcer` answers ARP/ND.
 pub async fn run(cfg: Config, announcer: Box<dyn Announce>) -> anyhow::Result<()> {
-    let shutdown = shutdown_signal();
+    let shutdown = Shutdown::on_signals();
     let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(http::Health { metrics: Arc::clone(&metrics), ready: false.into() });
-    let server =
-        http::serve(cfg.http_addr, Arc::clone(&health), when_true(shutdown.clone())).await?;
+    let health = Arc::new(Health::new(Arc::clone(&metrics)));
+    let server = http::serve(cfg.http_addr, Arc::clone(&health), shutdown.requested()).await?;
     let server = tokio::spawn(server);
     info!(addr = %cfg.http_addr, "serving /metrics, /healthz, /readyz");
 
     let started = Agent::start(cfg, announcer, Arc::clone(&metrics), Arc::clone(&health));
     let result = tokio::select! {
         r = started => match r {
-            Ok(agent) => agent.run(shutdown.clone()).await,
+            Ok(agent) => agent.run(shutdown.receiver()).await,
             Err(e) => Err(e),
         },
         // SIGTERM while starting (waiting for the API server, the Node or
         // the caches): nothing to undo yet.
-        _ = when_true(shutdown.clone()) => {
+        _ = shutdown.requested() => {
             info!("shutting down before the agent started");
             Ok(())
         }
     };
-    health.ready.store(false, Ordering::Relaxed);
+    health.set_ready(false);
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!(error = %e, "HTTP server failed"),
@@ -204,7 +176,7 @@ const STOP_GRACE: Duration = Duration::from_millis(1500);
 struct Agent {
     cfg: Config,
     metrics: Arc<Metrics>,
-    health: Arc<http::Health>,
+    health: Arc<Health<Metrics>>,
     caches: Caches,
     /// Poked by every watch event.
     changed: Arc<tokio::sync::Notify>,
@@ -255,7 +227,7 @@ impl Agent {
         cfg: Config,
         announcer: Box<dyn Announce>,
         metrics: Arc<Metrics>,
-        health: Arc<http::Health>,
+        health: Arc<Health<Metrics>>,
     ) -> anyhow::Result<Self> {
         let client = Client::try_default()
             .await
@@ -365,7 +337,7 @@ impl Agent {
     /// The worker finished a round.
     async fn on_outcome(&mut self) {
         if self.worker.outcomes.borrow_and_update().is_some() {
-            self.health.ready.store(true, Ordering::Relaxed);
+            self.health.set_ready(true);
             self.publish_report().await;
         }
     }
@@ -442,7 +414,7 @@ impl Agent {
     /// two services. Bounded by [`STOP_GRACE`] whatever the scale.
     async fn stop(self) {
         info!("shutting down; the dataplane and pod configuration stay in place");
-        self.health.ready.store(false, Ordering::Relaxed);
+        self.health.set_ready(false);
         let Self { worker, mut announcing, .. } = self;
         worker.cancel.store(true, Ordering::Relaxed);
         drop(worker.input);
