@@ -248,6 +248,7 @@ pub struct LbStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// A condition observed now.
 fn condition(
     type_: &str,
     ok: bool,
@@ -255,14 +256,7 @@ fn condition(
     message: String,
     generation: Option<i64>,
 ) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(Timestamp::now()),
-    }
+    crate::status::condition(type_, ok, reason, message, generation, &Time(Timestamp::now()))
 }
 
 /// The Service status from the refusal or the DsrService serving it: its

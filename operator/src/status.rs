@@ -33,7 +33,7 @@ pub struct Observation<'a> {
     pub reports: &'a BTreeMap<String, &'a DsrNodeReportSpec>,
 }
 
-fn condition(
+pub(crate) fn condition(
     type_: &str,
     ok: bool,
     reason: &str,
