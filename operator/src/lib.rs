@@ -13,6 +13,7 @@ pub mod conflicts;
 pub mod controller;
 pub mod error;
 pub mod http;
+pub mod index;
 pub mod ingress;
 pub mod leader;
 pub mod metrics;
