@@ -199,10 +199,15 @@ fn usage(pid: u32) -> Result<Usage> {
 /// the backend entries in use and not draining (those taking new flows).
 type Programmed = HashMap<String, HashSet<u32>>;
 
-/// Reads the pinned maps of the agent's ingress interface.
+/// Reads the pinned maps of the agent's ingress interface. The backend
+/// array is read one entry per syscall (it is not mmapable), so a full read
+/// costs in proportion to its capacity; while one service is being
+/// watched for an entry going away, only that service's entries are read.
 struct MapReader {
     backends: Array<MapData, Backend>,
     services: Array<MapData, ServiceSlot>,
+    /// Backend ids per service at the last full read.
+    ids: HashMap<String, Vec<u32>>,
 }
 
 impl MapReader {
@@ -214,10 +219,11 @@ impl MapReader {
         Ok(MapReader {
             backends: Map::Array(open(MAP_BACKENDS)?).try_into()?,
             services: Map::Array(open(MAP_SERVICES)?).try_into()?,
+            ids: HashMap::new(),
         })
     }
 
-    fn read(&self) -> Result<Programmed> {
+    fn names(&self) -> Result<HashMap<u32, String>> {
         let mut names: HashMap<u32, String> = HashMap::new();
         for id in 0..self.services.len() {
             let s = self.services.get(&id, 0)?;
@@ -225,7 +231,6 @@ impl MapReader {
                 continue;
             }
             let end = s.name.iter().position(|b| *b == 0).unwrap_or(s.name.len());
-            // `namespace/name/v4`: the DsrService is the first two parts.
             // The ingress stage's entries only (`default/svc-0001/v4`).
             let full = String::from_utf8_lossy(&s.name[..end]).into_owned();
             let parts: Vec<&str> = full.split('/').collect();
@@ -233,37 +238,97 @@ impl MapReader {
                 names.insert(id, svc.to_string());
             }
         }
+        Ok(names)
+    }
+
+    fn entry(b: &Backend) -> Option<u32> {
+        if b.flags & BACKEND_IN_USE == 0 || b.flags & BACKEND_DRAINING != 0 {
+            return None;
+        }
+        Some(u32::from_be_bytes(b.addr[0].to_ne_bytes()).wrapping_sub(SEGMENT_BASE))
+    }
+
+    fn read_all(&mut self) -> Result<Programmed> {
+        let names = self.names()?;
         let mut out: Programmed = HashMap::new();
+        let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
         for id in 0..self.backends.len() {
             let b = self.backends.get(&id, 0)?;
-            if b.flags & BACKEND_IN_USE == 0 || b.flags & BACKEND_DRAINING != 0 {
+            let Some(addr) = Self::entry(&b) else { continue };
+            let Some(svc) = names.get(&b.svc_id) else { continue };
+            out.entry(svc.clone()).or_default().insert(addr);
+            ids.entry(svc.clone()).or_default().push(id);
+        }
+        self.ids = ids;
+        Ok(out)
+    }
+
+    /// Only the entries `service` held at the last full read.
+    fn read_service(&self, service: &str) -> Result<Programmed> {
+        let names = self.names()?;
+        let mut set = HashSet::new();
+        for id in self.ids.get(service).into_iter().flatten() {
+            let b = self.backends.get(id, 0)?;
+            if names.get(&b.svc_id).map(String::as_str) != Some(service) {
                 continue;
             }
-            let Some(svc) = names.get(&b.svc_id) else { continue };
-            let addr = u32::from_be_bytes(b.addr[0].to_ne_bytes());
-            out.entry(svc.clone()).or_default().insert(addr - SEGMENT_BASE);
+            if let Some(addr) = Self::entry(&b) {
+                set.insert(addr);
+            }
         }
-        Ok(out)
+        Ok(HashMap::from([(service.to_string(), set)]))
     }
 }
 
-/// The latest dataplane snapshot and when its read finished.
-type Snapshot = Arc<Mutex<Option<(Instant, Arc<Programmed>)>>>;
+/// What the poller reads: everything, or one service that is losing an
+/// entry (its known entries only).
+#[derive(Clone, Debug, PartialEq)]
+enum Focus {
+    All,
+    Losing(String),
+}
 
-/// Reads the maps back to back on a thread of its own until `stop`.
-fn poll_dataplane(dir: PathBuf, out: Snapshot, stop: Arc<std::sync::atomic::AtomicBool>) {
+/// The latest dataplane snapshot, when its read finished, and whether it
+/// was a full read.
+type Snapshot = Arc<Mutex<Option<(Instant, Arc<Programmed>, bool)>>>;
+
+/// Reads the maps on a thread of its own until `stop`. Full reads are
+/// spaced by at least their own duration, so the reader takes at most
+/// half a core from the processes it measures.
+fn poll_dataplane(
+    dir: PathBuf,
+    out: Snapshot,
+    focus: Arc<Mutex<Focus>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
     std::thread::spawn(move || {
-        let mut reader = None;
+        let mut reader: Option<MapReader> = None;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             if reader.is_none() {
                 reader = MapReader::open(&dir).ok();
             }
-            match reader.as_ref().map(MapReader::read) {
-                Some(Ok(p)) => *out.lock().expect("lock") = Some((Instant::now(), Arc::new(p))),
-                Some(Err(_)) => reader = None,
-                None => {}
+            let Some(r) = reader.as_mut() else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            let started = Instant::now();
+            let f = focus.lock().expect("lock").clone();
+            let read = match &f {
+                Focus::All => r.read_all(),
+                Focus::Losing(svc) => r.read_service(svc),
+            };
+            match read {
+                Ok(p) => {
+                    let full = f == Focus::All;
+                    *out.lock().expect("lock") = Some((Instant::now(), Arc::new(p), full))
+                }
+                Err(_) => reader = None,
             }
-            std::thread::sleep(Duration::from_millis(5));
+            let pause = match f {
+                Focus::All => started.elapsed().max(Duration::from_millis(5)),
+                Focus::Losing(_) => Duration::from_millis(2),
+            };
+            std::thread::sleep(pause);
         }
     });
 }
@@ -678,7 +743,13 @@ async fn world(
     let watch = tokio::spawn(watch_slices(client.clone(), Arc::clone(&slices)));
     let snapshot: Snapshot = Arc::new(Mutex::new(None));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    poll_dataplane(pins.join(INGRESS_NODE).join("eth0"), Arc::clone(&snapshot), Arc::clone(&stop));
+    let focus = Arc::new(Mutex::new(Focus::All));
+    poll_dataplane(
+        pins.join(INGRESS_NODE).join("eth0"),
+        Arc::clone(&snapshot),
+        Arc::clone(&focus),
+        Arc::clone(&stop),
+    );
 
     // Expected: every service with exactly its ready pods.
     let mut expected: HashMap<String, HashSet<u32>> = HashMap::new();
@@ -698,7 +769,7 @@ async fn world(
             })
         };
         let dp = snapshot.lock().expect("lock").clone();
-        let dp_ok = dp.as_ref().is_some_and(|(_, p)| {
+        let dp_ok = dp.as_ref().is_some_and(|(_, p, _)| {
             expected.iter().all(|(svc, want)| p.get(svc).is_some_and(|have| have == want))
         });
         if slices_ok && dp_ok {
@@ -706,7 +777,7 @@ async fn world(
             break;
         }
         if started.elapsed() > timeout {
-            let done = dp.as_ref().map_or(0, |(_, p)| {
+            let done = dp.as_ref().map_or(0, |(_, p, _)| {
                 expected
                     .iter()
                     .filter(|(svc, want)| p.get(*svc).is_some_and(|h| h == *want))
@@ -722,7 +793,7 @@ async fn world(
         }
         if last_report.elapsed() > Duration::from_secs(10) {
             last_report = Instant::now();
-            let done = dp.as_ref().map_or(0, |(_, p)| {
+            let done = dp.as_ref().map_or(0, |(_, p, _)| {
                 expected
                     .iter()
                     .filter(|(svc, want)| p.get(*svc).is_some_and(|h| h == *want))
@@ -804,6 +875,10 @@ async fn world(
                     (svc, addr, want_ready) = (service_name(p.service), p.addr, None);
                 }
             }
+            *focus.lock().expect("lock") = match want_ready {
+                Some(true) => Focus::All,
+                _ => Focus::Losing(svc.clone()),
+            };
             // In the slice: present and ready / present not ready / gone.
             let slice_ok = |g: &HashMap<String, HashMap<u32, bool>>| {
                 let have = g.get(&svc).and_then(|m| m.get(&addr).copied());
@@ -822,7 +897,7 @@ async fn world(
                     }
                 }
                 if t_dp.is_none()
-                    && let Some((at, p)) = snapshot.lock().expect("lock").clone()
+                    && let Some((at, p, _)) = snapshot.lock().expect("lock").clone()
                     && at > t0
                     && dp_ok(&p)
                 {
@@ -845,6 +920,18 @@ async fn world(
                         ip(addr)
                     );
                 }
+            }
+            // A full read before the next change, so the entries of the
+            // service it picks are known.
+            *focus.lock().expect("lock") = Focus::All;
+            let settle = Instant::now();
+            while snapshot
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .is_none_or(|(at, _, full)| *at < settle || !full)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
