@@ -2,6 +2,7 @@
 # network namespaces); `setup` installs what is missing, idempotently.
 
 CARGO ?= cargo
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: help demo test setup bpf bpf-check lint unit generate bench-dataplane bench-control-plane chart-check chart-render
 
@@ -14,9 +15,13 @@ help:
 	@sed -n 's/^## \([a-z-]*\): */  \1\t/p' $(MAKEFILE_LIST) | expand -t 20
 
 ## demo: kube-dsr end to end (stand-in API server, operator, agents) with real traffic in network namespaces
+# The demo runs the debug build `make test` makes (same command, same
+# features, so after `make test` nothing is rebuilt): forwarding is the
+# kernel's XDP program, which has no debug build, and the agents' user
+# space is fast enough for a demo in the dev profile.
 demo: setup
-	$(CARGO) build --release --locked -q -p kube-dsr-agent -p kube-dsr-operator --bins
-	$(CARGO) run --release --locked -q -p kube-dsr-e2e --bin dsr-demo
+	$(CARGO) build --locked --workspace --bins
+	$(TARGET_DIR)/debug/dsr-demo
 
 ## test: formatting, lints, generated files, Helm chart, unit tests, packet fixtures, namespace tests
 test: setup lint bpf-check chart-check unit
@@ -39,7 +44,7 @@ generate: bpf
 	$(MAKE) chart-render
 
 ## chart-check: Helm lint and render (default + ci/ values), Kubernetes schemas,
-## privileges and RBAC against README, deploy/kube-dsr.yaml and chart CRDs current
+## privileges and RBAC against docs/install.md, deploy/kube-dsr.yaml and chart CRDs current
 chart-check:
 	.venv/bin/python scripts/chart-check.py
 
@@ -55,7 +60,7 @@ lint:
 
 ## unit: build the binaries, then every workspace test (namespace tests need root)
 unit:
-	# The one-host cluster tests run the real binaries.
+	# The one-host cluster tests run the real binaries (the demo reuses them).
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) test --locked --workspace
 

@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "kube-dsr"
 DEPLOY = ROOT / "deploy" / "kube-dsr.yaml"
-README = ROOT / "README.md"
+INSTALL_DOC = ROOT / "docs" / "install.md"
 
 # The documented install: release and namespace "kube-dsr".
 RELEASE = NAMESPACE = "kube-dsr"
@@ -193,11 +193,11 @@ def value_sets() -> list[tuple[str, dict, str, str]]:
 
 def readme_table(marker: str) -> list[list[str]]:
     """Rows of the Markdown table right after `<!-- chart-check: marker -->`."""
-    lines = README.read_text().splitlines()
+    lines = INSTALL_DOC.read_text().splitlines()
     try:
         start = lines.index(f"<!-- chart-check: {marker} -->") + 1
     except ValueError:
-        raise AssertionError(f"README.md has no '<!-- chart-check: {marker} -->' table") from None
+        raise AssertionError(f"docs/install.md has no '<!-- chart-check: {marker} -->' table") from None
     rows = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -220,13 +220,13 @@ def documented_capabilities() -> set[str]:
     for row in readme_table("capabilities"):
         names = ticked(row[0])
         if len(names) != 1 or not re.fullmatch(r"[A-Z_]+", names[0]):
-            raise AssertionError(f"README.md capabilities row {row[0]!r}: expected one `CAPABILITY` name")
+            raise AssertionError(f"docs/install.md capabilities row {row[0]!r}: expected one `CAPABILITY` name")
         caps.add(names[0])
     return caps
 
 
 def documented_rbac() -> set[tuple]:
-    """(component, scope, apiGroup, resource, verb, resourceName) from the README."""
+    """(component, scope, apiGroup, resource, verb, resourceName) from docs/install.md."""
     out = set()
     for comp, scope, group, resources, verbs, names, *_ in readme_table("rbac"):
         group = ticked(group)[0] if ticked(group) else ""
@@ -343,7 +343,7 @@ def privilege_problems(objs: list[dict]) -> list[str]:
     problems = []
     caps = documented_capabilities()
     if not caps:
-        problems.append("README.md documents no agent capability")
+        problems.append("docs/install.md documents no agent capability")
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
     for o in objs:
         what = f"{o['kind']}/{o['metadata']['name']}"
@@ -379,9 +379,9 @@ def privilege_problems(objs: list[dict]) -> list[str]:
                 problems.append(f"{cw}: capabilities.drop is {cap.get('drop')}, not [ALL]")
             added = {a.upper().removeprefix("CAP_") for a in cap.get("add") or []}
             for a in sorted(added - caps):
-                problems.append(f"{cw}: capability {a} is not in README.md's documented list")
+                problems.append(f"{cw}: capability {a} is not in docs/install.md's documented list")
             if comp == "agent" and added != caps:
-                problems.append(f"{cw}: adds {sorted(added)}, README.md documents {sorted(caps)}")
+                problems.append(f"{cw}: adds {sorted(added)}, docs/install.md documents {sorted(caps)}")
             if comp == "operator":
                 if added:
                     problems.append(f"{cw}: the operator adds capabilities {sorted(added)}")
@@ -421,14 +421,14 @@ def fmt(t: tuple) -> str:
 
 def rbac_matches_docs(objs: list[dict]) -> list[str]:
     have, doc = rendered_rbac(objs), documented_rbac()
-    return [f"granted but not documented in README.md: {fmt(t)}" for t in sorted(have - doc)] + [
-        f"documented in README.md but not granted: {fmt(t)}" for t in sorted(doc - have)]
+    return [f"granted but not documented in docs/install.md: {fmt(t)}" for t in sorted(have - doc)] + [
+        f"documented in docs/install.md but not granted: {fmt(t)}" for t in sorted(doc - have)]
 
 
 def rbac_within_docs(objs: list[dict]) -> list[str]:
     # Other value sets may rename the Lease: compare without resource names.
     doc = {t[:5] for t in documented_rbac()}
-    return [f"granted but not documented in README.md: {fmt(t)}" for t in sorted(rendered_rbac(objs)) if t[:5] not in doc]
+    return [f"granted but not documented in docs/install.md: {fmt(t)}" for t in sorted(rendered_rbac(objs)) if t[:5] not in doc]
 
 
 # Fields the API server fills in when a manifest leaves them out. Written out,

@@ -2,6 +2,9 @@
 //! and `DsrNodeReport`, written by node agents. Also the Rust copy of the
 //! validation rules and the CRD YAML that `crdgen` prints.
 
+#![forbid(unsafe_code)]
+
+pub mod contract;
 pub mod dsrservice;
 pub mod error;
 pub mod messages;

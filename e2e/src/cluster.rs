@@ -4,7 +4,7 @@
 //! pods are namespaces behind routed veths (or, in the bridged layout, on
 //! the segment), each with a process in a kubelet-shaped cgroup carrying
 //! the pod's UID. Each node's agent runs in that node's namespace, with
-//! exactly the capabilities README.md documents; the stand-in and the two
+//! exactly the capabilities docs/install.md documents; the stand-in and the two
 //! operator replicas run in the router namespace (10.10.0.1:6443 on the
 //! segment, like a control plane the nodes reach). The router reaches the
 //! VIP on-link (ARP mode) unless a scenario routes it.
@@ -199,7 +199,7 @@ pub struct Names {
     pub opts: Options,
     pub pins: PathBuf,
     pub agent: PathBuf,
-    /// The capabilities README.md documents for the agent (and the chart
+    /// The capabilities docs/install.md documents for the agent (and the chart
     /// grants): the agents run with these and no others.
     pub agent_caps: Vec<String>,
     pub operator: PathBuf,
@@ -215,13 +215,13 @@ impl Names {
 /// The world a scenario runs in (see [`WorldOptions`]).
 pub type Options = WorldOptions;
 
-/// The capability table of README.md's "Privileges" section.
+/// The capability table of docs/install.md's "Privileges" section.
 pub fn documented_capabilities() -> Result<Vec<String>> {
-    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
-    let table = readme
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/install.md"))?;
+    let table = doc
         .split("<!-- chart-check: capabilities -->")
         .nth(1)
-        .context("README.md has no capability table")?;
+        .context("docs/install.md has no capability table")?;
     let caps: Vec<String> = table
         .lines()
         .skip_while(|l| l.trim().is_empty())

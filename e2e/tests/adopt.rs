@@ -8,7 +8,7 @@ use kube_dsr_agent::dataplane::{
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
-    privileged,
+    require_root,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -70,10 +70,9 @@ fn normalized(mut s: ServiceSpec) -> ServiceSpec {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn restart_reads_back_every_service_and_reapplying_is_a_no_op() {
-    if !privileged("adopt") {
-        return;
-    }
+    require_root();
     let ns = NetNs::new("kdsrad").unwrap();
     ns.exec("ip link add a0 type veth peer name a1 && ip link add e0 type veth peer name e1 && ip link set a0 up && ip link set a1 up && ip link set e0 up").unwrap();
     let egress = Egress {

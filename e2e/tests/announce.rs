@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use kube_dsr_agent::announce::{Announcer, Announcers, Counters, Error, Link, Options, frame};
 use kube_dsr_e2e::{
     netns::{NetNs, parse_mac, sh},
-    privileged,
+    require_root,
 };
 
 const VIP4: &str = "10.88.0.100";
@@ -158,10 +158,9 @@ fn maddr(ns: &NetNs, dev: &str) -> Result<String> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn announced_v4_vip_is_answered_with_the_ingress_mac() -> Result<()> {
-    if !privileged("announced_v4_vip_is_answered_with_the_ingress_mac") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     let a_mac = lan.a.mac("a0")?;
@@ -192,10 +191,9 @@ fn announced_v4_vip_is_answered_with_the_ingress_mac() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn withdrawn_vip_is_not_answered() -> Result<()> {
-    if !privileged("withdrawn_vip_is_not_answered") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     assert!(a.announce(ip(VIP4))?);
@@ -257,26 +255,23 @@ fn takeover(vip: &'static str) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn gratuitous_arp_moves_the_client_to_the_new_holder() -> Result<()> {
-    if !privileged("gratuitous_arp_moves_the_client_to_the_new_holder") {
-        return Ok(());
-    }
+    require_root();
     takeover(VIP4)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn unsolicited_na_moves_the_client_to_the_new_holder() -> Result<()> {
-    if !privileged("unsolicited_na_moves_the_client_to_the_new_holder") {
-        return Ok(());
-    }
+    require_root();
     takeover(VIP6)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn announced_v6_vip_is_answered_and_the_group_joined() -> Result<()> {
-    if !privileged("announced_v6_vip_is_answered_and_the_group_joined") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     let a_mac = lan.a.mac("a0")?;
@@ -306,10 +301,9 @@ fn announced_v6_vip_is_answered_and_the_group_joined() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn dad_for_an_announced_v6_vip_is_defended() -> Result<()> {
-    if !privileged("dad_for_an_announced_v6_vip_is_defended") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     // One gratuitous round only, sent before announce returns: a later
     // unsolicited NA would fail the client's DAD on its own (an NA for a
@@ -334,10 +328,9 @@ fn dad_for_an_announced_v6_vip_is_defended() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn only_vips_are_answered() -> Result<()> {
-    if !privileged("only_vips_are_answered") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     let a_mac = lan.a.mac("a0")?;
@@ -454,10 +447,9 @@ fn solicitation(mac: [u8; 6], src: std::net::Ipv6Addr, target: std::net::Ipv6Add
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn probes_and_malformed_frames() -> Result<()> {
-    if !privileged("probes_and_malformed_frames") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     let a_mac = lan.a.mac("a0")?;
@@ -547,10 +539,9 @@ fn probes_and_malformed_frames() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn link_down_up_and_deletion() -> Result<()> {
-    if !privileged("link_down_up_and_deletion") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     let a_mac = lan.a.mac("a0")?;
@@ -596,10 +587,9 @@ fn link_down_up_and_deletion() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn drop_stops_answering_at_once() -> Result<()> {
-    if !privileged("drop_stops_answering_at_once") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     assert!(a.announce(ip(VIP4))?);
@@ -624,10 +614,9 @@ fn drop_stops_answering_at_once() -> Result<()> {
 /// (`cc`, namespace C): frames the bridge device itself sends are
 /// flooded to every port regardless of `mcast_flood`.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn solicited_node_membership_is_reported_by_mld() -> Result<()> {
-    if !privileged("solicited_node_membership_is_reported_by_mld") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let c = NetNs::new("kah")?;
     c.exec("sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0")?;
@@ -712,10 +701,9 @@ fn add_a1(lan: &Lan) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn announcers_by_interface_name() -> Result<()> {
-    if !privileged("announcers_by_interface_name") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     add_a1(&lan)?;
     let (a0_mac, a1_mac) = (lan.a.mac("a0")?, lan.a.mac("a1")?);
@@ -759,10 +747,9 @@ fn announcers_by_interface_name() -> Result<()> {
 /// other's gratuitous ARP for its VIP, counts a conflict and answers it
 /// with nothing.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn two_holders_count_conflicts() -> Result<()> {
-    if !privileged("two_holders_count_conflicts") {
-        return Ok(());
-    }
+    require_root();
     let lan = lan()?;
     let a = open(&lan.a, "a0", Options::default())?;
     let b = open(&lan.b, "b0", Options::default())?;

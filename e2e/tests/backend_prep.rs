@@ -16,7 +16,7 @@ use kube_dsr_agent::netns::{self, Backend, Netns, Observed, Target};
 use kube_dsr_e2e::{
     netns::{NetNs, sh},
     pods::{FakePod, Layout, fake_uid, ns_inode, v1_root, v2_root},
-    privileged,
+    require_root,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -59,10 +59,9 @@ fn host_arp() -> Result<Vec<u32>> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn discovery_finds_pods_in_both_layouts() -> Result<()> {
-    if !privileged("discovery_finds_pods_in_both_layouts") {
-        return Ok(());
-    }
+    require_root();
     let v2 = v2_root();
     let v1 = v1_root().unwrap_or_else(|| v2.clone());
     let (ns_a, ns_b, ns_c) = (NetNs::new("kdsrA")?, NetNs::new("kdsrB")?, NetNs::new("kdsrC")?);
@@ -104,10 +103,9 @@ fn discovery_finds_pods_in_both_layouts() -> Result<()> {
 /// thread's `/proc/sys/net` is its new namespace's, while `/proc/self`
 /// keeps naming the process (so `/proc/thread-self` is the one that moved).
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn proc_sys_follows_the_thread_namespace() -> Result<()> {
-    if !privileged("proc_sys_follows_the_thread_namespace") {
-        return Ok(());
-    }
+    require_root();
     let ns = NetNs::new("kdsrS")?;
     let host = sysctl(None, "net.ipv4.conf.all.arp_ignore")?;
     let inside = if host == 2 { 1 } else { 2 };
@@ -141,10 +139,9 @@ fn observe(ns: &Netns, target: &Target) -> Result<BTreeMap<Target, Observed>> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn prepare_then_undo_touches_only_ours() -> Result<()> {
-    if !privileged("prepare_then_undo_touches_only_ours") {
-        return Ok(());
-    }
+    require_root();
     let host_before = host_arp()?;
     let ns = NetNs::new("kdsrP")?;
     // Addresses someone else put on lo, one of them a VIP we will want too.
@@ -234,10 +231,9 @@ fn prepare_then_undo_touches_only_ours() -> Result<()> {
 
 /// Teardown leaves nothing behind: no namespace, cgroup or process.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn fake_pods_are_torn_down() -> Result<()> {
-    if !privileged("fake_pods_are_torn_down") {
-        return Ok(());
-    }
+    require_root();
     let (name, pid, dirs) = {
         let ns = NetNs::new("kdsrT")?;
         let pod = FakePod::start(
@@ -257,10 +253,9 @@ fn fake_pods_are_torn_down() -> Result<()> {
 /// Whole rounds over several pods: one missing pod does not stop the
 /// others, and a pod that stops being a backend loses only our VIPs.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn converge_rounds_over_pods() -> Result<()> {
-    if !privileged("converge_rounds_over_pods") {
-        return Ok(());
-    }
+    require_root();
     let host_before = host_arp()?;
     let (ns1, ns2) = (NetNs::new("kdsrR")?, NetNs::new("kdsrR")?);
     ns2.exec("ip addr add 192.0.2.30/32 dev lo")?;
@@ -331,10 +326,9 @@ fn converge_rounds_over_pods() -> Result<()> {
 /// A VIP on a `lo` that is down would receive nothing: the namespace is
 /// reported not configured and nothing is added.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn loopback_down_is_refused() -> Result<()> {
-    if !privileged("loopback_down_is_refused") {
-        return Ok(());
-    }
+    require_root();
     let ns = NetNs::new("kdsrD")?;
     ns.exec("ip link set lo down")?;
     let handle = Netns::open(Path::new(&format!("/var/run/netns/{}", ns.name)), ns.name.clone())?;

@@ -8,7 +8,7 @@ use kube::api::DeleteParams;
 use kube_dsr_e2e::{
     cluster::{self, Cluster, INGRESS, Options, counter, lo_addrs, sysctl, wait_for},
     netns::sh,
-    privileged,
+    require_root,
     topology::VIP,
 };
 
@@ -141,20 +141,18 @@ async fn web_service(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn one_host_cluster_web_service_end_to_end() -> Result<()> {
-    if !privileged("one_host_cluster_web_service_end_to_end") {
-        return Ok(());
-    }
+    require_root();
     cluster::run(3, async |c: &mut Cluster| web_service(c).await)
 }
 
 /// The same on the bridged layout: pods on the segment itself (a CNI like
 /// macvlan), all on worker-1, reached directly by their own MAC.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn one_host_cluster_bridged_pods_web_service() -> Result<()> {
-    if !privileged("one_host_cluster_bridged_pods_web_service") {
-        return Ok(());
-    }
+    require_root();
     let opts = Options { pods: 3, bridged: true, ..Options::default() };
     cluster::run_opts(opts, async |c: &mut Cluster| web_service(c).await)
 }

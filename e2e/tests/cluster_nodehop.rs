@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use kube_dsr_e2e::{
     cluster::{self, Cluster, INGRESS, Options, WORKER, WORKER2, WORKER3, off_runtime, wait_for},
     netns::sh,
-    privileged,
+    require_root,
     topology::{TCP_PORT, VIP},
 };
 
@@ -142,10 +142,9 @@ async fn six_pods_on_three_nodes(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn node_hop_six_pods_on_three_nodes() -> Result<()> {
-    if !privileged("node_hop_six_pods_on_three_nodes") {
-        return Ok(());
-    }
+    require_root();
     let opts = Options { strict_rp_filter: true, node_without_agent: true, ..Options::default() };
     cluster::run_opts(opts, async |c: &mut Cluster| six_pods_on_three_nodes(c).await)
 }
@@ -342,9 +341,8 @@ async fn long_lived_through_churn(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn node_hop_long_lived_connections_through_churn() -> Result<()> {
-    if !privileged("node_hop_long_lived_connections_through_churn") {
-        return Ok(());
-    }
+    require_root();
     cluster::run_opts(Options::default(), async |c: &mut Cluster| long_lived_through_churn(c).await)
 }

@@ -24,7 +24,7 @@ use kube_dsr_crds::{DsrService, messages};
 use kube_dsr_e2e::{
     cluster::{self, Cluster, INGRESS, counter, lo_addrs, wait_for},
     netns::sh,
-    privileged,
+    require_root,
     topology::{TCP_PORT, UDP_ECHO_PORT, UDP_PORT, VIP, VIP6},
 };
 use serde_json::json;
@@ -319,10 +319,9 @@ async fn udp_service(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn one_host_cluster_udp_service() -> Result<()> {
-    if !privileged("one_host_cluster_udp_service") {
-        return Ok(());
-    }
+    require_root();
     run_alone(async |c: &mut Cluster| udp_service(c).await)
 }
 
@@ -392,10 +391,9 @@ async fn ipv6_service(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn one_host_cluster_ipv6_service() -> Result<()> {
-    if !privileged("one_host_cluster_ipv6_service") {
-        return Ok(());
-    }
+    require_root();
     run_alone(async |c: &mut Cluster| ipv6_service(c).await)
 }
 
@@ -576,9 +574,8 @@ async fn invalid_and_conflict(c: &mut Cluster) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn one_host_cluster_invalid_and_conflicting_services() -> Result<()> {
-    if !privileged("one_host_cluster_invalid_and_conflicting_services") {
-        return Ok(());
-    }
+    require_root();
     run_alone(async |c: &mut Cluster| invalid_and_conflict(c).await)
 }

@@ -5,7 +5,7 @@
 use anyhow::{Result, ensure};
 use kube_dsr_e2e::{
     netns::sh,
-    privileged,
+    require_root,
     topology::{World, WorldOptions},
 };
 
@@ -14,10 +14,9 @@ use kube_dsr_e2e::{
 /// over IPv4 and IPv6; every node forwards, has systemd's rp_filter
 /// defaults and kube-proxy's INVALID drop in KUBE-FORWARD.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn nodes_route_pods_like_kindnet_with_kube_proxy_rules() -> Result<()> {
-    if !privileged("nodes_route_pods_like_kindnet_with_kube_proxy_rules") {
-        return Ok(());
-    }
+    require_root();
     let opts = WorldOptions { pods: 4, strict_rp_filter: true, ..WorldOptions::default() };
     let world = World::new(opts)?;
     let nodes: Vec<&str> = world.nodes.iter().map(|n| n.name.as_str()).collect();

@@ -14,7 +14,7 @@ use anyhow::{Result, anyhow, bail};
 use kube_dsr_agent::neigh::{self, Iface, Lookup, Resolver, Status};
 use kube_dsr_e2e::{
     netns::{NetNs, sh},
-    privileged,
+    require_root,
 };
 
 /// How long resolution may take on a veth (the brief's bound).
@@ -142,28 +142,25 @@ fn check_resolves(addr: &str, peer_mac: [u8; 6], t: &Topo) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn resolves_an_adjacent_backend_v4() -> Result<()> {
-    if !privileged("resolves_an_adjacent_backend_v4") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     check_resolves("10.77.0.2", t.be.mac("b0")?, &t)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn resolves_an_adjacent_backend_v6() -> Result<()> {
-    if !privileged("resolves_an_adjacent_backend_v6") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     check_resolves("fd77::2", t.be.mac("b0")?, &t)
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn a_stale_entry_is_used_and_probed() -> Result<()> {
-    if !privileged("a_stale_entry_is_used_and_probed") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     let mac = t.be.mac("b0")?;
     let mac_s = t.be.exec("cat /sys/class/net/b0/address")?;
@@ -179,10 +176,9 @@ fn a_stale_entry_is_used_and_probed() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn a_backend_behind_a_gateway_is_not_adjacent() -> Result<()> {
-    if !privileged("a_backend_behind_a_gateway_is_not_adjacent") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     for (addr, reason) in [
         ("10.78.0.5", "route to 10.78.0.5 goes via gateway 10.77.0.2 on i0"),
@@ -197,10 +193,9 @@ fn a_backend_behind_a_gateway_is_not_adjacent() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn a_backend_on_another_interface_is_not_adjacent_unless_allowed() -> Result<()> {
-    if !privileged("a_backend_on_another_interface_is_not_adjacent_unless_allowed") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     let l = in_ns(&t.ing, |r, i0| r.lookup(i0, &[], ip("10.79.0.2")))?;
     assert_eq!(
@@ -222,10 +217,9 @@ fn a_backend_on_another_interface_is_not_adjacent_unless_allowed() -> Result<()>
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn no_route_and_own_address_are_not_adjacent() -> Result<()> {
-    if !privileged("no_route_and_own_address_are_not_adjacent") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     let (none, local) = in_ns(&t.ing, |r, i0| {
         Ok((r.lookup(i0, &[], ip("192.0.2.1"))?, r.lookup(i0, &[], ip("10.77.0.1"))?))
@@ -242,10 +236,9 @@ fn no_route_and_own_address_are_not_adjacent() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn an_address_nobody_owns_is_unreachable() -> Result<()> {
-    if !privileged("an_address_nobody_owns_is_unreachable") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     let unreachable = |l: &Lookup| matches!(l, Lookup::Unreachable { .. });
     for addr in ["10.77.0.99", "fd77::99"] {
@@ -275,10 +268,9 @@ fn an_address_nobody_owns_is_unreachable() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn a_round_programs_only_resolved_backends() -> Result<()> {
-    if !privileged("a_round_programs_only_resolved_backends") {
-        return Ok(());
-    }
+    require_root();
     let t = topo()?;
     let desired: Vec<IpAddr> =
         ["10.77.0.2", "fd77::2", "10.78.0.5", "10.79.0.2", "10.77.0.99"].map(ip).to_vec();

@@ -11,7 +11,7 @@ use std::{
 
 use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec, Stage};
 use kube_dsr_e2e::{
-    privileged,
+    require_root,
     topology::{Lab, TCP_PORT, VIP, VIP6, forwarded},
 };
 
@@ -61,10 +61,9 @@ impl Conn {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
-    if !privileged("netns_dataplane") {
-        return;
-    }
+    require_root();
     let lab = Lab::new(3).unwrap();
     let (_pins, mut dp) = lab.open_dataplane().unwrap();
     dp.upsert_service(&service(&lab, &[0, 1, 2])).unwrap();
@@ -139,10 +138,9 @@ fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
-    if !privileged("netns_dataplane_v6") {
-        return;
-    }
+    require_root();
     let lab = Lab::new(3).unwrap();
     let (_pins, mut dp) = lab.open_dataplane().unwrap();
     let name = "default/web/v6";

@@ -25,7 +25,7 @@ use kube_dsr_agent::dataplane::{
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir, sh},
-    privileged,
+    require_root,
     topology::{Lab, TCP_PORT, VIP},
 };
 
@@ -69,10 +69,9 @@ fn ifindex(ns: &NetNs, iface: &str) -> u32 {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn tcp_through_the_node_stage_and_the_reply_program() {
-    if !privileged("node_stage") {
-        return;
-    }
+    require_root();
     let lab = Lab::new(0).unwrap();
 
     // The backend node: uplink on the segment, ip_forward, kube-proxy's

@@ -17,7 +17,7 @@ use kube_dsr_common::{flow_hash, port_word, v4_words, v6_words};
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
     packet::*,
-    privileged,
+    require_root,
 };
 
 const XDP_DROP: u32 = 1;
@@ -201,10 +201,9 @@ fn check(env: &Env, cases: Vec<Case>) -> usize {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn packet_fixtures() {
-    if !privileged("packet_fixtures") {
-        return;
-    }
+    require_root();
     let mut env = Env::new();
     let dut = env.if_mac;
     let web = service(
@@ -811,10 +810,9 @@ const OTHER_NODE_MAC: Mac = [0x02, 0xee, 0, 0, 0, 0x03];
 /// interface's MAC, redirected into that interface), never back onto the
 /// segment.
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn node_stage_fixtures() {
-    if !privileged("node_stage_fixtures") {
-        return;
-    }
+    require_root();
     let mut env = Env::new();
     let dut = env.if_mac;
     let host_side = env.egress;

@@ -40,7 +40,7 @@ use kube_dsr_agent::dataplane::{
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
     packet::*,
-    privileged,
+    require_root,
 };
 
 const XDP_DROP: u32 = 1;
@@ -505,10 +505,9 @@ fn service(
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn xdp_agrees_with_etherparse() {
-    if !privileged("xdp_agrees_with_etherparse") {
-        return;
-    }
+    require_root();
     let seed: u64 = std::env::var("KDSR_FUZZ_SEED").map_or(0x6b64_7372, |s| s.parse().unwrap());
     let frames: u64 = std::env::var("KDSR_FUZZ_FRAMES").map_or(1_000_000, |s| s.parse().unwrap());
 

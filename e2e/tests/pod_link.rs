@@ -12,7 +12,7 @@ use kube_dsr_agent::neigh::{Resolver, Route};
 use kube_dsr_agent::netns::{Netns, prepare_pod_link};
 use kube_dsr_e2e::{
     netns::{NetNs, sh},
-    privileged,
+    require_root,
 };
 
 fn gro(ns: &NetNs, ifname: &str) -> Result<String> {
@@ -30,10 +30,9 @@ fn ifindex(ns: &NetNs, ifname: &str) -> Result<u32> {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn routed_pod_gets_gro_on_and_is_paired_with_its_host_veth() -> Result<()> {
-    if !privileged("routed_pod_gets_gro_on_and_is_paired_with_its_host_veth") {
-        return Ok(());
-    }
+    require_root();
     let node = NetNs::new("kpn")?;
     let pod = NetNs::new("kpp")?;
     let other = NetNs::new("kpo")?;

@@ -13,7 +13,7 @@ use std::{
 
 use kube_dsr_e2e::{
     netns::PinDir,
-    privileged,
+    require_root,
     topology::{Lab, UDP_PORT, VIP},
 };
 
@@ -54,10 +54,9 @@ fn start_owner(lab: &Lab, pins: &Path, force_reload: bool) -> (Child, String) {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn sigkill_and_restart_of_the_dataplane_owner_loses_no_packet() {
-    if !privileged("restart") {
-        return;
-    }
+    require_root();
     let lab = Lab::new(2).unwrap();
     let pins = PinDir::new().unwrap();
     let (mut first, line) = start_owner(&lab, &pins.path, false);

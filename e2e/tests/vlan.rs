@@ -14,7 +14,7 @@ use kube_dsr_agent::dataplane::{
 };
 use kube_dsr_e2e::{
     netns::{NetNs, PinDir},
-    privileged,
+    require_root,
 };
 
 /// Sends, from `dev`, a frame to `dst` carrying two 802.1Q tags (100 outside,
@@ -30,10 +30,9 @@ fn send_double_tagged(ns: &NetNs, dev: &str, dst: [u8; 6]) {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn tags_through_a_bridge_reach_native_xdp_only_if_the_port_keeps_them_inline() {
-    if !privileged("vlan") {
-        return;
-    }
+    require_root();
     for port_txvlan in ["on", "off"] {
         let ns = NetNs::new("kdsrvl").unwrap();
         ns.exec(&format!(
@@ -73,10 +72,9 @@ fn bytes(m: [u8; 6]) -> String {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn generic_xdp_sends_a_stripped_tag_back_out() {
-    if !privileged("vlan") {
-        return;
-    }
+    require_root();
     let ns = NetNs::new("kdsrvg").unwrap();
     // The bridge port keeps tags out of band (tx-vlan-offload on, the
     // default), and does not hand IP to netfilter.

@@ -3,20 +3,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use std::time::Duration;
 
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
-use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::controller::{self, FIELD_MANAGER};
 use crate::error::Error;
-use crate::http::{self, Health};
 use crate::leader::{self, Outcome};
 use crate::metrics::Metrics;
+use kube_dsr_process::Shutdown;
+use kube_dsr_process::http::{self, Health};
 
 /// Leader election settings.
 #[derive(Clone, Debug)]
@@ -39,44 +38,13 @@ pub struct Config {
     pub lease: Option<LeaseConfig>,
 }
 
-/// Resolves once `rx` turns true (or its sender is gone).
-async fn when_true(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
-}
-
-/// Turns SIGTERM / SIGINT into `true` on the returned channel.
-fn shutdown_signal() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    let (tx, rx) = watch::channel(false);
-    let signal_tx = tx.clone();
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            _ = term => info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        }
-        let _ = signal_tx.send(true);
-    });
-    (tx, rx)
-}
-
 /// Runs the operator until SIGTERM (`Ok`) or until the lease is lost
 /// (`Err(LostLease)`, so the process restarts as a follower).
 pub async fn run(config: Config) -> Result<(), Error> {
-    let (shutdown_tx, shutdown_rx) = shutdown_signal();
+    let shutdown = Shutdown::on_signals();
     let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health { metrics: Arc::clone(&metrics), ready: false.into() });
-    let server =
-        http::serve(config.http_addr, Arc::clone(&health), when_true(shutdown_rx.clone())).await?;
+    let health = Arc::new(Health::new(Arc::clone(&metrics)));
+    let server = http::serve(config.http_addr, Arc::clone(&health), shutdown.requested()).await?;
     let server = tokio::spawn(server);
     info!(addr = %config.http_addr, "serving /metrics, /healthz, /readyz");
 
@@ -89,7 +57,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .await
         .map_err(|source| Error::Kube { action: "get API server version", source })?;
     info!(version = %version.git_version, "connected to the API server");
-    health.ready.store(true, Ordering::Relaxed);
+    health.set_ready(true);
 
     let outcome = match &config.lease {
         Some(lease) => {
@@ -119,7 +87,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             let m = Arc::clone(&metrics);
             let outcome = leader::lead(
                 leader_rx,
-                shutdown_rx.clone(),
+                shutdown.receiver(),
                 move |is| m.set_leader(is),
                 |stop| controller::run(client.clone(), Arc::clone(&metrics), stop),
             )
@@ -136,13 +104,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         None => {
             metrics.set_leader(true);
-            controller::run(client, Arc::clone(&metrics), when_true(shutdown_rx.clone())).await;
+            controller::run(client, Arc::clone(&metrics), shutdown.requested()).await;
             Outcome::Shutdown
         }
     };
 
-    health.ready.store(false, Ordering::Relaxed);
-    let _ = shutdown_tx.send(true);
+    health.set_ready(false);
+    shutdown.trigger();
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!(error = %e, "HTTP server failed"),

@@ -25,12 +25,8 @@ pub enum Error {
     #[error("leader election")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
     /// The metrics and health endpoint could not be served.
-    #[error("serving HTTP on {addr}")]
-    Http {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Http(#[from] kube_dsr_process::http::Error),
     /// Leadership was lost while reconciling; the process exits so that it
     /// restarts as a clean follower.
     #[error("lost the leader lease")]
@@ -45,7 +41,7 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::MissingField { .. } => "missing_field",
             Error::Lease(_) => "lease",
-            Error::Http { .. } => "http",
+            Error::Http(_) => "http",
             Error::LostLease => "lost_lease",
         }
     }

@@ -7,12 +7,13 @@
 //! VIP:port), [`slices`] (the EndpointSlices) and [`status`] (conditions and
 //! events). [`controller`] is the thin I/O shell around them.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod backends;
 pub mod conflicts;
 pub mod controller;
 pub mod error;
-pub mod http;
 pub mod index;
 pub mod ingress;
 pub mod leader;

@@ -1,17 +1,13 @@
 //! `dsr-operator`: flags and logging; everything else is in the library.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use kube_dsr_operator::app::{self, Config, LeaseConfig};
-use tracing_subscriber::EnvFilter;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use kube_dsr_process::logging::{self, LogFormat, Output};
 
 /// Kubernetes operator for kube-dsr (Direct Server Return load balancing).
 #[derive(Debug, Parser)]
@@ -46,11 +42,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-    }
+    logging::init(args.log_format, "info", Output::Stdout);
     anyhow::ensure!(
         args.lease_grace > 0 && args.lease_grace < args.lease_duration,
         "--lease-grace must be greater than 0 and less than --lease-duration"

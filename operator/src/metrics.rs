@@ -99,6 +99,12 @@ impl Metrics {
     }
 }
 
+impl kube_dsr_process::http::Render for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
+    }
+}
+
 struct ServicesByCondition(Arc<RwLock<Option<Store<DsrService>>>>);
 
 impl std::fmt::Debug for ServicesByCondition {

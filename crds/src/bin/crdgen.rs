@@ -1,6 +1,8 @@
 //! Prints a generated CRD: `crdgen` (DsrService), `crdgen dsrnodereport`,
 //! or writes every CRD into a directory with `crdgen --write crds`.
 
+#![forbid(unsafe_code)]
+
 use kube_dsr_crds::{Crd, Error};
 
 fn main() -> Result<(), Error> {

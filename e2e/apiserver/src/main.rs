@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kube_dsr_apiserver::{Config, Server, kubeconfig};
-use tracing_subscriber::EnvFilter;
+use kube_dsr_process::Shutdown;
+use kube_dsr_process::logging::{self, LogFormat, Output};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -34,8 +35,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    // Logs go to stderr: stdout carries the bound address.
+    logging::init(LogFormat::Text, "warn", Output::Stderr);
+    let shutdown = Shutdown::on_signals();
     let server = Server::start_with(Config {
         listen: args.listen,
         history: args.history,
@@ -47,11 +49,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, kubeconfig(&url))?;
     }
     println!("{}", server.addr());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    shutdown.requested().await;
     server.shutdown().await;
     Ok(())
 }
