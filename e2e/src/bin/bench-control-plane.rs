@@ -43,7 +43,7 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use kube_dsr_common::{
@@ -422,6 +422,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 struct Row {
     scale: String,
     create_pods_per_s: f64,
+    list_pods_s: f64,
     converge_s: Option<f64>,
     slice: Vec<f64>,
     dataplane: Vec<f64>,
@@ -460,15 +461,16 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "| services × pods | stand-in pod creates/s | converge s | change → slice p50 / p99 s | change → dataplane p50 / p99 s | operator CPU s per change | peak RSS MiB operator / agent / stand-in | CPU s operator / agent / stand-in |"
+        "| services × pods | stand-in: pod creates/s, list all pods s | converge s | change → slice p50 / p99 s | change → dataplane p50 / p99 s | operator CPU s per change | peak RSS MiB operator / agent / stand-in | CPU s operator / agent / stand-in |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let (s, d) = (sorted(&r.slice), sorted(&r.dataplane));
         println!(
-            "| {} | {:.0} | {} | {:.3} / {:.3} | {:.3} / {:.3}{} | {:.4} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
+            "| {} | {:.0}, {:.2} | {} | {:.3} / {:.3} | {:.3} / {:.3}{} | {:.4} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
             r.scale,
             r.create_pods_per_s,
+            r.list_pods_s,
             fmt_opt(r.converge_s, 1),
             percentile(&s, 50.0),
             percentile(&s, 99.0),
@@ -527,9 +529,10 @@ fn cpu_model() -> String {
 fn print_row(r: &Row) {
     let (s, d) = (sorted(&r.slice), sorted(&r.dataplane));
     println!(
-        "scale {}: creates {:.0} pods/s; converge {} s; change→slice p50 {:.3} p99 {:.3} s; change→dataplane p50 {:.3} p99 {:.3} s ({} changes, {} missed); operator CPU {:.4} s/change; peak RSS operator {:.0} agent {:.0} stand-in {:.0} MiB; CPU s operator {:.1} agent {:.1} stand-in {:.1}",
+        "scale {}: stand-in creates {:.0} pods/s, lists them all in {:.2} s; converge {} s; change→slice p50 {:.3} p99 {:.3} s; change→dataplane p50 {:.3} p99 {:.3} s ({} changes, {} missed); operator CPU {:.4} s/change; peak RSS operator {:.0} agent {:.0} stand-in {:.0} MiB; CPU s operator {:.1} agent {:.1} stand-in {:.1}",
         r.scale,
         r.create_pods_per_s,
+        r.list_pods_s,
         fmt_opt(r.converge_s, 1),
         percentile(&s, 50.0),
         percentile(&s, 99.0),
@@ -745,7 +748,8 @@ async fn world(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let focus = Arc::new(Mutex::new(Focus::All));
     poll_dataplane(
-        pins.join(INGRESS_NODE).join("eth0"),
+        // The agent pins one directory per interface under --bpffs-dir.
+        pins.join("eth0"),
         Arc::clone(&snapshot),
         Arc::clone(&focus),
         Arc::clone(&stop),
@@ -809,10 +813,30 @@ async fn world(
     }
     eprintln!("converged: {converge_s:?}");
 
+    // The stand-in's list cost: every pod, in pages of 500 as reflectors
+    // list, while the operator and the agent watch.
+    let listed_at = Instant::now();
+    let (mut listed, mut token) = (0usize, None::<String>);
+    loop {
+        let mut lp = ListParams::default().limit(500);
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let page = pods.list(&lp).await?;
+        listed += page.items.len();
+        token = page.metadata.continue_.filter(|t| !t.is_empty());
+        if token.is_none() {
+            break;
+        }
+    }
+    let list_pods_s = listed_at.elapsed().as_secs_f64();
+    ensure!(listed == world.len(), "listed {listed} pods of {}", world.len());
+
     // Single changes, one at a time.
     let mut row = Row {
         scale: format!("{}x{}", scale.services, scale.pods),
         create_pods_per_s,
+        list_pods_s,
         converge_s,
         ..Default::default()
     };
