@@ -61,14 +61,47 @@ pub enum Skipped {
     HostNetwork,
 }
 
+/// Label lookup, for selectors over both API label maps and [`PodLabels`].
+pub trait Labels {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl Labels for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// A pod's labels, sorted by key in one allocation: a one-entry BTreeMap
+/// allocates a whole node (eleven slots, over 500 bytes), which for
+/// 100,000 cached pods is most of their memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodLabels(Box<[(String, String)]>);
+
+impl PodLabels {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl Labels for PodLabels {
+    fn label(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        Some(self.0[i].1.as_str())
+    }
+}
+
+impl From<&BTreeMap<String, String>> for PodLabels {
+    fn from(labels: &BTreeMap<String, String>) -> Self {
+        PodLabels(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
 /// Whether `labels` carry every key/value of `selector` (a Service-style
 /// equality selector). An empty selector matches nothing here: the API
 /// refuses it, and selecting every pod by accident is worse than none.
-pub fn selector_matches(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &impl Labels) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.label(k) == Some(v.as_str()))
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -99,7 +132,7 @@ pub struct PodFacts {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: PodLabels,
     /// `spec.nodeName`; `None` until scheduled.
     pub node: Option<String>,
     pub host_network: bool,
@@ -121,7 +154,7 @@ impl From<&Pod> for PodFacts {
             namespace: pod.namespace().unwrap_or_default(),
             name: pod.name_any(),
             uid: pod.uid().unwrap_or_default(),
-            labels: pod.labels().clone(),
+            labels: pod.labels().into(),
             node: spec.and_then(|s| s.node_name.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: matches!(phase, Some("Succeeded" | "Failed")),
@@ -495,5 +528,12 @@ pub(crate) mod tests {
         let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
         assert!(!selector_matches(&BTreeMap::new(), &labels));
         assert!(selector_matches(&labels, &labels));
+        let compact = PodLabels::from(&BTreeMap::from([
+            ("tier".to_string(), "front".to_string()),
+            ("app".to_string(), "web".to_string()),
+        ]));
+        assert!(selector_matches(&labels, &compact));
+        assert_eq!(compact.label("tier"), Some("front"));
+        assert_eq!(compact.label("zone"), None);
     }
 }

@@ -34,7 +34,7 @@ use kube::runtime::watcher::Event;
 use kube_dsr_crds::validation::parse_ip;
 use kube_dsr_crds::{DsrNodeReport, DsrNodeReportSpec, DsrService};
 
-use crate::backends::{PodFacts, ZONE_LABEL, selector_matches};
+use crate::backends::{PodFacts, PodLabels, ZONE_LABEL, selector_matches};
 use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 
 /// `(namespace, name)` of a namespaced object.
@@ -189,8 +189,11 @@ pub struct Index {
     relist_slices: Option<Vec<EndpointSlice>>,
 }
 
-fn terms(ns: &str, labels: &BTreeMap<String, String>) -> impl Iterator<Item = Term> {
-    labels.iter().map(move |(k, v)| (ns.to_string(), k.clone(), v.clone()))
+fn terms<'a>(
+    ns: &'a str,
+    labels: impl IntoIterator<Item = (&'a String, &'a String)> + 'a,
+) -> impl Iterator<Item = Term> + 'a {
+    labels.into_iter().map(move |(k, v)| (ns.to_string(), k.clone(), v.clone()))
 }
 
 fn unlink<K: std::hash::Hash + Eq, V: std::hash::Hash + Eq>(
@@ -225,8 +228,8 @@ impl Index {
     // ---- services -------------------------------------------------------
 
     /// Services whose selector matches a pod in `ns` with `labels`.
-    fn services_selecting(&self, ns: &str, labels: &BTreeMap<String, String>, out: &mut Triggers) {
-        for term in terms(ns, labels) {
+    fn services_selecting(&self, ns: &str, labels: &PodLabels, out: &mut Triggers) {
+        for term in terms(ns, labels.iter()) {
             for name in self.services_by_term.get(&term).into_iter().flatten() {
                 let key = (ns.to_string(), name.clone());
                 if out.contains(&key) {
@@ -327,7 +330,7 @@ impl Index {
     // ---- pods -----------------------------------------------------------
 
     fn unindex_pod(&mut self, key: &Key, pod: &PodFacts) {
-        for term in terms(&key.0, &pod.labels) {
+        for term in terms(&key.0, pod.labels.iter()) {
             unlink(&mut self.pods_by_term, term, &key.1);
         }
         if self.pods_by_uid.get(&pod.uid) == Some(key) {
@@ -349,7 +352,7 @@ impl Index {
             self.unindex_pod(&key, &old);
         }
         self.services_selecting(&key.0, &pod.labels, out);
-        for term in terms(&key.0, &pod.labels) {
+        for term in terms(&key.0, pod.labels.iter()) {
             self.pods_by_term.entry(term).or_default().insert(key.1.clone());
         }
         if !pod.uid.is_empty() {
@@ -703,7 +706,7 @@ mod tests {
 
     fn labelled(name: &str, node: &str, app: &str, ready: bool) -> PodFacts {
         let mut p = PodFacts::from(&pod(name, node, &["10.0.0.1"], ready));
-        p.labels = BTreeMap::from([("app".into(), app.into())]);
+        p.labels = (&BTreeMap::from([("app".to_string(), app.to_string())])).into();
         p
     }
 
