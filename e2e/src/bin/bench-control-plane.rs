@@ -591,7 +591,10 @@ fn run_scale(
     // The stand-in, in the namespace; its kubeconfig for everyone.
     let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", ns.name));
     let api_addr = format!("{}:6443", ip(1));
-    let history = (total_pods as usize * 3).max(10_000).to_string();
+    // Watch events retained: a client that falls further behind relists
+    // (410 Gone), as after an etcd compaction. Every record holds a whole
+    // object, so this bounds the stand-in's memory too.
+    let history = "50000".to_string();
     let kc = kubeconfig.to_str().context("path")?.to_string();
     let api = Proc::spawn(
         "apiserver",
