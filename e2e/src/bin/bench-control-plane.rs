@@ -62,6 +62,9 @@ const SEGMENT_PREFIX: u8 = 15;
 /// Pod addresses start here (node addresses are below).
 const FIRST_POD: u32 = 1024;
 const VIP_BASE: u32 = u32::from_be_bytes([10, 200, 0, 0]);
+/// Maglev table size of every service: the size the agent's default
+/// capacity is planned for at 1,000 services (DESIGN.md, "Capacity").
+const TABLE_SIZE: u32 = 16381;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Control-plane benchmark: convergence and change latency at scale (needs root)")]
@@ -717,13 +720,14 @@ async fn world(
     }
 
     // The services: ARP announcement off (routed VIPs), so what is timed
-    // is programming, not Lease traffic.
+    // is programming, not Lease traffic; tableSize 16381.
     for s in 0..scale.services {
         let obj: kube_dsr_crds::DsrService = serde_json::from_value(json!({
             "apiVersion": "kubedsr.io/v1alpha1", "kind": "DsrService",
             "metadata": {"name": service_name(s), "namespace": NAMESPACE},
             "spec": {"vips": [vip(s)], "ports": [{"port": 80, "protocol": "TCP"}],
-                "selector": {"app": service_name(s)}, "ingress": {"announcement": "None"}},
+                "selector": {"app": service_name(s)}, "ingress": {"announcement": "None"},
+                "hashing": {"tableSize": TABLE_SIZE}},
         }))?;
         services.create(&pp, &obj).await?;
     }
