@@ -46,6 +46,11 @@ pub const FIELD_MANAGER: &str = "dsr-operator";
 const RESYNC: Duration = Duration::from_secs(300);
 /// Retry delay after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(5);
+/// Reconciles in flight at once. Unbounded, a start-up queues every
+/// service at once and each holds its inputs and request bodies while it
+/// waits on the API server (hundreds of MiB at 1,000 services × 100
+/// pods); the API server, not the operator's CPU, is what they wait on.
+const CONCURRENCY: u16 = 16;
 /// Triggers for one service within this window make one reconcile (a
 /// rollout moves many pods of one service at once). A reconcile costs only
 /// the service's own backends, so the window stays well under the
@@ -106,8 +111,8 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
         .namespace()
         .ok_or(Error::MissingField { kind: "DsrService", field: "metadata.namespace" })?;
     let key = (namespace, svc.name_any());
-    let observed = observe(svc, &key, ctx);
-    let decision = decide(svc, &key, &observed, &now());
+    // What was read is dropped before the writes wait on the API server.
+    let decision = decide(svc, &key, &observe(svc, &key, ctx), &now());
     write(svc, &key, decision, ctx).await?;
     Ok(Action::requeue(RESYNC))
 }
@@ -373,7 +378,11 @@ pub async fn run(
     });
 
     Controller::for_stream(service_stream, services)
-        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE))
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .debounce(DEBOUNCE)
+                .concurrency(CONCURRENCY),
+        )
         .reconcile_on(stream::select_all([pods, nodes, reports, slices, siblings_rx.boxed()]))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
