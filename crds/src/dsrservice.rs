@@ -375,6 +375,12 @@ pub mod conditions {
         pub const INVALID: &str = "Invalid";
         pub const PROGRAMMED: &str = "Programmed";
         pub const PENDING: &str = "Pending";
+        /// An ingress node's dataplane is full; the service was refused
+        /// there (the message names the node and the limit).
+        pub const CAPACITY_EXCEEDED: &str = "CapacityExceeded";
+        /// An ingress node failed to program the service (the message
+        /// names the node and its error).
+        pub const PROGRAMMING_FAILED: &str = "ProgrammingFailed";
         pub const NO_INGRESS_NODES: &str = "NoIngressNodes";
         pub const NOT_ACCEPTED: &str = "NotAccepted";
         pub const IN_CONFLICT: &str = "InConflict";

@@ -17,8 +17,8 @@ pub use dsrservice::{
 };
 pub use error::Error;
 pub use nodereport::{
-    BackendReport, Delivery, DsrNodeReport, DsrNodeReportSpec, IngressReport, ReachCounts,
-    UnreachedBackend,
+    BackendReport, Delivery, DsrNodeReport, DsrNodeReportSpec, IngressErrorReason, IngressReport,
+    ReachCounts, UnreachedBackend,
 };
 
 use kube::CustomResourceExt;

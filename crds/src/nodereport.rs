@@ -78,6 +78,12 @@ pub struct IngressReport {
     /// Why programming failed, when it did (the last error, for humans).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why this generation is not programmed, for machines: set with
+    /// `error` when the service is not (fully) in the dataplane; absent
+    /// while it is programmed (`error` may then still name unreached
+    /// backends) or not tried yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_reason: Option<IngressErrorReason>,
     /// How this node's ingress stage reaches the backends it programs
     /// (ready and draining, per VIP family).
     #[serde(default)]
@@ -86,6 +92,20 @@ pub struct IngressReport {
     /// [`MAX_UNREACHED`] listed); they get no traffic from this node.
     #[serde(default)]
     pub unreached: Vec<UnreachedBackend>,
+}
+
+/// Why an ingress node has not programmed a service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressErrorReason {
+    /// The node's dataplane is full (service ids, backend slots, Maglev
+    /// ring memory or VIP table slots): the service was refused whole, the
+    /// services already programmed there are untouched. Retried with
+    /// back-off, at once when something is removed.
+    CapacityExceeded,
+    /// Programming or planning failed on the node (retried with back-off).
+    ProgrammingFailed,
+    /// No backend yet and no route toward the VIP to choose an interface.
+    NoInterface,
 }
 
 /// At most this many unreached backends are listed per service.

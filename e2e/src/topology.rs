@@ -38,7 +38,7 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 
-use kube_dsr_agent::dataplane::{Config, Dataplane};
+use kube_dsr_agent::dataplane::{Capacity, Config, Dataplane};
 
 use crate::netns::{NetNs, PinDir, sh};
 
@@ -226,9 +226,15 @@ impl Lab {
     /// Opens the dataplane on the ingress node's eth0, pinned under a fresh
     /// pin directory (removed, with the program, when it is dropped).
     pub fn open_dataplane(&self) -> Result<(PinDir, Dataplane)> {
+        self.open_dataplane_with(Capacity::default())
+    }
+
+    /// [`Lab::open_dataplane`] with maps of the given capacity.
+    pub fn open_dataplane_with(&self, capacity: Capacity) -> Result<(PinDir, Dataplane)> {
         let pins = PinDir::new()?;
         let mut cfg = Config::new("eth0");
         cfg.pin_dir = pins.path.clone();
+        cfg.capacity = capacity;
         let dp = self.ingress.run(move || Dataplane::open(&cfg))??;
         Ok((pins, dp))
     }

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use kube_dsr_agent::dataplane::{BackendSpec, PortSpec, Protocol, ServiceSpec, Stage};
+use kube_dsr_agent::dataplane::{BackendSpec, Capacity, PortSpec, Protocol, ServiceSpec, Stage};
 use kube_dsr_e2e::{
     require_root,
     topology::{Lab, TCP_PORT, VIP, VIP6, forwarded},
@@ -175,4 +175,93 @@ fn tcp_over_ipv6_through_xdp_reaches_every_backend_and_replies_bypass_the_ingres
     assert!(fwd >= 60 * 4, "client packets forwarded by XDP: {fwd}");
     assert!(rx < fwd + 20, "the ingress interface saw {rx} packets for {fwd} forwarded ones");
     assert_eq!(dp.service_traffic(name).unwrap().packets, fwd);
+}
+
+/// Every request of `n` connections through the VIP is answered, and the
+/// answers come from `want` (backend names) only.
+fn serves(lab: &Lab, n: usize, want: &[&str]) {
+    let answers = lab
+        .client
+        .run(move || {
+            (0..n).map(|_| Conn::open().and_then(|mut c| c.ask())).collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap()
+        .expect("every request through the VIP succeeds");
+    assert!(answers.iter().all(|a| want.contains(&a.as_str())), "{answers:?} not all in {want:?}");
+}
+
+#[test]
+fn a_full_dataplane_refuses_a_service_whole_and_the_others_keep_forwarding() {
+    if !privileged("netns_dataplane") {
+        return;
+    }
+    let lab = Lab::new(3).unwrap();
+    // Four service ids, eight backend slots, two ring chunks.
+    let cap = Capacity { services: 4, backends: 8, ring_chunks: 2 };
+    let (_pins, mut dp) = lab.open_dataplane_with(cap).unwrap();
+    let mut web = service(&lab, &[0, 1, 2]);
+    web.table_size = 16381;
+    dp.upsert_service(&web).unwrap();
+    let names: Vec<&str> = lab.backends.iter().map(|b| b.name.as_str()).collect();
+    serves(&lab, 20, &names);
+
+    // Three more services with one backend each, on other ports, in the
+    // other chunk (tables of 251): every service id is taken.
+    let small = |name: &str, port: u16, which: &[usize]| {
+        let mut s = service(&lab, which);
+        s.name = name.into();
+        s.ports = vec![PortSpec { port, protocol: Protocol::Tcp }];
+        s.table_size = 251;
+        s
+    };
+    for (i, port) in [81, 82, 83].into_iter().enumerate() {
+        dp.upsert_service(&small(&format!("default/fill-{i}/v4"), port, &[i])).unwrap();
+    }
+    let snapshot = |dp: &kube_dsr_agent::dataplane::Dataplane| {
+        let mut s: Vec<ServiceSpec> = dp.services().cloned().collect();
+        s.sort_by(|a, b| a.name.cmp(&b.name));
+        (s, dp.usage())
+    };
+    let before = snapshot(&dp);
+    assert_eq!(before.1.free_services, 0);
+    assert_eq!(before.1.free_backends, 2);
+    assert_eq!(before.1.free_ring_chunks, 0);
+
+    // No service id left.
+    let e = dp.upsert_service(&small("default/late/v4", 84, &[0])).unwrap_err();
+    assert!(e.is_capacity(), "{e}");
+    assert!(e.to_string().contains("--max-services"), "{e}");
+    assert_eq!(snapshot(&dp), before, "a refused new service leaves no trace");
+
+    // Not enough backend slots for a grown service: it keeps what it had.
+    let grown = {
+        let mut s = small("default/fill-0/v4", 81, &[0, 1, 2]);
+        s.backends.push(BackendSpec::new("10.10.0.99".parse().unwrap(), [2, 0, 0, 0, 0, 0x99]));
+        s
+    };
+    let e = dp.upsert_service(&grown).unwrap_err();
+    assert!(e.is_capacity() && e.to_string().contains("--max-backends"), "{e}");
+    assert_eq!(snapshot(&dp), before, "a refused change leaves the service as it was");
+
+    // Free one id; a service wanting a 65537-slot table finds no ring
+    // chunk (both hold smaller tables) and is refused.
+    dp.remove_service("default/fill-2/v4").unwrap();
+    let before = snapshot(&dp);
+    let mut big = small("default/big/v4", 85, &[2]);
+    big.table_size = 65537;
+    let e = dp.upsert_service(&big).unwrap_err();
+    assert!(e.is_capacity() && e.to_string().contains("--ring-mib"), "{e}");
+    assert_eq!(snapshot(&dp), before);
+
+    // Through all of it the first service forwarded; a refused port is
+    // not a VIP (its packets go to the kernel, nothing answers there).
+    serves(&lab, 20, &names);
+    let refused = lab
+        .client
+        .run(|| Conn::open_to(SocketAddr::from((VIP, 85))).and_then(|mut c| c.ask()))
+        .unwrap();
+    assert!(refused.is_err(), "nothing serves the refused service: {refused:?}");
+    // A service that fits still goes in.
+    dp.upsert_service(&small("default/fits/v4", 86, &[1])).unwrap();
+    serves(&lab, 10, &names);
 }

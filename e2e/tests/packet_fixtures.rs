@@ -55,8 +55,8 @@ impl Env {
         let pins = PinDir::new().unwrap();
         let mut cfg = Config::new("dsr0");
         cfg.pin_dir = pins.path.clone();
-        cfg.max_services = 8;
-        cfg.max_backends = 64;
+        cfg.capacity =
+            kube_dsr_agent::dataplane::Capacity { services: 8, backends: 64, ring_chunks: 16 };
         cfg.conn_entries = 4096;
         let dp = ns.run(move || Dataplane::open(&cfg)).unwrap().unwrap();
         let if_mac = ns.mac("dsr0").unwrap();

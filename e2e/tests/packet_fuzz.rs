@@ -516,8 +516,8 @@ fn xdp_agrees_with_etherparse() {
     let pins = PinDir::new().unwrap();
     let mut cfg = Config::new("dsr0");
     cfg.pin_dir = pins.path.clone();
-    cfg.max_services = 8;
-    cfg.max_backends = 64;
+    cfg.capacity =
+        kube_dsr_agent::dataplane::Capacity { services: 8, backends: 64, ring_chunks: 16 };
     cfg.conn_entries = 4096;
     let mut dp = ns.run(move || Dataplane::open(&cfg)).unwrap().unwrap();
     let ours = ns.mac("dsr0").unwrap();

@@ -60,11 +60,20 @@ pub enum Error {
     #[error("invalid service {service:?}: {reason}")]
     InvalidService { service: String, reason: String },
 
-    #[error("no room for service {service:?}: all {max} service slots are in use")]
+    #[error(
+        "no room for {service:?} on this node: all {max} service slots are in use (agent flag --max-services)"
+    )]
     ServicesFull { service: String, max: u32 },
 
-    #[error("no room for backend {addr} of {service:?}: all {max} backend slots are in use")]
-    BackendsFull { service: String, addr: IpAddr, max: u32 },
+    #[error(
+        "no room for {service:?} on this node: it needs {wanted} more backend slot(s) and {free} of {max} are free (agent flag --max-backends)"
+    )]
+    BackendsFull { service: String, wanted: usize, free: usize, max: u32 },
+
+    #[error(
+        "no room for {service:?} on this node: it needs {rows} more Maglev row(s) of {table_size} slots and {available} are free in {chunks} ring chunk(s) (agent flag --ring-mib, or a smaller spec.hashing.tableSize)"
+    )]
+    RingsFull { service: String, table_size: u32, rows: usize, available: u64, chunks: u32 },
 
     #[error("no free VIP table slot near {key} (too many VIPs hash together; the table holds {slots})", slots = kube_dsr_common::VIP_SLOTS)]
     VipTableFull { key: String },
@@ -149,6 +158,7 @@ impl Error {
             Self::InvalidService { .. } => "invalid_service",
             Self::ServicesFull { .. } => "services_full",
             Self::BackendsFull { .. } => "backends_full",
+            Self::RingsFull { .. } => "rings_full",
             Self::VipTableFull { .. } => "vip_table_full",
             Self::UnknownService(_) => "unknown_service",
             Self::UnknownBackend { .. } => "unknown_backend",
@@ -163,6 +173,21 @@ impl Error {
             Self::NeighbourLookup { .. } => "neighbour_lookup",
             Self::Io { .. } => "io",
         }
+    }
+}
+
+impl Error {
+    /// The dataplane is full: the service was refused whole and nothing
+    /// changed. Retrying helps only once something else is removed (or the
+    /// capacity is raised).
+    pub fn is_capacity(&self) -> bool {
+        matches!(
+            self,
+            Self::ServicesFull { .. }
+                | Self::BackendsFull { .. }
+                | Self::RingsFull { .. }
+                | Self::VipTableFull { .. }
+        )
     }
 }
 

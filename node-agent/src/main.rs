@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kube_dsr_agent::agent::{self, Config};
-use kube_dsr_agent::dataplane::{AttachMode, DEFAULT_PIN_DIR};
+use kube_dsr_agent::dataplane::{AttachMode, Capacity, DEFAULT_PIN_DIR};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -77,6 +77,20 @@ struct RunArgs {
     /// address leaves through.
     #[arg(long, env = "DSR_NODE_INTERFACE")]
     node_interface: Option<String>,
+    /// Service ids per dataplane (one per VIP family and stage of a
+    /// DsrService). Fixed when the maps are created.
+    #[arg(long, default_value_t = kube_dsr_common::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    /// Backend slots per dataplane (one per service and backend; a node
+    /// reached through its node stage counts once per service). Fixed when
+    /// the maps are created.
+    #[arg(long, default_value_t = kube_dsr_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Maglev ring memory per dataplane, in MiB: every service keeps two
+    /// tables of its tableSize 4-byte slots (128 KiB at 16381, 512 KiB at
+    /// 65537). Fixed when the maps are created.
+    #[arg(long, default_value_t = 128)]
+    ring_mib: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +133,15 @@ fn main() -> anyhow::Result<()> {
         "--lease-duration must be more than twice --lease-retry (and --lease-retry above 0)"
     );
     anyhow::ensure!(r.resync_seconds > 0, "--resync-seconds must be above 0");
+    let capacity = Capacity {
+        services: r.max_services,
+        backends: r.max_backends,
+        ring_chunks: Capacity::ring_chunks_in_mib(r.ring_mib),
+    };
+    anyhow::ensure!(
+        capacity.services > 0 && capacity.backends > 0 && capacity.ring_chunks >= 2,
+        "--max-services and --max-backends must be above 0, --ring-mib at least 1"
+    );
     let cfg = Config {
         node_name,
         http_addr: r.http_addr,
@@ -134,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         lease_duration: Duration::from_secs(r.lease_duration),
         lease_retry: Duration::from_secs(r.lease_retry),
         node_interface: r.node_interface,
+        capacity,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(agent::run(cfg, agent::announcer()))

@@ -221,6 +221,7 @@ impl Harness {
                             announced_vips: s.spec.vips.clone(),
                             backends: 0,
                             error: None,
+                            error_reason: None,
                             reach: Default::default(),
                             unreached: vec![],
                         })

@@ -7,8 +7,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube_dsr_crds::dsrservice::conditions::{self, reasons};
 use kube_dsr_crds::validation::{FieldError, parse_ip};
 use kube_dsr_crds::{
-    Announcement, DsrNodeReportSpec, DsrServiceSpec, DsrServiceStatus, NodeReach, StatusSummary,
-    VipStatus,
+    Announcement, DsrNodeReportSpec, DsrServiceSpec, DsrServiceStatus, IngressErrorReason,
+    IngressReport, NodeReach, StatusSummary, VipStatus,
 };
 
 use crate::backends::Counts;
@@ -66,34 +66,64 @@ fn ports_summary(spec: &DsrServiceSpec) -> String {
 
 /// The status to write. `previous` keeps `lastTransitionTime` of conditions
 /// whose status did not change, so an unchanged world gives an identical
-/// status and no write.
+/// status and no write. Each condition is its own function below.
 pub fn desired_status(
     obs: &Observation<'_>,
     previous: Option<&DsrServiceStatus>,
     now: &Time,
 ) -> DsrServiceStatus {
-    let g = obs.generation;
-    let accepted = obs.invalid.is_empty();
-    let in_conflict = !obs.conflicts.is_empty();
-    let active = accepted && !in_conflict;
+    let active = obs.invalid.is_empty() && obs.conflicts.is_empty();
+    let vips = vip_statuses(obs, active);
+    let mut conds = vec![
+        accepted_condition(obs, now),
+        programmed_condition(obs, &vips, now),
+        backends_ready_condition(obs, now),
+        conflict_condition(obs, now),
+    ];
+    if let Some(prev) = previous {
+        for c in &mut conds {
+            if let Some(p) = prev.conditions.iter().find(|p| p.type_ == c.type_)
+                && p.status == c.status
+            {
+                c.last_transition_time = p.last_transition_time.clone();
+            }
+        }
+    }
 
-    let accepted_c = if accepted {
+    let counts = if active { obs.counts } else { Counts::default() };
+    DsrServiceStatus {
+        observed_generation: obs.generation,
+        conditions: conds,
+        ready_backends: counts.ready,
+        total_backends: counts.total,
+        ingress_nodes: if active { obs.plan.nodes.clone() } else { Vec::new() },
+        vips,
+        reach: if active { node_reach(obs) } else { Vec::new() },
+        summary: Some(StatusSummary {
+            ports: ports_summary(obs.spec),
+            backends: format!("{}/{}", counts.ready, counts.total),
+        }),
+    }
+}
+
+/// This service's entry in `node`'s report.
+fn entry<'a>(obs: &Observation<'a>, node: &str) -> Option<&'a IngressReport> {
+    obs.reports.get(node).and_then(|r| r.ingress_for(obs.namespace, obs.name))
+}
+
+fn accepted_condition(obs: &Observation<'_>, now: &Time) -> Condition {
+    let g = obs.generation;
+    if obs.invalid.is_empty() {
         condition(conditions::ACCEPTED, true, reasons::VALID, "spec is valid".into(), g, now)
     } else {
         let msg = obs.invalid.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
         condition(conditions::ACCEPTED, false, reasons::INVALID, msg, g, now)
-    };
+    }
+}
 
-    let conflict_c = if in_conflict {
-        condition(
-            conditions::CONFLICT,
-            true,
-            reasons::PORT_CONFLICT,
-            describe(obs.conflicts),
-            g,
-            now,
-        )
-    } else {
+fn conflict_condition(obs: &Observation<'_>, now: &Time) -> Condition {
+    let g = obs.generation;
+    if obs.conflicts.is_empty() {
         condition(
             conditions::CONFLICT,
             false,
@@ -102,126 +132,171 @@ pub fn desired_status(
             g,
             now,
         )
-    };
-
-    // Which ingress nodes program this generation, and which VIPs are announced.
-    let vips: Vec<String> =
-        obs.spec.vips.iter().filter_map(|v| parse_ip(v)).map(|v| v.to_string()).collect();
-    let programmed_on = |node: &str| {
-        obs.reports.get(node).and_then(|r| r.ingress_for(obs.namespace, obs.name)).is_some_and(
-            |i| {
-                Some(i.observed_generation) == g
-                    && vips.iter().all(|v| i.programmed_vips.contains(v))
-            },
+    } else {
+        condition(
+            conditions::CONFLICT,
+            true,
+            reasons::PORT_CONFLICT,
+            describe(obs.conflicts),
+            g,
+            now,
         )
-    };
-    let waiting: Vec<&str> =
-        obs.plan.nodes.iter().map(String::as_str).filter(|n| !programmed_on(n)).collect();
-    let vip_status: Vec<VipStatus> = obs
-        .plan
+    }
+}
+
+/// Per VIP, the node answering ARP/ND for it: agents elect the announcer
+/// among the ingress nodes with a Lease per VIP; the plan's choice is who
+/// tries first. Status names the node whose report says it answers, else
+/// the one expected to.
+fn vip_statuses(obs: &Observation<'_>, active: bool) -> Vec<VipStatus> {
+    obs.plan
         .announcers
         .iter()
         .map(|(vip, preferred)| {
             let v = vip.to_string();
-            // Agents elect the announcer among the ingress nodes with a
-            // Lease per VIP; the plan's choice is who tries first. Status
-            // names the node that reports answering ARP/ND, else the one
-            // expected to.
-            let announces = |n: &str| {
-                obs.reports
-                    .get(n)
-                    .and_then(|r| r.ingress_for(obs.namespace, obs.name))
-                    .is_some_and(|i| i.announced_vips.contains(&v))
-            };
+            let announces = |n: &str| entry(obs, n).is_some_and(|i| i.announced_vips.contains(&v));
             let holder = preferred
                 .as_ref()
                 .and_then(|_| obs.plan.nodes.iter().find(|n| announces(n.as_str())));
             let node = holder.or(preferred.as_ref()).cloned().filter(|_| active);
             VipStatus { address: v, announcing_node: node, announced: active && holder.is_some() }
         })
-        .collect();
+        .collect()
+}
+
+/// `Programmed`: every ingress node reports this generation with every VIP
+/// in its dataplane, and in ARP mode each VIP is announced. A node that
+/// refused the service or failed to program it says why, in the node's own
+/// words: a full dataplane gives `CapacityExceeded`, any other failure
+/// `ProgrammingFailed`; nodes that have not answered yet give `Pending`.
+fn programmed_condition(obs: &Observation<'_>, vips: &[VipStatus], now: &Time) -> Condition {
+    let g = obs.generation;
+    let false_ = |reason, msg: &str| {
+        condition(conditions::PROGRAMMED, false, reason, msg.to_string(), g, now)
+    };
+    if !obs.invalid.is_empty() {
+        return false_(reasons::NOT_ACCEPTED, "spec is invalid; nothing is programmed");
+    }
+    if !obs.conflicts.is_empty() {
+        return false_(
+            reasons::IN_CONFLICT,
+            "in conflict with an earlier DsrService; nothing is programmed",
+        );
+    }
+    if obs.plan.nodes.is_empty() {
+        return false_(
+            reasons::NO_INGRESS_NODES,
+            "no Ready node matching spec.ingress.nodeSelector runs dsr-agent",
+        );
+    }
+    let addresses: Vec<String> =
+        obs.spec.vips.iter().filter_map(|v| parse_ip(v)).map(|v| v.to_string()).collect();
+    let programmed_on = |node: &str| {
+        entry(obs, node).is_some_and(|i| {
+            Some(i.observed_generation) == g
+                && addresses.iter().all(|v| i.programmed_vips.contains(v))
+        })
+    };
+    let waiting: Vec<&str> =
+        obs.plan.nodes.iter().map(String::as_str).filter(|n| !programmed_on(n)).collect();
     let arp = obs.spec.ingress.announcement == Announcement::Arp;
     let unannounced: Vec<&str> =
-        vip_status.iter().filter(|v| arp && !v.announced).map(|v| v.address.as_str()).collect();
-
-    let programmed_c = if !accepted {
-        condition(
-            conditions::PROGRAMMED,
-            false,
-            reasons::NOT_ACCEPTED,
-            "spec is invalid; nothing is programmed".into(),
-            g,
-            now,
-        )
-    } else if in_conflict {
-        condition(
-            conditions::PROGRAMMED,
-            false,
-            reasons::IN_CONFLICT,
-            "in conflict with an earlier DsrService; nothing is programmed".into(),
-            g,
-            now,
-        )
-    } else if obs.plan.nodes.is_empty() {
-        condition(
-            conditions::PROGRAMMED,
-            false,
-            reasons::NO_INGRESS_NODES,
-            "no Ready node matching spec.ingress.nodeSelector runs dsr-agent".into(),
-            g,
-            now,
-        )
-    } else if waiting.is_empty() && unannounced.is_empty() {
-        let n = obs.plan.nodes.len();
-        condition(
+        vips.iter().filter(|v| arp && !v.announced).map(|v| v.address.as_str()).collect();
+    let total = obs.plan.nodes.len();
+    if waiting.is_empty() && unannounced.is_empty() {
+        return condition(
             conditions::PROGRAMMED,
             true,
             reasons::PROGRAMMED,
-            format!("programmed on {n} ingress node(s)"),
+            format!("programmed on {total} ingress node(s)"),
             g,
             now,
-        )
-    } else {
-        let done = obs.plan.nodes.len() - waiting.len();
-        let mut msg = format!(
-            "{done} of {} ingress node(s) programmed generation {}",
-            obs.plan.nodes.len(),
-            g.unwrap_or_default()
         );
-        if !waiting.is_empty() {
-            msg.push_str(&format!("; waiting for {}", short_list(&waiting)));
-        }
-        if !unannounced.is_empty() {
-            msg.push_str(&format!("; not yet announced: {}", unannounced.join(", ")));
-        }
-        condition(conditions::PROGRAMMED, false, reasons::PENDING, msg, g, now)
-    };
-
-    // How each ingress node reaches the backends, and what it does not
-    // reach, from its report.
-    let reach: Vec<NodeReach> = if active {
-        obs.plan
-            .nodes
-            .iter()
-            .filter_map(|n| {
-                let i = obs.reports.get(n)?.ingress_for(obs.namespace, obs.name)?;
-                Some(NodeReach {
-                    node: n.clone(),
-                    direct: i.reach.direct,
-                    via_node: i.reach.via_node,
-                    local: i.reach.local,
-                    unreached: i32::try_from(i.unreached.len()).unwrap_or(i32::MAX),
-                })
-            })
-            .collect()
+    }
+    // Nodes that said why they did not program it, worst first.
+    let failed: Vec<(&str, IngressErrorReason, &str)> = waiting
+        .iter()
+        .filter_map(|n| {
+            let i = entry(obs, n)?;
+            Some((*n, i.error_reason?, i.error.as_deref().unwrap_or("no detail")))
+        })
+        .collect();
+    let refused: Vec<String> = failed
+        .iter()
+        .filter(|(_, r, _)| *r == IngressErrorReason::CapacityExceeded)
+        .map(|(n, _, e)| format!("{n}: {e}"))
+        .collect();
+    let other: Vec<String> = failed
+        .iter()
+        .filter(|(_, r, _)| *r != IngressErrorReason::CapacityExceeded)
+        .map(|(n, _, e)| format!("{n}: {e}"))
+        .collect();
+    let mut msg = format!(
+        "{} of {total} ingress node(s) programmed generation {}",
+        total - waiting.len(),
+        g.unwrap_or_default()
+    );
+    if !refused.is_empty() {
+        let r: Vec<&str> = refused.iter().map(String::as_str).collect();
+        msg.push_str(&format!("; refused (dataplane full) by {}", short_list(&r)));
+    }
+    if !other.is_empty() {
+        let o: Vec<&str> = other.iter().map(String::as_str).collect();
+        msg.push_str(&format!("; failed on {}", short_list(&o)));
+    }
+    let silent: Vec<&str> =
+        waiting.iter().copied().filter(|n| !failed.iter().any(|(f, _, _)| f == n)).collect();
+    if !silent.is_empty() {
+        msg.push_str(&format!("; waiting for {}", short_list(&silent)));
+    }
+    if !unannounced.is_empty() {
+        msg.push_str(&format!("; not yet announced: {}", unannounced.join(", ")));
+    }
+    let reason = if !refused.is_empty() {
+        reasons::CAPACITY_EXCEEDED
+    } else if !other.is_empty() {
+        reasons::PROGRAMMING_FAILED
     } else {
-        Vec::new()
+        reasons::PENDING
     };
+    condition(conditions::PROGRAMMED, false, reason, msg, g, now)
+}
+
+/// How each ingress node reaches the backends, from its report.
+fn node_reach(obs: &Observation<'_>) -> Vec<NodeReach> {
+    obs.plan
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let i = entry(obs, n)?;
+            Some(NodeReach {
+                node: n.clone(),
+                direct: i.reach.direct,
+                via_node: i.reach.via_node,
+                local: i.reach.local,
+                unreached: i32::try_from(i.unreached.len()).unwrap_or(i32::MAX),
+            })
+        })
+        .collect()
+}
+
+/// `BackendsReady`: how many backends take new flows, and why the others
+/// do not (not ready, or not reached from an ingress node).
+fn backends_ready_condition(obs: &Observation<'_>, now: &Time) -> Condition {
+    let g = obs.generation;
+    if !obs.invalid.is_empty() {
+        let msg = "spec is invalid".into();
+        return condition(conditions::BACKENDS_READY, false, reasons::NOT_ACCEPTED, msg, g, now);
+    }
+    if !obs.conflicts.is_empty() {
+        let msg = "no backend set while in conflict".into();
+        return condition(conditions::BACKENDS_READY, false, reasons::IN_CONFLICT, msg, g, now);
+    }
     let unreached: Vec<String> = obs
         .plan
         .nodes
         .iter()
-        .filter_map(|n| Some((n, obs.reports.get(n)?.ingress_for(obs.namespace, obs.name)?)))
+        .filter_map(|n| Some((n, entry(obs, n)?)))
         .flat_map(|(n, i)| {
             i.unreached.iter().map(move |u| format!("{} from {n}: {}", u.address, u.reason))
         })
@@ -236,27 +311,8 @@ pub fn desired_status(
             msg.push_str(&format!("; not reached: {}", short_list(&names)));
         }
     };
-
     let c = obs.counts;
-    let backends_c = if !accepted {
-        condition(
-            conditions::BACKENDS_READY,
-            false,
-            reasons::NOT_ACCEPTED,
-            "spec is invalid".into(),
-            g,
-            now,
-        )
-    } else if in_conflict {
-        condition(
-            conditions::BACKENDS_READY,
-            false,
-            reasons::IN_CONFLICT,
-            "no backend set while in conflict".into(),
-            g,
-            now,
-        )
-    } else if c.total == 0 {
+    if c.total == 0 {
         let msg = if obs.spec.selector.is_some() {
             "the selector matches no running pod with an address in this namespace"
         } else {
@@ -275,32 +331,6 @@ pub fn desired_status(
         let mut msg = format!("{} of {} backends ready", c.ready, c.total);
         why(&mut msg);
         condition(conditions::BACKENDS_READY, true, reason, msg, g, now)
-    };
-
-    let mut conds = vec![accepted_c, programmed_c, backends_c, conflict_c];
-    if let Some(prev) = previous {
-        for c in &mut conds {
-            if let Some(p) = prev.conditions.iter().find(|p| p.type_ == c.type_)
-                && p.status == c.status
-            {
-                c.last_transition_time = p.last_transition_time.clone();
-            }
-        }
-    }
-
-    let counts = if active { c } else { Counts::default() };
-    DsrServiceStatus {
-        observed_generation: g,
-        conditions: conds,
-        ready_backends: counts.ready,
-        total_backends: counts.total,
-        ingress_nodes: if active { obs.plan.nodes.clone() } else { Vec::new() },
-        vips: vip_status,
-        reach,
-        summary: Some(StatusSummary {
-            ports: ports_summary(obs.spec),
-            backends: format!("{}/{}", counts.ready, counts.total),
-        }),
     }
 }
 
@@ -355,6 +385,17 @@ pub fn events(old: Option<&DsrServiceStatus>, new: &DsrServiceStatus) -> Vec<Eve
         );
     }
     push(EventKind::Normal, "Programmed", became(old, new, conditions::PROGRAMMED, "True"));
+    // A node refusing the service for capacity needs an operator's hand.
+    let refused = |s: Option<&DsrServiceStatus>| {
+        find(s, conditions::PROGRAMMED).is_some_and(|c| c.reason == reasons::CAPACITY_EXCEEDED)
+    };
+    if refused(Some(new)) && !refused(old) {
+        push(
+            EventKind::Warning,
+            "CapacityExceeded",
+            find(Some(new), conditions::PROGRAMMED).map(|c| c.message.clone()),
+        );
+    }
     if find(old, conditions::BACKENDS_READY).is_some_and(|c| c.status == "True") {
         push(
             EventKind::Warning,
@@ -387,6 +428,7 @@ mod tests {
             announced_vips: announced.iter().map(|s| s.to_string()).collect(),
             backends: 1,
             error: None,
+            error_reason: None,
             reach: Default::default(),
             unreached: vec![],
         });
@@ -555,6 +597,40 @@ mod tests {
         let s = status_for(Counts { ready: 1, total: 1 }, &plan, &unannounced, &[], &[], None, 10);
         assert!(s.conditions[1].message.contains("not yet announced: 192.0.2.10"));
         assert!(!s.vips[0].announced);
+    }
+
+    #[test]
+    fn a_node_that_refused_or_failed_the_service_says_why_in_its_status() {
+        let plan = plan_on(&["n1", "n2", "n3"], None);
+        let mut full = ingress_report("n1", 0, &[], &[]);
+        full.ingress[0].error = Some("all 2048 service slots are in use".into());
+        full.ingress[0].error_reason = Some(IngressErrorReason::CapacityExceeded);
+        let mut broken = ingress_report("n2", 0, &[], &[]);
+        broken.ingress[0].error = Some("map DSR_BACKENDS_V1: EPERM".into());
+        broken.ingress[0].error_reason = Some(IngressErrorReason::ProgrammingFailed);
+        let reports = [full.clone(), broken.clone()];
+        let s = status_for(Counts { ready: 1, total: 1 }, &plan, &reports, &[], &[], None, 10);
+        let c = &s.conditions[1];
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reasons::CAPACITY_EXCEEDED));
+        assert_eq!(
+            c.message,
+            "0 of 3 ingress node(s) programmed generation 1; refused (dataplane full) by n1: \
+             all 2048 service slots are in use; failed on n2: map DSR_BACKENDS_V1: EPERM; \
+             waiting for n3; not yet announced: 192.0.2.10"
+        );
+        let reasons_of =
+            |e: Vec<EventSpec>| e.into_iter().map(|e| (e.kind, e.reason)).collect::<Vec<_>>();
+        assert_eq!(reasons_of(events(None, &s)), [(EventKind::Warning, "CapacityExceeded")]);
+        assert!(events(Some(&s), &s).is_empty(), "said once");
+
+        let s = status_for(Counts { ready: 1, total: 1 }, &plan, &[broken], &[], &[], None, 10);
+        assert_eq!(cond(&s, conditions::PROGRAMMED), ("False", reasons::PROGRAMMING_FAILED));
+        // Once the node programs it, the reason goes with the error.
+        let mut ok = full;
+        ok.ingress[0] = ingress_report("n1", 1, &["192.0.2.10"], &["192.0.2.10"]).ingress.remove(0);
+        let plan = plan_on(&["n1"], Some("n1"));
+        let s = status_for(Counts { ready: 1, total: 1 }, &plan, &[ok], &[], &[], None, 10);
+        assert_eq!(cond(&s, conditions::PROGRAMMED), ("True", reasons::PROGRAMMED));
     }
 
     #[test]

@@ -21,14 +21,16 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Largest Maglev table a service may use; a service with a smaller (prime)
-/// table uses a prefix of its ring row.
+/// Largest Maglev table a service may use.
 pub const RING_MAX: u32 = 65537;
 
-/// Slots per ring row: `RING_MAX` rounded up to even. The kernel stores
-/// array elements in 8-byte strides, so the ring map packs two 4-byte slots
-/// per element (`[u32; 2]`); slot `s` is element `s / 2`, half `s % 2`, and a
-/// memory map of the map is one flat run of `u32` slots.
+/// Slots per ring chunk: `RING_MAX` rounded up to even. The ring map is cut
+/// into chunks; each chunk holds tables of one size (one of 65537, two of
+/// 32749, ... 261 of 251), placed by user space, and a VIP value names its
+/// tables by first slot and size. The kernel stores array elements in
+/// 8-byte strides, so the ring map packs two 4-byte slots per element
+/// (`[u32; 2]`); slot `s` is element `s / 2`, half `s % 2`, and a memory
+/// map of the map is one flat run of `u32` slots.
 pub const RING_ROW: u32 = RING_MAX + 1;
 
 /// Marks a Maglev slot or connection that points at no backend.
@@ -64,14 +66,23 @@ pub const COUNTER_SLOTS: u32 = 64;
 /// address and port, plain protocol). Both live in the same VIP tables.
 pub const STAGE_NODE: u8 = 0x80;
 
-/// Default map sizes (user space may override them at load time).
 /// Slots of each VIP table (a power of two; at most a quarter are meant to
-/// be used, so probe chains stay short).
+/// be used, so probe chains stay short). Fixed: the mask is a constant of
+/// the packet path.
 pub const VIP_SLOTS: u32 = 4096;
 /// Slots a lookup probes before it gives up.
 pub const VIP_PROBES: u32 = 8;
-pub const DEFAULT_MAX_SERVICES: u32 = 64;
-pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+
+// Default map sizes; the agent sets the real ones when it creates the maps
+// (flags `--max-services`, `--max-backends`, `--ring-mib`). They fit one
+// ingress node serving 1,000 services of 100 backends each at table size
+// 16381 (see DESIGN.md "Capacity").
+/// Service ids (one per VIP family and stage of a service).
+pub const DEFAULT_MAX_SERVICES: u32 = 2048;
+/// Backend slots (one per service and backend).
+pub const DEFAULT_MAX_BACKENDS: u32 = 1 << 17;
+/// Ring chunks of `RING_ROW` slots (128 MiB).
+pub const DEFAULT_RING_CHUNKS: u32 = 511;
 pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 18;
 
 // IPv4 and IPv6 keep separate VIP and connection maps, with keys as short as
@@ -175,8 +186,7 @@ pub struct VipValue {
     /// Dense service id: index of the per-VIP counters and part of the
     /// connection key.
     pub svc_id: u32,
-    /// First slot of the current Maglev row in the ring map (a multiple of
-    /// [`RING_ROW`]).
+    /// First slot of the current Maglev table in the ring map.
     pub ring_base: u32,
     /// Current Maglev table size M (prime); 0 means no backend takes new
     /// flows.
@@ -293,24 +303,22 @@ pub struct Backend {
 const _: () = assert!(core::mem::size_of::<Backend>() == 56);
 
 /// Per-service bookkeeping, indexed by service id. Not read per packet: it
-/// records which of the service's two ring rows is live, so a restarted agent
-/// writes the next table into the other one.
+/// names the service so a restarted agent can read its VIP entries and
+/// backend slots back (the rows of its tables are in its VIP values).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceSlot {
     /// Caller's name for the service (UTF-8, zero padded).
     pub name: [u8; 64],
     pub flags: u32,
-    /// Index (0..3) of the current ring row.
-    pub current_row: u32,
+    /// First ring slot of the current table (informational; earlier
+    /// versions kept a row index here).
+    pub ring_base: u32,
     /// The service's Maglev table size.
     pub table_size: u32,
     pub _pad: [u32; 3],
 }
 const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 88);
-
-/// Ring rows per service: current, previous, and the one being written.
-pub const ROWS_PER_SERVICE: u32 = 3;
 
 pub const SERVICE_IN_USE: u32 = 1;
 

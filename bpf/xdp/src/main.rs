@@ -48,10 +48,11 @@ use aya_ebpf::{
 };
 use kube_dsr_common::{
     BACKEND_IN_USE, BACKEND_LOCAL, BACKEND_VIA_NODE, Backend, COUNTER_SLOTS, ConnKey4, ConnKey6,
-    ConnValue, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, Meta, NO_BACKEND,
-    PEER_PROBES, PEER_SLOTS, PeerSlot, RING_ROW, ROWS_PER_SERVICE, SLOT_EMPTY, SLOT_USED,
-    STAGE_NODE, ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS, VIP_PROBES, VIP_SLOTS,
-    VipSlot4, VipSlot6, VipValue, flow_hash, peer_slot, reason, svc_proto, vip_slot4, vip_slot6,
+    ConnValue, DEFAULT_CONN_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    DEFAULT_RING_CHUNKS, Meta, NO_BACKEND, PEER_PROBES, PEER_SLOTS, PeerSlot, RING_ROW, SLOT_EMPTY,
+    SLOT_USED, STAGE_NODE, ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS, VIP_PROBES,
+    VIP_SLOTS, VipSlot4, VipSlot6, VipValue, flow_hash, peer_slot, reason, svc_proto, vip_slot4,
+    vip_slot6,
 };
 use parse::{Flow, Parsed, V4, V6};
 
@@ -174,13 +175,13 @@ vip_lookup!(vip6, [u32; 4], VIPS6, |a: &[u32; 4], p, t| vip_slot6(a, p, t));
 #[map(name = "DSR_BACKENDS_V1")]
 static BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS, 0);
 
-/// Maglev tables: `ROWS_PER_SERVICE` rows of `RING_ROW` slots per service
-/// (current, previous, and one being written), two slots per element (see
-/// `RING_ROW`). Memory-mappable, so user space writes a whole table with one
-/// copy instead of one syscall per slot.
+/// Maglev tables, placed by user space in chunks of `RING_ROW` slots (see
+/// `RING_ROW`), two slots per element; a VIP value names its tables by first
+/// slot and size. Memory-mappable, so user space writes a whole table with
+/// one copy instead of one syscall per slot.
 #[map(name = "DSR_RINGS_V1")]
 static RINGS: Array<[u32; 2]> =
-    Array::pinned(DEFAULT_MAX_SERVICES * ROWS_PER_SERVICE * RING_ROW / 2, BPF_F_MMAPABLE as u32);
+    Array::pinned(DEFAULT_RING_CHUNKS * RING_ROW / 2, BPF_F_MMAPABLE as u32);
 
 /// User-space bookkeeping only; declared here so it is created and pinned
 /// with the others.

@@ -198,9 +198,74 @@ fn conditions(e: &Endpoint) -> (bool, bool, bool) {
     (ready, serving, terminating)
 }
 
+/// Keeps only what the agent reads of a DsrService: metadata it matches on
+/// (name, namespace, UID, generation, deletion) and the status fields it
+/// follows (ingress nodes, preferred announcers).
+pub fn strip_service(s: &mut DsrService) {
+    s.metadata.managed_fields = None;
+    s.metadata.annotations = None;
+    s.metadata.labels = None;
+    s.metadata.owner_references = None;
+    s.metadata.finalizers = None;
+    if let Some(st) = s.status.as_mut() {
+        st.conditions = Vec::new();
+        st.reach = Vec::new();
+        st.summary = None;
+    }
+}
+
+/// Keeps only what the agent reads of an EndpointSlice: its labels, owner
+/// references and endpoints' first address, conditions, node and pod
+/// (namespace, name, UID).
+pub fn strip_slice(s: &mut EndpointSlice) {
+    s.metadata.managed_fields = None;
+    s.metadata.annotations = None;
+    for e in &mut s.endpoints {
+        e.hints = None;
+        e.hostname = None;
+        e.zone = None;
+        e.deprecated_topology = None;
+        e.addresses.truncate(1);
+        if let Some(t) = e.target_ref.as_mut() {
+            t.api_version = None;
+            t.field_path = None;
+            t.kind = None;
+            t.resource_version = None;
+        }
+    }
+}
+
 /// The desired state of node `node` from every DsrService and every slice
 /// the agent watches.
 pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) -> Desired {
+    desired_of(node, services.iter(), slices.iter())
+}
+
+/// [`desired`], straight from the watch caches.
+pub fn desired_from(
+    node: &str,
+    services: &[std::sync::Arc<DsrService>],
+    slices: &[std::sync::Arc<EndpointSlice>],
+) -> Desired {
+    desired_of(node, services.iter().map(|s| &**s), slices.iter().map(|s| &**s))
+}
+
+fn desired_of<'a>(
+    node: &str,
+    services: impl Iterator<Item = &'a DsrService>,
+    slices: impl Iterator<Item = &'a EndpointSlice>,
+) -> Desired {
+    // Slices by (namespace, service-name label): each service looks at its
+    // own, not at every slice of the cluster.
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(name) = s.labels().get(SERVICE_NAME_LABEL) {
+            by_service
+                .entry((s.namespace().unwrap_or_default(), name.clone()))
+                .or_default()
+                .push(s);
+        }
+    }
     let mut ingress = Vec::new();
     let mut node_stage = Vec::new();
     let mut pods: BTreeMap<String, LocalPod> = BTreeMap::new();
@@ -211,7 +276,13 @@ pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) ->
             continue;
         }
         let key = SvcKey { namespace: svc.namespace().unwrap_or_default(), name: svc.name_any() };
-        let own: Vec<&EndpointSlice> = slices.iter().filter(|s| belongs_to(s, svc)).collect();
+        let own: Vec<&EndpointSlice> = by_service
+            .get(&(key.namespace.clone(), key.name.clone()))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|s| belongs_to(s, svc))
+            .collect();
         if own.is_empty() {
             continue;
         }
@@ -454,6 +525,39 @@ mod tests {
             desired("n9", &[svc("web", &["192.0.2.10"], &["ing-a"])], &[]),
             Desired::default()
         );
+    }
+
+    #[test]
+    fn stripped_caches_give_the_same_desired_state() {
+        let web = svc("web", &["192.0.2.10"], &["n1"]);
+        let mut s = slice(
+            &web,
+            "web-v4-0",
+            "IPv4",
+            vec![
+                ep("10.0.0.1", "n1", "a", true, true, false),
+                ep("10.0.0.2", "n2", "b", false, true, true),
+            ],
+        );
+        s.endpoints[0].zone = Some("z1".into());
+        s.endpoints[0].hostname = Some("h".into());
+        let mut web2 = web.clone();
+        web2.metadata.managed_fields = Some(vec![Default::default()]);
+        web2.metadata.annotations = Some([("a".to_string(), "b".repeat(1000))].into());
+        let (mut ws, mut ss) = (web2.clone(), s.clone());
+        strip_service(&mut ws);
+        strip_slice(&mut ss);
+        assert!(ws.metadata.managed_fields.is_none() && ws.metadata.annotations.is_none());
+        assert!(ss.endpoints[0].zone.is_none());
+        assert!(ss.endpoints[0].target_ref.as_ref().unwrap().kind.is_none());
+        for node in ["n1", "n2"] {
+            assert_eq!(
+                desired(node, std::slice::from_ref(&web2), std::slice::from_ref(&s)),
+                desired(node, &[ws.clone()], &[ss.clone()]),
+                "{node}"
+            );
+        }
+        assert!(!desired("n1", &[ws], &[ss]).ingress.is_empty());
     }
 
     #[test]

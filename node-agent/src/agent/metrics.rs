@@ -17,8 +17,9 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::dataplane::Attached;
 
 /// The fixed error kinds.
-pub const ERROR_KINDS: [&str; 6] =
-    ["kube_api", "dataplane", "neighbour", "netns", "lease", "announce"];
+/// `capacity`: a service refused because a dataplane is full.
+pub const ERROR_KINDS: [&str; 7] =
+    ["kube_api", "dataplane", "capacity", "neighbour", "netns", "lease", "announce"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {

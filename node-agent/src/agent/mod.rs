@@ -7,6 +7,7 @@
 //! node's `DsrNodeReport` when it changed. Beside it, the Lease task decides
 //! which VIPs this node announces and tells the announcer.
 
+pub mod backoff;
 pub mod desired;
 pub mod http;
 pub mod lease;
@@ -18,8 +19,8 @@ pub mod worker;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -73,6 +74,8 @@ pub struct Config {
     /// Where the node stage attaches; `None`: the interface holding the
     /// node's InternalIP, else the one facing the other nodes.
     pub node_interface: Option<String>,
+    /// Capacity of each dataplane's maps.
+    pub capacity: crate::dataplane::Capacity,
 }
 
 /// Resolves once `rx` turns true (or its sender is gone).
@@ -103,25 +106,6 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-/// Runs a reflector for `api` into a store, poking `changed` on every event.
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    changed: Arc<tokio::sync::Notify>,
-    metrics: Arc<Metrics>,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + serde::de::DeserializeOwned
-        + 'static,
-{
-    reflect_modified(api, config, changed, metrics, |_| {})
-}
-
 /// Keeps only what the agent reads of a Node: its name and addresses.
 fn strip_node(n: &mut Node) {
     let addresses = n.status.as_mut().and_then(|s| s.addresses.take());
@@ -137,8 +121,9 @@ fn strip_node(n: &mut Node) {
     };
 }
 
-/// [`reflect`], with every object passed through `modify` before it is
-/// cached (to keep only the fields read).
+/// Runs a reflector for `api` into a store, poking `changed` on every
+/// event; every object passes through `modify` before it is cached (to
+/// keep only the fields read).
 fn reflect_modified<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -175,7 +160,7 @@ where
 /// Runs the agent until SIGTERM. The dataplane and everything configured
 /// in pods stay as they are when it stops: an agent restart or upgrade
 /// never interrupts forwarding. `announcer` answers ARP/ND.
-pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, announcer: Box<dyn Announce>) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(http::Health { metrics: Arc::clone(&metrics), ready: false.into() });
@@ -184,198 +169,419 @@ pub async fn run(cfg: Config, mut announcer: Box<dyn Announce>) -> anyhow::Resul
     let server = tokio::spawn(server);
     info!(addr = %cfg.http_addr, "serving /metrics, /healthz, /readyz");
 
-    let client = Client::try_default()
-        .await
-        .context("building a client from kubeconfig or the service account")?;
-    let version = client.apiserver_version().await.context("reaching the API server")?;
-    info!(version = %version.git_version, node = %cfg.node_name, "connected to the API server");
-
-    let nodes: Api<Node> = Api::all(client.clone());
-    let node = nodes
-        .get(&cfg.node_name)
-        .await
-        .with_context(|| format!("reading my Node {}", cfg.node_name))?;
-    let node_uid = node.metadata.uid.clone().context("my Node has no uid")?;
-    let reports: Api<DsrNodeReport> = Api::all(client.clone());
-    let previous = reports.get_opt(&cfg.node_name).await.context("reading my DsrNodeReport")?;
-    let known_pods: BTreeSet<String> = previous
-        .iter()
-        .flat_map(|r| r.spec.backends.iter().map(|b| b.pod_uid.to_ascii_lowercase()))
-        .collect();
-
-    // Watches.
-    let changed = Arc::new(tokio::sync::Notify::new());
-    let services = reflect(
-        Api::<DsrService>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-        metrics.clone(),
-    );
-    let slices = reflect(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(&format!(
-            "{}={}",
-            desired::MANAGED_BY_LABEL,
-            desired::MANAGED_BY
-        )),
-        changed.clone(),
-        metrics.clone(),
-    );
-    // Node addresses: where other nodes' pods are reached, and peers.
-    let node_cache = reflect_modified(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-        metrics.clone(),
-        strip_node,
-    );
-    // Nothing is converged before the caches have listed once: an empty
-    // cache would read as "remove everything".
-    services.wait_until_ready().await.context("listing DsrServices")?;
-    slices.wait_until_ready().await.context("listing EndpointSlices")?;
-    node_cache.wait_until_ready().await.context("listing Nodes")?;
-    info!("caches synced");
-
-    // The worker thread.
-    let (to_worker, inputs) = std::sync::mpsc::channel::<Arc<Desired>>();
-    let (outcome_tx, mut outcome_rx) = watch::channel::<Option<Outcome>>(None);
-    let wcfg = WorkerConfig {
-        bpffs_dir: cfg.bpffs_dir.clone(),
-        proc_dir: cfg.proc_dir.clone(),
-        attach: cfg.attach,
-        resync: cfg.resync,
-        counters_every: Duration::from_secs(2),
-        node_name: cfg.node_name.clone(),
-        node_interface: cfg.node_interface.clone(),
-        known_pods,
+    let started = Agent::start(cfg, announcer, Arc::clone(&metrics), Arc::clone(&health));
+    let result = tokio::select! {
+        r = started => match r {
+            Ok(agent) => agent.run(shutdown.clone()).await,
+            Err(e) => Err(e),
+        },
+        // SIGTERM while starting (waiting for the API server, the Node or
+        // the caches): nothing to undo yet.
+        _ = when_true(shutdown.clone()) => {
+            info!("shutting down before the agent started");
+            Ok(())
+        }
     };
-    let wmetrics = Arc::clone(&metrics);
-    let worker = std::thread::Builder::new()
-        .name("kdsr-worker".into())
-        .spawn(move || {
-            worker::run(wcfg, wmetrics, inputs, |o| {
-                let _ = outcome_tx.send(Some(o));
-            })
-        })
-        .context("starting the worker thread")?;
-
-    let latest: Arc<Mutex<Arc<Desired>>> = Arc::new(Mutex::new(Arc::new(Desired::default())));
-    let mut leases = Leases::new(
-        Api::namespaced(client.clone(), &cfg.lease_namespace),
-        cfg.node_name.clone(),
-        cfg.lease_duration,
-        cfg.lease_retry,
-    );
-    let mut announced: BTreeSet<IpAddr> = BTreeSet::new();
-    let (announced_tx, mut announced_rx) = watch::channel(BTreeSet::<IpAddr>::new());
-    let mut lease_tick = tokio::time::interval(cfg.lease_retry);
-    let mut last_report: Option<DsrNodeReportSpec> = None;
-    let mut stop = shutdown.clone();
-    let mut compute = true;
-    loop {
-        if compute {
-            compute = false;
-            let mut d = desired::desired(
-                &cfg.node_name,
-                &services.state().iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
-                &slices.state().iter().map(|s| (**s).clone()).collect::<Vec<_>>(),
-            );
-            d.nodes = node_cache
-                .state()
-                .iter()
-                .map(|n| (n.metadata.name.clone().unwrap_or_default(), desired::node_addresses(n)))
-                .collect();
-            let d = Arc::new(d);
-            let same = **latest.lock().unwrap_or_else(|e| e.into_inner()) == *d;
-            if !same || last_report.is_none() {
-                *latest.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&d);
-                if to_worker.send(d).is_err() {
-                    anyhow::bail!("the worker thread ended");
-                }
-                // A VIP that is no longer wanted stops being announced now,
-                // not at the next Lease renewal.
-                lease_tick.reset_immediately();
-            }
-        }
-        tokio::select! {
-            _ = changed.notified() => {
-                // Let a burst of events settle into one desired state.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                compute = true;
-            }
-            r = outcome_rx.changed() => {
-                if r.is_err() { anyhow::bail!("the worker thread ended"); }
-                let outcome = outcome_rx.borrow_and_update().clone();
-                if let Some(o) = outcome {
-                    health.ready.store(true, Ordering::Relaxed);
-                    let d = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let spec = report::build(&cfg.node_name, env!("CARGO_PKG_VERSION"), &d, &o, &announced_rx.borrow());
-                    apply_report(&reports, &cfg.node_name, &node_uid, spec, &mut last_report, &metrics).await;
-                }
-            }
-            r = announced_rx.changed() => {
-                if r.is_err() { continue; }
-                // Republish the report with the new announcements, from the
-                // last outcome.
-                let outcome = outcome_rx.borrow().clone();
-                if let Some(o) = outcome {
-                    let d = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let spec = report::build(&cfg.node_name, env!("CARGO_PKG_VERSION"), &d, &o, &announced_rx.borrow_and_update());
-                    apply_report(&reports, &cfg.node_name, &node_uid, spec, &mut last_report, &metrics).await;
-                }
-            }
-            _ = lease_tick.tick() => {
-                let d = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let wanted = lease::candidates(&cfg.node_name, &d);
-                // A slow API must not keep this node answering past a
-                // held Lease's limit: the round stops there, and what is
-                // held is re-read below.
-                let deadline = leases
-                    .earliest_expiry()
-                    .unwrap_or_else(|| std::time::Instant::now() + 4 * cfg.lease_retry);
-                match tokio::time::timeout_at(deadline.into(), leases.round(&wanted)).await {
-                    Ok(errors) => {
-                        for (vip, e) in errors {
-                            metrics.error("lease");
-                            warn!(%vip, error = %e, "announcement lease");
-                        }
-                    }
-                    Err(_) => {
-                        metrics.error("lease");
-                        warn!("the Lease round reached a held Lease's limit; re-checking what is held");
-                    }
-                }
-                let interfaces = outcome_rx.borrow().as_ref().map(|o| o.interfaces.clone()).unwrap_or_default();
-                for e in announcer.maintain() {
-                    metrics.error("announce");
-                    warn!(error = %e, "announcer could not be re-opened");
-                }
-                let held = leases.held();
-                let now = reconcile_announcements(announcer.as_mut(), &d, &interfaces, &held, &announced, &metrics);
-                if now != announced {
-                    announced = now;
-                    metrics.set_announced(announced.len());
-                    let _ = announced_tx.send(announced.clone());
-                }
-            }
-            _ = stop.wait_for(|v| *v) => break,
-        }
-    }
-
-    info!("shutting down; the dataplane and pod configuration stay in place");
     health.ready.store(false, Ordering::Relaxed);
-    for vip in &announced {
-        announcer.withdraw(*vip);
-    }
-    leases.release_all().await;
-    drop(to_worker);
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!(error = %e, "HTTP server failed"),
         Err(e) => error!(error = %e, "HTTP server task failed"),
     }
-    Ok(())
+    result
+}
+
+/// How often an agent whose Node does not exist yet looks again.
+const NODE_RETRY: Duration = Duration::from_secs(2);
+/// A burst of watch events settles for this long into one desired state.
+const SETTLE: Duration = Duration::from_millis(100);
+/// On SIGTERM, how long the worker gets to stop between two services, and
+/// the Leases to be released; the process exits after that either way (the
+/// pinned dataplane stays consistent, unreleased Leases expire).
+const STOP_GRACE: Duration = Duration::from_millis(1500);
+
+/// The running agent: one method per event source of [`Agent::run`].
+struct Agent {
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    health: Arc<http::Health>,
+    caches: Caches,
+    /// Poked by every watch event.
+    changed: Arc<tokio::sync::Notify>,
+    /// When to compute the desired state (a burst of events settles first).
+    compute_at: Option<tokio::time::Instant>,
+    /// The desired state last sent to the worker.
+    desired: Arc<Desired>,
+    worker: WorkerHandle,
+    report: Reporter,
+    announcing: Announcing,
+}
+
+/// The reflectors' stores.
+struct Caches {
+    services: Store<DsrService>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+}
+
+/// The worker thread, its input and its outcomes.
+struct WorkerHandle {
+    input: std::sync::mpsc::Sender<Arc<Desired>>,
+    outcomes: watch::Receiver<Option<Outcome>>,
+    cancel: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// This node's DsrNodeReport: applied when its content changes.
+struct Reporter {
+    api: Api<DsrNodeReport>,
+    node: String,
+    node_uid: String,
+    last: Option<DsrNodeReportSpec>,
+}
+
+/// Announcement Leases and the VIPs answered.
+struct Announcing {
+    leases: Leases,
+    announcer: Box<dyn Announce>,
+    announced: BTreeSet<IpAddr>,
+    tick: tokio::time::Interval,
+}
+
+impl Agent {
+    /// Connects, waits for this node's Node object and for the caches,
+    /// and starts the worker.
+    async fn start(
+        cfg: Config,
+        announcer: Box<dyn Announce>,
+        metrics: Arc<Metrics>,
+        health: Arc<http::Health>,
+    ) -> anyhow::Result<Self> {
+        let client = Client::try_default()
+            .await
+            .context("building a client from kubeconfig or the service account")?;
+        let version = client.apiserver_version().await.context("reaching the API server")?;
+        info!(version = %version.git_version, node = %cfg.node_name, "connected to the API server");
+
+        let node_uid =
+            wait_for_node(&Api::<Node>::all(client.clone()), &cfg.node_name, &metrics).await?;
+        let reports: Api<DsrNodeReport> = Api::all(client.clone());
+        let previous = reports.get_opt(&cfg.node_name).await.context("reading my DsrNodeReport")?;
+        let known_pods: BTreeSet<String> = previous
+            .iter()
+            .flat_map(|r| r.spec.backends.iter().map(|b| b.pod_uid.to_ascii_lowercase()))
+            .collect();
+
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let caches = Caches::watch(&client, &changed, &metrics);
+        // Nothing is converged before the caches have listed once: an empty
+        // cache would read as "remove everything".
+        caches.services.wait_until_ready().await.context("listing DsrServices")?;
+        caches.slices.wait_until_ready().await.context("listing EndpointSlices")?;
+        caches.nodes.wait_until_ready().await.context("listing Nodes")?;
+        info!("caches synced");
+
+        let worker = WorkerHandle::spawn(&cfg, known_pods, Arc::clone(&metrics))?;
+        let announcing = Announcing {
+            leases: Leases::new(
+                Api::namespaced(client.clone(), &cfg.lease_namespace),
+                cfg.node_name.clone(),
+                cfg.lease_duration,
+                cfg.lease_retry,
+            ),
+            announcer,
+            announced: BTreeSet::new(),
+            tick: tokio::time::interval(cfg.lease_retry),
+        };
+        let report = Reporter { api: reports, node: cfg.node_name.clone(), node_uid, last: None };
+        Ok(Self {
+            cfg,
+            metrics,
+            health,
+            caches,
+            changed,
+            compute_at: Some(tokio::time::Instant::now()),
+            desired: Arc::new(Desired::default()),
+            worker,
+            report,
+            announcing,
+        })
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut stop_leases = stop.clone();
+        loop {
+            let compute_at = self.compute_at;
+            tokio::select! {
+                _ = self.changed.notified() => self.on_watch_event(),
+                _ = sleep_until_some(compute_at) => self.on_settled()?,
+                r = self.worker.outcomes.changed() => {
+                    r.map_err(|_| anyhow::anyhow!("the worker thread ended"))?;
+                    self.on_outcome().await;
+                }
+                _ = self.announcing.tick.tick() => self.on_lease_tick(&mut stop_leases).await,
+                _ = stop.wait_for(|v| *v) => break,
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// A watch event: compute once the burst settles.
+    fn on_watch_event(&mut self) {
+        if self.compute_at.is_none() {
+            self.compute_at = Some(tokio::time::Instant::now() + SETTLE);
+        }
+    }
+
+    /// Computes the desired state and hands it to the worker when it
+    /// changed (or before the first outcome, so the first round runs).
+    fn on_settled(&mut self) -> anyhow::Result<()> {
+        self.compute_at = None;
+        let services = self.caches.services.state();
+        let slices = self.caches.slices.state();
+        let mut d = desired::desired_from(&self.cfg.node_name, &services, &slices);
+        d.nodes = self
+            .caches
+            .nodes
+            .state()
+            .iter()
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), desired::node_addresses(n)))
+            .collect();
+        if *self.desired == d && self.report.last.is_some() {
+            return Ok(());
+        }
+        self.desired = Arc::new(d);
+        self.worker
+            .input
+            .send(Arc::clone(&self.desired))
+            .map_err(|_| anyhow::anyhow!("the worker thread ended"))?;
+        // A VIP that is no longer wanted stops being announced now, not at
+        // the next Lease renewal.
+        self.announcing.tick.reset_immediately();
+        Ok(())
+    }
+
+    /// The worker finished a round.
+    async fn on_outcome(&mut self) {
+        if self.worker.outcomes.borrow_and_update().is_some() {
+            self.health.ready.store(true, Ordering::Relaxed);
+            self.publish_report().await;
+        }
+    }
+
+    /// Renews and takes Leases, then brings the announcer in line with the
+    /// Leases held. Stops at once on SIGTERM.
+    async fn on_lease_tick(&mut self, stop: &mut watch::Receiver<bool>) {
+        let d = Arc::clone(&self.desired);
+        let wanted = lease::candidates(&self.cfg.node_name, &d);
+        let a = &mut self.announcing;
+        // A slow API must not keep this node answering past a held Lease's
+        // limit: the round stops there, and what is held is re-read below.
+        let deadline = a
+            .leases
+            .earliest_expiry()
+            .unwrap_or_else(|| std::time::Instant::now() + 4 * self.cfg.lease_retry);
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline.into(), a.leases.round(&wanted)) => match r {
+                Ok(errors) => {
+                    for (vip, e) in errors {
+                        self.metrics.error("lease");
+                        warn!(%vip, error = %e, "announcement lease");
+                    }
+                }
+                Err(_) => {
+                    self.metrics.error("lease");
+                    warn!("the Lease round reached a held Lease's limit; re-checking what is held");
+                }
+            },
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        let interfaces = self
+            .worker
+            .outcomes
+            .borrow()
+            .as_ref()
+            .map(|o| o.interfaces.clone())
+            .unwrap_or_default();
+        for e in a.announcer.maintain() {
+            self.metrics.error("announce");
+            warn!(error = %e, "announcer could not be re-opened");
+        }
+        let held = a.leases.held();
+        let now = reconcile_announcements(
+            a.announcer.as_mut(),
+            &d,
+            &interfaces,
+            &held,
+            &a.announced,
+            &self.metrics,
+        );
+        if now != a.announced {
+            a.announced = now;
+            self.metrics.set_announced(a.announced.len());
+            // The report says which VIPs this node answers for.
+            self.publish_report().await;
+        }
+    }
+
+    /// Applies the report built from the last outcome and what is announced.
+    async fn publish_report(&mut self) {
+        let Some(outcome) = self.worker.outcomes.borrow().clone() else { return };
+        let spec = report::build(
+            &self.cfg.node_name,
+            env!("CARGO_PKG_VERSION"),
+            &self.desired,
+            &outcome,
+            &self.announcing.announced,
+        );
+        self.report.apply(spec, &self.metrics).await;
+    }
+
+    /// SIGTERM: stop answering, release the Leases, stop the worker between
+    /// two services. Bounded by [`STOP_GRACE`] whatever the scale.
+    async fn stop(self) {
+        info!("shutting down; the dataplane and pod configuration stay in place");
+        self.health.ready.store(false, Ordering::Relaxed);
+        let Self { worker, mut announcing, .. } = self;
+        worker.cancel.store(true, Ordering::Relaxed);
+        drop(worker.input);
+        for vip in &announcing.announced {
+            announcing.announcer.withdraw(*vip);
+        }
+        if tokio::time::timeout(STOP_GRACE, announcing.leases.release_all()).await.is_err() {
+            warn!("releasing the announcement Leases took too long; the rest expire on their own");
+        }
+        let thread = worker.thread;
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(STOP_GRACE, joined).await.is_err() {
+            warn!("the worker is still inside a kernel call; exiting without it");
+        }
+    }
+}
+
+/// Resolves at `at`, never when `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// This node's Node object's UID. An agent may start before its Node is
+/// registered (a DaemonSet pod on a node that is still joining): it waits,
+/// not ready, and says so.
+async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> anyhow::Result<String> {
+    let mut said = false;
+    loop {
+        match nodes.get_opt(name).await {
+            Ok(Some(node)) => {
+                if said {
+                    info!(node = %name, "my Node exists now");
+                }
+                return node.metadata.uid.context("my Node has no uid");
+            }
+            Ok(None) => {
+                if !said {
+                    warn!(node = %name, "my Node does not exist yet; waiting for it (not ready meanwhile)");
+                    said = true;
+                }
+            }
+            Err(e) => {
+                metrics.error("kube_api");
+                warn!(node = %name, error = %e, "reading my Node failed; retrying");
+            }
+        }
+        tokio::time::sleep(NODE_RETRY).await;
+    }
+}
+
+impl Caches {
+    /// Starts the reflectors; every event pokes `changed`. Cached objects
+    /// keep only the fields the agent reads.
+    fn watch(client: &Client, changed: &Arc<tokio::sync::Notify>, metrics: &Arc<Metrics>) -> Self {
+        let services = reflect_modified(
+            Api::<DsrService>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            metrics.clone(),
+            desired::strip_service,
+        );
+        let slices = reflect_modified(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                desired::MANAGED_BY_LABEL,
+                desired::MANAGED_BY
+            )),
+            changed.clone(),
+            metrics.clone(),
+            desired::strip_slice,
+        );
+        // Node addresses: where other nodes' pods are reached, and peers.
+        let nodes = reflect_modified(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            metrics.clone(),
+            strip_node,
+        );
+        Self { services, slices, nodes }
+    }
+}
+
+impl WorkerHandle {
+    fn spawn(
+        cfg: &Config,
+        known_pods: BTreeSet<String>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let (input, inputs) = std::sync::mpsc::channel::<Arc<Desired>>();
+        let (outcome_tx, outcomes) = watch::channel::<Option<Outcome>>(None);
+        let wcfg = WorkerConfig {
+            bpffs_dir: cfg.bpffs_dir.clone(),
+            proc_dir: cfg.proc_dir.clone(),
+            attach: cfg.attach,
+            resync: cfg.resync,
+            counters_every: Duration::from_secs(2),
+            node_name: cfg.node_name.clone(),
+            node_interface: cfg.node_interface.clone(),
+            known_pods,
+            capacity: cfg.capacity,
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let wcancel = Arc::clone(&cancel);
+        let thread = std::thread::Builder::new()
+            .name("kdsr-worker".into())
+            .spawn(move || {
+                worker::run(wcfg, metrics, wcancel, inputs, |o| {
+                    let _ = outcome_tx.send(Some(o));
+                })
+            })
+            .context("starting the worker thread")?;
+        Ok(Self { input, outcomes, cancel, thread })
+    }
+}
+
+impl Reporter {
+    /// Applies the report when its content differs from the last one
+    /// applied.
+    async fn apply(&mut self, spec: DsrNodeReportSpec, metrics: &Metrics) {
+        if self.last.as_ref() == Some(&spec) {
+            return;
+        }
+        let mut report = DsrNodeReport::for_node(&self.node, &self.node_uid);
+        report.spec = spec.clone();
+        report.spec.update_time = Some(Time(Timestamp::now()));
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match self.api.patch(&self.node, &params, &Patch::Apply(&report)).await {
+            Ok(_) => self.last = Some(spec),
+            Err(e) => {
+                metrics.error("kube_api");
+                warn!(error = %e, "applying the node report failed; retried on the next change or resync");
+            }
+        }
+    }
 }
 
 use lease::Leases;
@@ -416,32 +622,6 @@ fn reconcile_announcements(
         }
     }
     now
-}
-
-/// Applies this node's report when its content differs from the last one
-/// applied.
-async fn apply_report(
-    api: &Api<DsrNodeReport>,
-    node: &str,
-    node_uid: &str,
-    spec: DsrNodeReportSpec,
-    last: &mut Option<DsrNodeReportSpec>,
-    metrics: &Metrics,
-) {
-    if last.as_ref() == Some(&spec) {
-        return;
-    }
-    let mut report = DsrNodeReport::for_node(node, node_uid);
-    report.spec = spec.clone();
-    report.spec.update_time = Some(Time(Timestamp::now()));
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    match api.patch(node, &params, &Patch::Apply(&report)).await {
-        Ok(_) => *last = Some(spec),
-        Err(e) => {
-            metrics.error("kube_api");
-            warn!(error = %e, "applying the node report failed; retried on the next change or resync");
-        }
-    }
 }
 
 impl Announce for crate::announce::Announcers {

@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use kube_dsr_crds::nodereport::{
-    BackendReport, Delivery, IngressReport, MAX_UNREACHED, ReachCounts, UnreachedBackend,
+    BackendReport, Delivery, IngressErrorReason, IngressReport, MAX_UNREACHED, ReachCounts,
+    UnreachedBackend,
 };
 use sha2::{Digest, Sha256};
 
 use crate::dataplane::{BackendSpec, Egress, Reach, ServiceSpec, Stage};
 use crate::neigh::{Iface, Lookup, Route};
 
+use super::backoff::Failure;
 use super::desired::{Desired, IngressService, SvcKey};
 
 /// The dataplane's name for one VIP of a service: `<ns>/<name>/<v4|v6>`, or
@@ -293,7 +295,7 @@ pub fn plan_node_stage(d: &Desired, node_iface: Option<&Iface>, obs: &LocalObs) 
                     name: node_stage_name(&svc.key, v.vip),
                     vip: v.vip,
                     ports,
-                    table_size: svc.table_size,
+                    table_size: node_stage_table_size(svc.table_size, v.pods.len()),
                     backends,
                     pin_all_flows: false,
                     stage: Stage::Node,
@@ -302,6 +304,17 @@ pub fn plan_node_stage(d: &Desired, node_iface: Option<&Iface>, obs: &LocalObs) 
         }
     }
     out
+}
+
+/// The Maglev table size of a node stage with `pods` local pods: at least
+/// 100 slots per pod (shares within about 1 %), never above the service's
+/// own size. Only this node reads it, so it need not match other nodes'; a
+/// node hosting pods of a thousand services keeps a thousand small tables
+/// (2 KiB each for a pod or two), not a thousand of the ingress size.
+pub fn node_stage_table_size(service: u32, pods: usize) -> u32 {
+    let want = 100 * pods.max(1);
+    let fits = crate::maglev::TABLE_SIZES.iter().copied().find(|m| *m as usize >= want);
+    fits.unwrap_or(u32::MAX).min(service)
 }
 
 /// What an ingress service's plan looks at besides its own backends.
@@ -563,9 +576,10 @@ pub fn diff(
     }
     for (ifname, specs) in wanted {
         let c = out.entry(ifname.clone()).or_default();
-        let held = held.get(ifname);
+        let held: BTreeMap<&str, &ServiceSpec> =
+            held.get(ifname).into_iter().flatten().map(|h| (h.name.as_str(), h)).collect();
         for spec in specs {
-            match held.and_then(|h| h.iter().find(|h| h.name == spec.name)) {
+            match held.get(spec.name.as_str()) {
                 Some(h) if same_spec(h, spec) => c.unchanged.push(spec.name.clone()),
                 _ => c.upsert.push(spec.clone()),
             }
@@ -611,7 +625,7 @@ pub fn round_plan(services: BTreeMap<SvcKey, ServicePlan>, node: &NodeStagePlan)
 pub fn ingress_reports(
     d: &Desired,
     plan: &RoundPlan,
-    programmed: &BTreeMap<String, Result<usize, String>>,
+    programmed: &BTreeMap<String, Result<usize, Failure>>,
 ) -> Vec<IngressReport> {
     let mut out = Vec::new();
     for s in &d.ingress {
@@ -623,19 +637,24 @@ pub fn ingress_reports(
             announced_vips: Vec::new(),
             backends: 0,
             error: None,
+            error_reason: None,
             reach: ReachCounts::default(),
             unreached: Vec::new(),
         };
         match plan.services.get(&s.key) {
             None => {}
             Some(ServicePlan::NoInterface) => {
+                report.error_reason = Some(IngressErrorReason::NoInterface);
                 report.error = Some(
                     "no backends yet, and no route toward the VIP to choose an interface \
                      (set spec.ingress.interface to program it before backends exist)"
                         .into(),
                 );
             }
-            Some(ServicePlan::Keep(e)) => report.error = Some(e.clone()),
+            Some(ServicePlan::Keep(e)) => {
+                report.error_reason = Some(IngressErrorReason::ProgrammingFailed);
+                report.error = Some(e.clone());
+            }
             Some(ServicePlan::Program { specs, unreached, reach, .. }) => {
                 if !unreached.is_empty() {
                     let reasons: Vec<String> = unreached
@@ -659,9 +678,10 @@ pub fn ingress_reports(
                             report.backends += i32::try_from(*n).unwrap_or(i32::MAX);
                             report.programmed_vips.push(spec.vip.to_string());
                         }
-                        Some(Err(e)) => {
+                        Some(Err(f)) => {
                             all_ok = false;
-                            report.error = Some(e.clone());
+                            report.error = Some(f.message.clone());
+                            report.error_reason = Some(f.reason);
                         }
                         None => all_ok = false,
                     }
@@ -696,7 +716,7 @@ pub fn backend_reports(
     d: &Desired,
     facts: &BTreeMap<String, PodFacts>,
     node: &NodeStagePlan,
-    programmed: &BTreeMap<String, Result<usize, String>>,
+    programmed: &BTreeMap<String, Result<usize, Failure>>,
     replies: &BTreeMap<u32, Result<(), String>>,
 ) -> Vec<BackendReport> {
     let mut out = Vec::new();
@@ -731,7 +751,9 @@ pub fn backend_reports(
                         let name = node_stage_name(&svc.key, v.vip);
                         match (programmed.get(&name), replies.get(&host.index)) {
                             (Some(Ok(_)), Some(Ok(()))) => r.delivered_vips.push(vip),
-                            (Some(Err(e)), _) => errors.push(format!("{vip}: node stage: {e}")),
+                            (Some(Err(e)), _) => {
+                                errors.push(format!("{vip}: node stage: {}", e.message))
+                            }
                             (_, Some(Err(e))) => {
                                 errors.push(format!("{vip}: reply program on {host}: {e}"))
                             }
@@ -1303,10 +1325,26 @@ mod tests {
         assert_eq!(by["e"].delivered_vips, ["192.0.2.10"]);
         assert_eq!(by["e"].delivery, Some(Delivery::Segment));
         // A failed node-stage upsert delivers nothing.
-        let failed = BTreeMap::from([(spec.name.clone(), Err("VIP table full".to_string()))]);
+        let full = Failure {
+            message: "VIP table full".into(),
+            reason: IngressErrorReason::CapacityExceeded,
+        };
+        let failed = BTreeMap::from([(spec.name.clone(), Err(full))]);
         let r = backend_reports(&d, &facts, &p, &failed, &replies);
         assert!(r[0].delivered_vips.is_empty());
         assert_eq!(r[0].delivery_error.as_deref(), Some("192.0.2.10: node stage: VIP table full"));
+    }
+
+    #[test]
+    fn a_node_stage_table_grows_with_its_pods_up_to_the_service_size() {
+        assert_eq!(node_stage_table_size(65537, 1), 251);
+        assert_eq!(node_stage_table_size(65537, 2), 251);
+        assert_eq!(node_stage_table_size(65537, 3), 1021);
+        assert_eq!(node_stage_table_size(65537, 40), 4093);
+        assert_eq!(node_stage_table_size(65537, 41), 16381);
+        assert_eq!(node_stage_table_size(65537, 5000), 65537);
+        assert_eq!(node_stage_table_size(1021, 50), 1021, "never above the service's");
+        assert_eq!(node_stage_table_size(251, 0), 251);
     }
 
     #[test]
@@ -1427,7 +1465,13 @@ mod tests {
         assert_eq!(plan.keep, BTreeSet::from(names_of(&key("c"))));
         let programmed = BTreeMap::from([
             (spec_a.name.clone(), Ok(1)),
-            (spec_d.name.clone(), Err("VIP table full".to_string())),
+            (
+                spec_d.name.clone(),
+                Err(Failure {
+                    message: "VIP table full".into(),
+                    reason: IngressErrorReason::CapacityExceeded,
+                }),
+            ),
         ]);
         let r = ingress_reports(&d, &plan, &programmed);
         assert_eq!(r.len(), 4);
@@ -1439,5 +1483,9 @@ mod tests {
         assert_eq!(r[2].error.as_deref(), Some("route lookup failed"));
         assert_eq!(r[3].observed_generation, 0, "a failed upsert is not observed");
         assert_eq!(r[3].error.as_deref(), Some("VIP table full"));
+        assert_eq!(r[3].error_reason, Some(IngressErrorReason::CapacityExceeded));
+        assert_eq!(r[0].error_reason, None, "programmed, though some backends are unreached");
+        assert_eq!(r[1].error_reason, Some(IngressErrorReason::NoInterface));
+        assert_eq!(r[2].error_reason, Some(IngressErrorReason::ProgrammingFailed));
     }
 }

@@ -74,6 +74,7 @@ mod tests {
                 announced_vips: vec![],
                 backends: 3,
                 error: None,
+                error_reason: None,
                 reach: Default::default(),
                 unreached: vec![],
             }],

@@ -10,16 +10,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use kube_dsr_crds::nodereport::{BackendReport, IngressReport};
+use kube_dsr_crds::nodereport::{BackendReport, IngressErrorReason, IngressReport};
 use tracing::{debug, info, warn};
 
 use crate::dataplane::{AttachMode, Config as DpConfig, Dataplane, ServiceSpec};
 use crate::neigh::{Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
 
+use super::backoff::{Backoff, Failure};
 use super::desired::{Desired, IngressService, SvcKey};
 use super::metrics::{Metrics, TrafficSample};
 use super::plan::{self, InterfaceObs, RoundPlan, ServicePlan, names_of};
@@ -44,6 +46,8 @@ pub struct WorkerConfig {
     /// so that what was added to them is removed if they are no longer
     /// backends.
     pub known_pods: BTreeSet<String>,
+    /// Capacity of each dataplane's maps.
+    pub capacity: crate::dataplane::Capacity,
 }
 
 /// What one round achieved: the material of the node report.
@@ -59,6 +63,8 @@ pub struct Outcome {
     /// at the next resync (a backend joins within milliseconds, not
     /// seconds).
     pub resolving: bool,
+    /// Some spec failed: when the first may be tried again.
+    pub backing_off: Option<Instant>,
 }
 
 /// An error with its causes, `a: b: c`, for logs and reports.
@@ -82,10 +88,28 @@ pub struct Worker {
     resolver: Option<Resolver>,
     known_pods: BTreeSet<String>,
     metrics: Arc<Metrics>,
+    /// Failed specs and when to try them again.
+    backoff: Backoff,
+    /// Set on shutdown: a round stops between two services.
+    cancel: Arc<AtomicBool>,
+    /// The last plan of each ingress service, with what it was planned
+    /// from: a round that is not periodic plans again only the services
+    /// whose input changed (or that were still resolving or failed).
+    planned: BTreeMap<SvcKey, (IngressService, ServicePlan)>,
+    /// The round-wide inputs of those plans.
+    planned_with: Option<PlanInputs>,
+}
+
+/// What every service's plan depends on besides the service itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PlanInputs {
+    node_iface: Option<Iface>,
+    delivered: BTreeMap<IpAddr, plan::Delivered>,
+    nodes: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Worker {
-    pub fn new(cfg: WorkerConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cfg: WorkerConfig, metrics: Arc<Metrics>, cancel: Arc<AtomicBool>) -> Self {
         let known_pods = cfg.known_pods.clone();
         let mut w = Worker {
             cfg,
@@ -94,6 +118,10 @@ impl Worker {
             resolver: None,
             known_pods,
             metrics,
+            backoff: Backoff::default(),
+            cancel,
+            planned: BTreeMap::new(),
+            planned_with: None,
         };
         w.adopt_pinned();
         w
@@ -119,6 +147,7 @@ impl Worker {
             let mut cfg = DpConfig::new(ifname);
             cfg.pin_dir = self.cfg.bpffs_dir.join(ifname);
             cfg.attach = self.cfg.attach;
+            cfg.capacity = self.cfg.capacity;
             let dp = Dataplane::open(&cfg)?;
             info!(interface = %ifname, start = ?dp.start(), mode = dp.attached().as_str(), "dataplane open");
             self.metrics.set_attached(ifname, dp.attached());
@@ -356,9 +385,11 @@ impl Worker {
 
     /// Applies the plan: removals first, on every dataplane (a service may
     /// have moved to another interface, or released a port another one now
-    /// claims), then upserts of what differs. Returns per spec name the
-    /// number of backends taking new flows, or why programming failed.
-    fn apply(&mut self, plan: &RoundPlan) -> BTreeMap<String, Result<usize, String>> {
+    /// claims), then upserts of what differs. A spec that failed waits for
+    /// its back-off (its last failure stands meanwhile). Returns per spec
+    /// name the number of backends taking new flows, or why it is not
+    /// programmed; `None` when cancelled.
+    fn apply(&mut self, plan: &RoundPlan) -> Option<BTreeMap<String, Result<usize, Failure>>> {
         for ifname in plan.wanted.keys() {
             if let Err(e) = self.dataplane(ifname) {
                 self.metrics.error("dataplane");
@@ -371,11 +402,13 @@ impl Worker {
             .map(|(name, dp)| (name.clone(), dp.services().cloned().collect()))
             .collect();
         let changes = plan::diff(&plan.wanted, &plan.keep, &held);
+        let mut freed: BTreeSet<String> = BTreeSet::new();
         for (ifname, c) in &changes {
             let Some(dp) = self.dataplanes.get_mut(ifname) else { continue };
             for name in &c.remove {
                 match dp.remove_service(name) {
                     Ok(()) => {
+                        freed.insert(ifname.clone());
                         info!(interface = %ifname, service = %name, "removed from the dataplane")
                     }
                     Err(e) => {
@@ -385,36 +418,58 @@ impl Worker {
                 }
             }
         }
-        let mut programmed: BTreeMap<String, Result<usize, String>> = BTreeMap::new();
+        let wanted: BTreeSet<&str> =
+            plan.wanted.values().flatten().map(|s| s.name.as_str()).collect();
+        self.backoff.retain(|n| wanted.contains(n));
+        let mut programmed: BTreeMap<String, Result<usize, Failure>> = BTreeMap::new();
         let active = plan::ready_reached;
         for (ifname, specs) in &plan.wanted {
             let c = changes.get(ifname).cloned().unwrap_or_default();
             let Some(dp) = self.dataplanes.get_mut(ifname) else {
                 for s in specs {
-                    programmed.insert(s.name.clone(), Err(format!("no dataplane on {ifname}")));
+                    let f = Failure {
+                        message: format!("no dataplane on {ifname}"),
+                        reason: IngressErrorReason::ProgrammingFailed,
+                    };
+                    programmed.insert(s.name.clone(), Err(f));
                 }
                 continue;
             };
             for spec in specs.iter().filter(|s| c.unchanged.contains(&s.name)) {
                 programmed.insert(spec.name.clone(), Ok(active(spec)));
             }
+            let mut held_back = 0usize;
             for spec in &c.upsert {
-                let t = Instant::now();
+                if self.cancel.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let now = Instant::now();
+                if let Some(f) = self.backoff.hold(ifname, spec, now, freed.contains(ifname)) {
+                    held_back += 1;
+                    programmed.insert(spec.name.clone(), Err(f.clone()));
+                    continue;
+                }
                 match dp.upsert_service(spec) {
                     Ok(()) => {
-                        self.metrics.programmed(t.elapsed());
+                        self.backoff.succeeded(&spec.name);
+                        self.metrics.programmed(now.elapsed());
                         info!(interface = %ifname, service = %spec.name, backends = spec.backends.len(), "programmed");
                         programmed.insert(spec.name.clone(), Ok(active(spec)));
                     }
                     Err(e) => {
-                        self.metrics.error("dataplane");
-                        warn!(interface = %ifname, service = %spec.name, error = %chain(&e), "programming failed");
-                        programmed.insert(spec.name.clone(), Err(chain(&e)));
+                        let f = Failure::of(&e);
+                        let retry = self.backoff.failed(ifname, spec, f.clone(), now);
+                        self.metrics.error(if e.is_capacity() { "capacity" } else { "dataplane" });
+                        warn!(interface = %ifname, service = %spec.name, error = %f.message, retry_in = ?retry, "programming failed");
+                        programmed.insert(spec.name.clone(), Err(f));
                     }
                 }
             }
+            if held_back > 0 {
+                debug!(interface = %ifname, held_back, "specs waiting for their back-off");
+            }
         }
-        programmed
+        Some(programmed)
     }
 
     /// The reply program on each host-side interface of a node-stage pod
@@ -512,18 +567,49 @@ impl Worker {
     }
 
     /// One round: the pod namespaces, the node stage, the ingress
-    /// services, then the dataplanes.
-    pub fn round(&mut self, d: &Desired, periodic: bool) -> Outcome {
+    /// services, then the dataplanes. `None` when cancelled (shutdown):
+    /// a round stops between two services, never inside one.
+    pub fn round(&mut self, d: &Desired, periodic: bool) -> Option<Outcome> {
         let started = Instant::now();
         let mut out = Outcome::default();
+        if let Ok(r) = self.resolver() {
+            r.begin_round();
+        }
         let (facts, links) = self.pods(d);
         let node_iface = self.node_interface(d);
         let local = self.observe_local(d, node_iface.as_ref(), &links, periodic);
         let node_plan = plan::plan_node_stage(d, node_iface.as_ref(), &local);
         out.resolving |= node_plan.resolving;
+        let inputs = PlanInputs {
+            node_iface: node_iface.clone(),
+            delivered: node_plan.delivered.clone(),
+            nodes: d.nodes.clone(),
+        };
+        let reuse = !periodic && self.planned_with.as_ref() == Some(&inputs);
         let mut services = BTreeMap::new();
+        let mut replanned = 0usize;
         for s in &d.ingress {
-            let p = self.plan_service(s, d, node_iface.as_ref(), &node_plan.delivered, periodic);
+            if self.cancel.load(Ordering::Relaxed) {
+                return None;
+            }
+            let cached = self.planned.get(&s.key).filter(|(was, p)| {
+                reuse && was == s && matches!(p, ServicePlan::Program { resolving: false, .. })
+            });
+            let p = match cached {
+                Some((_, p)) => p.clone(),
+                None => {
+                    replanned += 1;
+                    let p = self.plan_service(
+                        s,
+                        d,
+                        node_iface.as_ref(),
+                        &node_plan.delivered,
+                        periodic,
+                    );
+                    self.planned.insert(s.key.clone(), (s.clone(), p.clone()));
+                    p
+                }
+            };
             match &p {
                 ServicePlan::Keep(e) => {
                     self.metrics.error("neighbour");
@@ -537,8 +623,12 @@ impl Worker {
             }
             services.insert(s.key.clone(), p);
         }
+        let keys: BTreeSet<&SvcKey> = d.ingress.iter().map(|s| &s.key).collect();
+        self.planned.retain(|k, _| keys.contains(k));
+        self.planned_with = Some(inputs);
         let plan = plan::round_plan(services, &node_plan);
-        let programmed = self.apply(&plan);
+        let programmed = self.apply(&plan)?;
+        out.backing_off = self.backoff.next_due();
         let replies = self.apply_replies(node_iface.as_ref(), &node_plan.replies);
         self.apply_peers(d, periodic);
         out.ingress = plan::ingress_reports(d, &plan, &programmed);
@@ -559,9 +649,10 @@ impl Worker {
                 }
             }
         }
-        self.metrics.round(started.elapsed());
-        self.sample_counters();
-        out
+        let took = started.elapsed();
+        self.metrics.round(took);
+        debug!(?took, services = d.ingress.len(), replanned, periodic, "round done");
+        Some(out)
     }
 
     /// Backend pods on this node: VIPs on their loopback and the ARP
@@ -672,16 +763,14 @@ impl Worker {
                         bytes: t.bytes,
                     });
                 }
-                for b in &spec.backends {
-                    if let Ok(t) = dp.backend_traffic(&spec.name, b.addr) {
-                        samples.push(TrafficSample {
-                            service: spec.name.clone(),
-                            vip: spec.vip.to_string(),
-                            backend: Some(b.addr.to_string()),
-                            packets: t.packets,
-                            bytes: t.bytes,
-                        });
-                    }
+                for (addr, t) in dp.backends_traffic(&spec.name).unwrap_or_default() {
+                    samples.push(TrafficSample {
+                        service: spec.name.clone(),
+                        vip: spec.vip.to_string(),
+                        backend: Some(addr.to_string()),
+                        packets: t.packets,
+                        bytes: t.bytes,
+                    });
                 }
             }
         }
@@ -698,21 +787,31 @@ const RESOLVE_RETRY: Duration = Duration::from_millis(100);
 pub fn run(
     cfg: WorkerConfig,
     metrics: Arc<Metrics>,
+    cancel: Arc<AtomicBool>,
     inputs: Receiver<Arc<Desired>>,
     publish: impl Fn(Outcome),
 ) {
     let resync = cfg.resync;
     let counters_every = cfg.counters_every;
-    let mut w = Worker::new(cfg, metrics);
+    let mut w = Worker::new(cfg, metrics, Arc::clone(&cancel));
     let mut desired: Option<Arc<Desired>> = None;
     let mut next_resync = Instant::now() + resync;
     let mut next_counters = Instant::now() + counters_every;
     // A quick extra round while backend MACs are being resolved, backing
     // off to the resync period.
     let mut retry: Option<(Instant, Duration)> = None;
+    // A round when the first failed spec's back-off is over.
+    let mut backoff_due: Option<Instant> = None;
     loop {
+        if cancel.load(Ordering::Relaxed) {
+            return;
+        }
         let now = Instant::now();
-        let due = retry.map_or(next_resync, |(at, _)| at.min(next_resync));
+        let due = [retry.map(|(at, _)| at), backoff_due, Some(next_resync)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_resync);
         let wait = due.min(next_counters).saturating_duration_since(now);
         let (changed, periodic) = match inputs.recv_timeout(wait) {
             Ok(mut d) => {
@@ -724,35 +823,34 @@ pub fn run(
                 (true, false)
             }
             Err(RecvTimeoutError::Timeout) => {
-                let retry_due = retry.is_some_and(|(at, _)| Instant::now() >= at);
-                (retry_due, Instant::now() >= next_resync)
+                let now = Instant::now();
+                let retry_due = retry.is_some_and(|(at, _)| now >= at)
+                    || backoff_due.is_some_and(|at| now >= at);
+                (retry_due, now >= next_resync)
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
         if periodic {
             next_resync = Instant::now() + resync;
         }
-        match (&desired, changed || periodic) {
-            (Some(d), true) => {
-                let d = Arc::clone(d);
-                let outcome = w.round(&d, periodic);
-                retry = match (outcome.resolving, retry) {
-                    (false, _) => None,
-                    (true, None) => Some((Instant::now() + RESOLVE_RETRY, RESOLVE_RETRY)),
-                    (true, Some((_, last))) => {
-                        let next = (last * 2).min(resync);
-                        Some((Instant::now() + next, next))
-                    }
-                };
-                publish(outcome);
-                next_counters = Instant::now() + counters_every;
-            }
-            _ => {
-                if Instant::now() >= next_counters {
-                    w.sample_counters();
-                    next_counters = Instant::now() + counters_every;
+        if let (Some(d), true) = (&desired, changed || periodic) {
+            let d = Arc::clone(d);
+            let Some(outcome) = w.round(&d, periodic) else { return };
+            retry = match (outcome.resolving, retry) {
+                (false, _) => None,
+                (true, None) => Some((Instant::now() + RESOLVE_RETRY, RESOLVE_RETRY)),
+                (true, Some((_, last))) => {
+                    let next = (last * 2).min(resync);
+                    Some((Instant::now() + next, next))
                 }
-            }
+            };
+            backoff_due = outcome.backing_off;
+            publish(outcome);
+        }
+        // Counters on their own clock: a busy node still gets them.
+        if Instant::now() >= next_counters {
+            w.sample_counters();
+            next_counters = Instant::now() + counters_every;
         }
     }
 }

@@ -8,13 +8,13 @@ use aya::{
     util::nr_cpus,
 };
 use kube_dsr_common::{
-    BACKEND_IN_USE, Backend, ConnKey4, ConnKey6, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_CONNS4, MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_PEERS, MAP_RINGS, MAP_SERVICES,
-    MAP_VIP_STATS, MAP_VIPS4, MAP_VIPS6, Meta, PeerSlot, SERVICE_IN_USE, ServiceSlot, Traffic,
-    VipSlot4, VipSlot6, VipValue, flow_hash,
+    Backend, ConnKey4, ConnKey6, ConnValue, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNS4,
+    MAP_CONNS6, MAP_COUNTERS, MAP_META, MAP_PEERS, MAP_RINGS, MAP_SERVICES, MAP_VIP_STATS,
+    MAP_VIPS4, MAP_VIPS6, Meta, PeerSlot, SERVICE_IN_USE, ServiceSlot, Traffic, VipSlot4, VipSlot6,
+    VipValue, flow_hash,
 };
 
-use super::{peers, spec::VipKey, sys::Mapped, viptable};
+use super::{alloc::Row, peers, spec::VipKey, sys::Mapped, viptable};
 use crate::error::{Error, Result};
 
 /// A connection-table entry, with what a sweep needs to judge it.
@@ -42,10 +42,19 @@ pub struct Maps {
     backend_stats: PerCpuArray<MapData, Traffic>,
     counters: PerCpuArray<MapData, u64>,
     meta: Array<MapData, Meta>,
-    rings: Mapped<u32>,
+    /// The ring map is never mapped whole: a table is mapped while it is
+    /// written or read, so the agent's memory does not grow with the ring
+    /// memory reserved in the kernel.
+    rings: MapData,
+    ring_slots: u64,
     peers: Mapped<PeerSlot>,
+    /// Sizes as created (a pinned map keeps its own).
+    max_services: u32,
+    max_vip_stats: u32,
+    max_backends: u32,
+    max_backend_stats: u32,
     /// Kept open for as long as they are mapped.
-    _mapped: [MapData; 4],
+    _mapped: [MapData; 3],
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -64,11 +73,19 @@ macro_rules! typed {
 
 impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        // The ring map holds two u32 slots per element, back to back.
-        let (rings_map, rings) = mapped::<u32>(ebpf, MAP_RINGS, 2)?;
+        let rings = match take(ebpf, MAP_RINGS)? {
+            Map::Array(data) => data,
+            _ => return Err(Error::MissingMap { name: MAP_RINGS }),
+        };
+        // Two u32 slots per element, back to back.
+        let ring_slots = 2 * u64::from(rings.info().map_err(wrap(MAP_RINGS))?.max_entries());
         let (vips4_map, vips4) = mapped::<VipSlot4>(ebpf, MAP_VIPS4, 1)?;
         let (vips6_map, vips6) = mapped::<VipSlot6>(ebpf, MAP_VIPS6, 1)?;
         let (peers_map, peers) = mapped::<PeerSlot>(ebpf, MAP_PEERS, 1)?;
+        let max_services = max_entries(ebpf, MAP_SERVICES)?;
+        let max_vip_stats = max_entries(ebpf, MAP_VIP_STATS)?;
+        let max_backends = max_entries(ebpf, MAP_BACKENDS)?;
+        let max_backend_stats = max_entries(ebpf, MAP_BACKEND_STATS)?;
         Ok(Self {
             vips4,
             vips6,
@@ -81,17 +98,35 @@ impl Maps {
             counters: typed!(ebpf, MAP_COUNTERS),
             meta: typed!(ebpf, MAP_META),
             rings,
+            ring_slots,
             peers,
-            _mapped: [rings_map, vips4_map, vips6_map, peers_map],
+            max_services,
+            max_vip_stats,
+            max_backends,
+            max_backend_stats,
+            _mapped: [vips4_map, vips6_map, peers_map],
         })
     }
 
     pub fn max_services(&self) -> u32 {
-        self.services.len()
+        self.max_services
+    }
+
+    pub fn max_vip_stats(&self) -> u32 {
+        self.max_vip_stats
     }
 
     pub fn max_backends(&self) -> u32 {
-        self.backends.len()
+        self.max_backends
+    }
+
+    pub fn max_backend_stats(&self) -> u32 {
+        self.max_backend_stats
+    }
+
+    /// Slots of the ring map.
+    pub fn ring_slots(&self) -> u64 {
+        self.ring_slots
     }
 
     pub fn meta(&self) -> Result<Meta> {
@@ -110,11 +145,27 @@ impl Maps {
         if placed {
             return Ok(());
         }
-        let key = key.decode().map_or_else(
-            || format!("{key:?}"),
-            |(a, p, s)| format!("{a}:{}/{:?} ({s:?} stage)", p.port, p.protocol),
-        );
-        Err(Error::VipTableFull { key })
+        Err(Error::VipTableFull { key: describe(key) })
+    }
+
+    /// Whether every key in `keys` that is not in its table yet could be
+    /// placed, all of them together; nothing is written.
+    pub fn check_room(&self, keys: &[VipKey]) -> Result<()> {
+        let v4: Vec<_> = keys
+            .iter()
+            .filter_map(|k| if let VipKey::V4(k) = k { Some(*k) } else { None })
+            .collect();
+        let v6: Vec<_> = keys
+            .iter()
+            .filter_map(|k| if let VipKey::V6(k) = k { Some(*k) } else { None })
+            .collect();
+        let unplaced = viptable::unplaceable(&self.vips4, &v4)
+            .map(VipKey::V4)
+            .or_else(|| viptable::unplaceable(&self.vips6, &v6).map(VipKey::V6));
+        match unplaced {
+            None => Ok(()),
+            Some(key) => Err(Error::VipTableFull { key: describe(&key) }),
+        }
     }
 
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
@@ -163,15 +214,9 @@ impl Maps {
         self.set_backend(id, &b)
     }
 
-    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let mut out = Vec::new();
-        for id in 0..self.backends.len() {
-            let b = self.backend(id)?;
-            if b.flags & BACKEND_IN_USE != 0 {
-                out.push((id, b));
-            }
-        }
-        Ok(out)
+    /// Every backend slot, free ones included, by id.
+    pub fn all_backends(&self) -> Result<Vec<Backend>> {
+        (0..self.max_backends).map(|id| self.backend(id)).collect()
     }
 
     pub fn set_service(&mut self, id: u32, slot: &ServiceSlot) -> Result<()> {
@@ -180,7 +225,7 @@ impl Maps {
 
     pub fn services(&self) -> Result<Vec<(u32, ServiceSlot)>> {
         let mut out = Vec::new();
-        for id in 0..self.services.len() {
+        for id in 0..self.max_services {
             let s = self.services.get(&id, 0).map_err(wrap(MAP_SERVICES))?;
             if s.flags & SERVICE_IN_USE != 0 {
                 out.push((id, s));
@@ -189,16 +234,44 @@ impl Maps {
         Ok(out)
     }
 
-    /// The `len` slots at `base`.
-    pub fn ring(&self, base: u32, len: usize) -> &[u32] {
-        let base = base as usize;
-        &self.rings.as_slice()[base..base + len]
+    /// A window of the ring map covering `row`, and where the row starts
+    /// in it. Offsets into a memory map are whole pages.
+    fn ring_window(&self, row: Row) -> Result<(Mapped<u32>, usize)> {
+        let end = u64::from(row.base) + u64::from(row.size);
+        if row.size == 0 || end > self.ring_slots {
+            return Err(Error::Io {
+                what: "a ring row outside the ring map",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        let page = page_size() as u64;
+        let start = u64::from(row.base) * 4 / page * page;
+        let skip = (u64::from(row.base) * 4 - start) as usize / 4;
+        let len = skip + row.size as usize;
+        let window = Mapped::new_at(self.rings.fd().as_fd(), start, len)
+            .map_err(|source| Error::Io { what: "mapping the ring map", source })?;
+        Ok((window, skip))
     }
 
-    /// Copies a Maglev table into the ring map at `base`.
-    pub fn write_ring(&mut self, base: u32, table: &[u32]) {
-        let base = base as usize;
-        self.rings.as_mut_slice()[base..base + table.len()].copy_from_slice(table);
+    /// A copy of the table in `row`.
+    pub fn read_ring(&self, row: Row) -> Result<Vec<u32>> {
+        let (w, skip) = self.ring_window(row)?;
+        Ok(w.as_slice()[skip..].to_vec())
+    }
+
+    /// Copies a Maglev table into `row` (one copy through a memory map, not
+    /// a system call per slot).
+    pub fn write_ring(&mut self, row: Row, table: &[u32]) -> Result<()> {
+        let (mut w, skip) = self.ring_window(row)?;
+        let dst = &mut w.as_mut_slice()[skip..];
+        if dst.len() != table.len() {
+            return Err(Error::Io {
+                what: "a table of another size than its ring row",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        dst.copy_from_slice(table);
+        Ok(())
     }
 
     pub fn vip_traffic(&self, id: u32) -> Result<Traffic> {
@@ -254,11 +327,6 @@ impl Maps {
             Err(e) => Err(wrap(name)(e)),
         }
     }
-
-    /// One ring slot.
-    pub fn ring_slot(&self, index: u32) -> u32 {
-        self.rings.as_slice()[index as usize]
-    }
 }
 
 /// Takes a `BPF_F_MMAPABLE` array out of the object and maps it as
@@ -276,6 +344,30 @@ fn mapped<T: Copy>(
     let mapped = Mapped::new(data.fd().as_fd(), len)
         .map_err(|source| Error::Io { what: "mapping a map", source })?;
     Ok((data, mapped))
+}
+
+/// `max_entries` of a map as created (or as found pinned).
+fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    let map = ebpf.map(name).ok_or(Error::MissingMap { name })?;
+    let data = match map {
+        Map::Array(d) | Map::PerCpuArray(d) => d,
+        _ => return Err(Error::MissingMap { name }),
+    };
+    Ok(data.info().map_err(wrap(name))?.max_entries())
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|n| *n > 0).unwrap_or(4096)
+}
+
+/// A VIP key for messages.
+fn describe(key: &VipKey) -> String {
+    key.decode().map_or_else(
+        || format!("{key:?}"),
+        |(a, p, s)| format!("{a}:{}/{:?} ({s:?} stage)", p.port, p.protocol),
+    )
 }
 
 fn sum(values: PerCpuValues<Traffic>) -> Result<Traffic> {

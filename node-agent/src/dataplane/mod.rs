@@ -8,6 +8,7 @@
 //! idle half of the service's double buffer and swapped in by one VIP-map
 //! update.
 
+mod alloc;
 mod maps;
 mod peers;
 pub mod spec;
@@ -23,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use alloc::{IdPool, RingPool, Row};
 use aya::{
     EbpfLoader,
     programs::{
@@ -35,9 +37,8 @@ use aya::{
 use kube_dsr_common::{
     ATTACH_GENERIC, ATTACH_NATIVE, BACKEND_DRAINING, BACKEND_IN_USE, BACKEND_LOCAL,
     BACKEND_VIA_NODE, Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNS4, MAP_CONNS6, MAP_RINGS,
-    MAP_SERVICES, MAP_VIP_STATS, Meta, PROGRAM_NAME, REPLY_PROGRAM_NAME, RING_ROW,
-    ROWS_PER_SERVICE, SERVICE_IN_USE, ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS,
-    VipValue, reason,
+    MAP_SERVICES, MAP_VIP_STATS, Meta, PROGRAM_NAME, REPLY_PROGRAM_NAME, RING_ROW, SERVICE_IN_USE,
+    ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS, VipValue, reason,
 };
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, Reach, ServiceSpec, Stage};
@@ -127,8 +128,9 @@ pub struct Config {
     pub attach: AttachMode,
     /// Connection-table entries (LRU).
     pub conn_entries: u32,
-    pub max_services: u32,
-    pub max_backends: u32,
+    /// Capacities of the maps created by this dataplane (a map found pinned
+    /// keeps the size it was created with).
+    pub capacity: Capacity,
     /// Reload and swap the program even when the attached one is identical.
     pub force_reload: bool,
 }
@@ -140,11 +142,67 @@ impl Config {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             attach: AttachMode::Auto,
             conn_entries: kube_dsr_common::DEFAULT_CONN_ENTRIES,
-            max_services: kube_dsr_common::DEFAULT_MAX_SERVICES,
-            max_backends: kube_dsr_common::DEFAULT_MAX_BACKENDS,
+            capacity: Capacity::default(),
             force_reload: false,
         }
     }
+}
+
+/// How much one dataplane (one interface) can hold. Memory is reserved when
+/// the maps are created, whatever is programmed later; DESIGN.md "Capacity"
+/// gives the figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service ids: one per VIP family and stage of a DsrService.
+    pub services: u32,
+    /// Backend slots: one per (service id, backend) — a node reached
+    /// through its node stage counts once per service, whatever its pods.
+    pub backends: u32,
+    /// Maglev ring memory in chunks of [`RING_ROW`] slots (256 KiB each).
+    /// Every service owns two rows of its table size (current and
+    /// previous, or the next one being written).
+    pub ring_chunks: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: kube_dsr_common::DEFAULT_MAX_SERVICES,
+            backends: kube_dsr_common::DEFAULT_MAX_BACKENDS,
+            ring_chunks: kube_dsr_common::DEFAULT_RING_CHUNKS,
+        }
+    }
+}
+
+impl Capacity {
+    /// Bytes of one ring chunk.
+    pub const CHUNK_BYTES: u64 = RING_ROW as u64 * 4;
+
+    /// Whole chunks that fit in `mib` MiB.
+    pub fn ring_chunks_in_mib(mib: u32) -> u32 {
+        u32::try_from(u64::from(mib) * (1 << 20) / Self::CHUNK_BYTES).unwrap_or(u32::MAX)
+    }
+
+    /// Kernel memory of the maps sized by this capacity, in bytes, on a
+    /// machine with `cpus` CPUs (per-CPU counters are per CPU). The VIP,
+    /// peer, connection and counter maps come on top (fixed or sized by
+    /// `conn_entries`).
+    pub fn map_bytes(&self, cpus: u64) -> u64 {
+        let services =
+            u64::from(self.services) * (std::mem::size_of::<ServiceSlot>() as u64 + 16 * cpus);
+        let backends =
+            u64::from(self.backends) * (std::mem::size_of::<Backend>() as u64 + 16 * cpus);
+        services + backends + u64::from(self.ring_chunks) * Self::CHUNK_BYTES
+    }
+}
+
+/// What is left of a dataplane's capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub capacity: Capacity,
+    pub free_services: u32,
+    pub free_backends: u32,
+    pub free_ring_chunks: u32,
 }
 
 /// A service as programmed: its spec and the ids it holds.
@@ -154,27 +212,34 @@ struct Installed {
     spec: ServiceSpec,
     /// Backend ids, parallel to `spec.backends`.
     ids: Vec<u32>,
-    /// Ring row (0..ROWS_PER_SERVICE) of the current table; its size is
-    /// `spec.table_size`, or 0 when `has_table` is false.
-    current_row: u32,
-    has_table: bool,
-    /// Ring row and size of the table before the last change.
-    previous: Option<(u32, u32)>,
+    /// Generation of each backend slot, parallel to `ids`.
+    gens: Vec<u32>,
+    /// Where the current table is; `None`: no backend takes new flows.
+    current: Option<Row>,
+    /// The table before the last change, while it is kept.
+    previous: Option<Row>,
+    /// Every ring row the service owns: `current`, `previous`, and spares,
+    /// so that it always holds two rows of its table size and a change never
+    /// waits for ring memory.
+    rows: Vec<Row>,
     /// When the table last changed (a restart counts as a change: the age
     /// of what it found is unknown).
     changed_at: Instant,
     /// The connection table may hold pins of this service (`VIP_PINS`).
     pins: bool,
+    /// This process wrote (or compared) the current table for `spec`, so
+    /// the same spec needs no new table.
+    verified: bool,
 }
 
 impl Installed {
     fn vip_value(&self) -> VipValue {
-        let base = |row: u32| (self.svc_id * ROWS_PER_SERVICE + row) * RING_ROW;
-        let (prev_base, prev_size) = self.previous.map_or((0, 0), |(row, size)| (base(row), size));
+        let (ring_base, ring_size) = self.current.map_or((0, 0), |r| (r.base, r.size));
+        let (prev_base, prev_size) = self.previous.map_or((0, 0), |r| (r.base, r.size));
         VipValue {
             svc_id: self.svc_id,
-            ring_base: base(self.current_row),
-            ring_size: if self.has_table { self.spec.table_size } else { 0 },
+            ring_base,
+            ring_size,
             prev_base,
             prev_size,
             flags: if self.spec.pin_all_flows { VIP_PIN_ALL } else { 0 }
@@ -188,11 +253,41 @@ impl Installed {
         ServiceSlot {
             name,
             flags: SERVICE_IN_USE,
-            current_row: self.current_row,
+            ring_base: self.current.map_or(0, |r| r.base),
             table_size: self.spec.table_size,
             _pad: [0; 3],
         }
     }
+
+    /// Rows it no longer needs: neither current nor previous, and beyond
+    /// the two of its table size it keeps.
+    fn surplus_rows(&self) -> Vec<Row> {
+        let in_use = |r: &Row| Some(*r) == self.current || Some(*r) == self.previous;
+        let mut keep_spare = 2usize.saturating_sub(
+            self.rows.iter().filter(|r| in_use(r) && r.size == self.spec.table_size).count(),
+        );
+        let mut out = Vec::new();
+        for r in &self.rows {
+            if in_use(r) {
+                continue;
+            }
+            if r.size == self.spec.table_size && keep_spare > 0 {
+                keep_spare -= 1;
+                continue;
+            }
+            out.push(*r);
+        }
+        out
+    }
+}
+
+/// What an upsert takes before it writes anything; given back when the
+/// service is refused.
+#[derive(Default)]
+struct Taken {
+    svc_id: Option<u32>,
+    backend_ids: Vec<u32>,
+    rows: Vec<Row>,
 }
 
 pub struct Dataplane {
@@ -207,6 +302,12 @@ pub struct Dataplane {
     start: Start,
     vlan: VlanTags,
     services: BTreeMap<String, Installed>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    /// Generation of every backend slot, free ones included (a slot's next
+    /// owner gets a higher one).
+    slot_gens: Vec<u32>,
+    rings: RingPool,
 }
 
 impl Dataplane {
@@ -233,21 +334,37 @@ impl Dataplane {
                 .map_err(|source| Error::VlanOffload { name: cfg.interface.clone(), source })?,
         };
 
-        // ROWS_PER_SERVICE rows per service, two slots per element.
-        let ring_entries =
-            cfg.max_services.saturating_mul(ROWS_PER_SERVICE).saturating_mul(RING_ROW / 2);
+        let cap = cfg.capacity;
+        // Whole chunks, two slots per element.
+        let ring_entries = cap.ring_chunks.saturating_mul(RING_ROW / 2);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .map_max_entries(MAP_CONNS4, cfg.conn_entries)
             .map_max_entries(MAP_CONNS6, cfg.conn_entries)
-            .map_max_entries(MAP_SERVICES, cfg.max_services)
-            .map_max_entries(MAP_VIP_STATS, cfg.max_services)
+            .map_max_entries(MAP_SERVICES, cap.services)
+            .map_max_entries(MAP_VIP_STATS, cap.services)
             .map_max_entries(MAP_RINGS, ring_entries)
-            .map_max_entries(MAP_BACKENDS, cfg.max_backends)
-            .map_max_entries(MAP_BACKEND_STATS, cfg.max_backends)
+            .map_max_entries(MAP_BACKENDS, cap.backends)
+            .map_max_entries(MAP_BACKEND_STATS, cap.backends)
             .load(OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
         let mut maps = maps::Maps::take(&mut ebpf)?;
+        // Maps found pinned keep the size they were created with; the
+        // capacity is what they really hold.
+        let found = Capacity {
+            services: maps.max_services().min(maps.max_vip_stats()),
+            backends: maps.max_backends().min(maps.max_backend_stats()),
+            ring_chunks: u32::try_from(maps.ring_slots() / u64::from(RING_ROW)).unwrap_or(u32::MAX),
+        };
+        if found != cap {
+            warn!(
+                interface = %cfg.interface,
+                requested = ?cap,
+                pinned = ?found,
+                "pinned maps keep the capacity they were created with; \
+                 `dsr-agent cleanup` (forwarding stops) lets the next start create them anew"
+            );
+        }
 
         let sha = object_sha256();
         let meta = maps.meta()?;
@@ -338,12 +455,18 @@ impl Dataplane {
             Attached::Native => vlan,
         };
 
-        let services = read_back(&mut maps)?;
+        let mut service_ids = IdPool::new(found.services);
+        let mut backend_ids = IdPool::new(found.backends);
+        let mut rings = RingPool::new(u64::from(found.ring_chunks) * u64::from(RING_ROW));
+        let mut slot_gens = Vec::new();
+        let services =
+            read_back(&mut maps, &mut service_ids, &mut backend_ids, &mut slot_gens, &mut rings)?;
         info!(
             interface = %cfg.interface,
             mode = attached.as_str(),
             start = ?start,
             services = services.len(),
+            capacity = ?found,
             replies,
             vlan_tags = vlan.as_str(),
             "dataplane ready"
@@ -358,7 +481,25 @@ impl Dataplane {
             start,
             vlan,
             services,
+            service_ids,
+            backend_ids,
+            slot_gens,
+            rings,
         })
+    }
+
+    /// Capacity and what is free of it.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            capacity: Capacity {
+                services: self.service_ids.len(),
+                backends: self.backend_ids.len(),
+                ring_chunks: self.rings.chunks(),
+            },
+            free_services: self.service_ids.free() as u32,
+            free_backends: self.backend_ids.free() as u32,
+            free_ring_chunks: self.rings.free_chunks(),
+        }
     }
 
     pub fn attached(&self) -> Attached {
@@ -386,6 +527,12 @@ impl Dataplane {
 
     /// Programs a service, or changes one in place. Backends that stay keep
     /// their flows; the new Maglev table becomes live in one step.
+    ///
+    /// Everything the change needs (service id, backend slots, ring rows,
+    /// VIP table slots) is taken before anything is written: a service that
+    /// does not fit is refused with a capacity error
+    /// ([`Error::is_capacity`]), leaving the dataplane exactly as it was —
+    /// a service already programmed keeps forwarding as before.
     pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
         spec.validate()?;
         if spec.stage == Stage::Node
@@ -407,43 +554,160 @@ impl Dataplane {
         self.check_conflicts(&spec)?;
 
         let old = self.services.get(&spec.name).cloned();
-        let svc_id = match &old {
+        let mut taken = Taken::default();
+        match self.program(&spec, old.as_ref(), &mut taken) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Nothing was written for what was taken: give it back.
+                if let Some(id) = taken.svc_id {
+                    self.service_ids.release(id);
+                }
+                for id in taken.backend_ids {
+                    self.backend_ids.release(id);
+                }
+                for r in taken.rows {
+                    self.rings.release(r);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The body of [`Self::upsert_service`]: first every allocation (each
+    /// recorded in `taken`), then the writes.
+    fn program(
+        &mut self,
+        spec: &ServiceSpec,
+        old: Option<&Installed>,
+        taken: &mut Taken,
+    ) -> Result<()> {
+        let name = &spec.name;
+        let svc_id = match old {
             Some(o) => o.svc_id,
             None => {
-                let id = self.free_service_id(&spec.name)?;
-                self.maps.reset_vip_stats(id)?;
+                let id = self.service_ids.alloc(1).ok_or_else(|| Error::ServicesFull {
+                    service: name.clone(),
+                    max: self.service_ids.len(),
+                })?[0];
+                taken.svc_id = Some(id);
                 id
             }
         };
 
         // Backend slots: backends that stay keep theirs (and their flows);
-        // new ones get free slots. Everything is allocated before anything
-        // is written, so running out leaves the dataplane as it was.
-        let mut in_use: HashSet<u32> =
-            self.services.values().flat_map(|s| s.ids.iter().copied()).collect();
-        let max_backends = self.maps.max_backends();
-        let mut slots = Vec::with_capacity(spec.backends.len());
-        for b in &spec.backends {
-            let kept = old.as_ref().and_then(|o| {
-                o.spec.backends.iter().position(|ob| ob.addr == b.addr).map(|i| o.ids[i])
-            });
-            let slot = match kept {
-                Some(id) => (id, false),
-                None => {
-                    let id =
-                        (0..max_backends).find(|id| !in_use.contains(id)).ok_or_else(|| {
-                            Error::BackendsFull {
-                                service: spec.name.clone(),
-                                addr: b.addr,
-                                max: max_backends,
-                            }
-                        })?;
-                    (id, true)
+        // new ones get free slots, all at once or none.
+        let kept: Vec<Option<(u32, u32)>> = spec
+            .backends
+            .iter()
+            .map(|b| {
+                old.and_then(|o| {
+                    let i = o.spec.backends.iter().position(|ob| ob.addr == b.addr)?;
+                    Some((o.ids[i], o.gens[i]))
+                })
+            })
+            .collect();
+        let wanted = kept.iter().filter(|k| k.is_none()).count();
+        let mut fresh = self
+            .backend_ids
+            .alloc(wanted)
+            .ok_or_else(|| Error::BackendsFull {
+                service: name.clone(),
+                wanted,
+                free: self.backend_ids.free(),
+                max: self.backend_ids.len(),
+            })?
+            .into_iter();
+        taken.backend_ids = fresh.clone().collect();
+        let mut ids = Vec::with_capacity(kept.len());
+        let mut gens = Vec::with_capacity(kept.len());
+        let mut new_slots = Vec::new();
+        for k in &kept {
+            match k {
+                Some((id, generation)) => {
+                    ids.push(*id);
+                    gens.push(*generation);
                 }
-            };
-            in_use.insert(slot.0);
-            slots.push(slot);
+                None => {
+                    let id = fresh.next().expect("allocated above");
+                    let generation = next_generation(self.slot_gens[id as usize]);
+                    ids.push(id);
+                    gens.push(generation);
+                    new_slots.push(id);
+                }
+            }
         }
+
+        // The table, and the row it goes into. A service owns two rows of
+        // its table size: the current table and the previous one (or a
+        // spare). A change while the previous table is still kept takes a
+        // third row when one is free, else it gives the previous table up.
+        // The same spec as last written gives the same table: no need to
+        // build it (after a restart the table is built and compared once).
+        let same_spec = old.is_some_and(|o| o.verified && o.spec == *spec);
+        let table = if same_spec { None } else { spec.table(&ids)? };
+        let size = spec.table_size;
+        let mut rows: Vec<Row> = old.map(|o| o.rows.clone()).unwrap_or_default();
+        let of_size = rows.iter().filter(|r| r.size == size).count();
+        if of_size < 2 {
+            let n = 2 - of_size;
+            let got = self.rings.alloc(size, n).ok_or_else(|| Error::RingsFull {
+                service: name.clone(),
+                table_size: size,
+                rows: n,
+                available: self.rings.available(size),
+                chunks: self.rings.chunks(),
+            })?;
+            taken.rows.extend(got.iter().copied());
+            rows.extend(got);
+        }
+        let (old_current, old_previous) = old.map_or((None, None), |o| (o.current, o.previous));
+        let unchanged = same_spec
+            || old.is_some_and(|o| match (&table, o.current) {
+                (Some(t), Some(cur)) => {
+                    cur.size == size && self.maps.read_ring(cur).is_ok_and(|r| r == *t)
+                }
+                (None, None) => true,
+                _ => false,
+            });
+        let mut give_up_previous = false;
+        let target = if unchanged || table.is_none() {
+            None
+        } else {
+            let idle = rows
+                .iter()
+                .copied()
+                .find(|r| r.size == size && Some(*r) != old_current && Some(*r) != old_previous);
+            match idle {
+                Some(r) => Some(r),
+                None => match self.rings.alloc(size, 1) {
+                    Some(extra) => {
+                        taken.rows.push(extra[0]);
+                        rows.push(extra[0]);
+                        Some(extra[0])
+                    }
+                    None => {
+                        give_up_previous = true;
+                        old_previous
+                    }
+                },
+            }
+        };
+
+        // VIP table slots for keys not held yet (placement is decided by the
+        // table's contents, so check them all together).
+        let mut keys = Vec::new();
+        for p in &spec.ports {
+            keys.push(spec::vip_key(spec.vip, *p, spec.stage));
+            if spec.stage == Stage::Node {
+                keys.push(spec::vip_key(spec.vip, *p, Stage::Ingress));
+            }
+        }
+        self.maps.check_room(&keys)?;
+
+        // Nothing can run out from here on. (A failing write from here on
+        // is a kernel error, not a full map: what was taken stays with the
+        // service as far as it got, and a restart's read-back sorts it out.)
+        *taken = Taken::default();
         if old.is_none() {
             // Claim the service first: a crash from here on leaves a named
             // service that a restart reads back and can finish or remove.
@@ -451,89 +715,92 @@ impl Dataplane {
                 svc_id,
                 spec: ServiceSpec { ports: Vec::new(), backends: Vec::new(), ..spec.clone() },
                 ids: Vec::new(),
-                current_row: 0,
-                has_table: false,
+                gens: Vec::new(),
+                current: None,
                 previous: None,
+                rows: Vec::new(),
                 changed_at: Instant::now(),
                 pins: false,
+                verified: false,
             };
             self.maps.set_service(svc_id, &claim.slot())?;
+            self.maps.reset_vip_stats(svc_id)?;
         }
-        let mut ids = Vec::with_capacity(slots.len());
-        for (b, &(id, new)) in spec.backends.iter().zip(&slots) {
-            let previous = self.maps.backend(id)?.generation;
-            let generation = if new {
+        for ((b, &id), &generation) in spec.backends.iter().zip(&ids).zip(&gens) {
+            if new_slots.contains(&id) {
                 self.maps.reset_backend_stats(id)?;
-                next_generation(previous)
-            } else {
-                previous
-            };
+            }
             let value = backend_value(b, svc_id, generation, self.ifindex, self.mac);
-            self.maps.set_backend(id, &value)?;
-            ids.push(id);
+            let changed = match old {
+                Some(o) => o.ids.iter().position(|x| *x == id).is_none_or(|i| {
+                    backend_value(&o.spec.backends[i], svc_id, generation, self.ifindex, self.mac)
+                        != value
+                }),
+                None => true,
+            };
+            if changed {
+                self.maps.set_backend(id, &value)?;
+                self.slot_gens[id as usize] = generation;
+            }
         }
 
-        // A changed table goes into the row packets are not reading; the
-        // one it replaces stays as the previous table (see the XDP
-        // program's `pick`). An unchanged table changes nothing, so a
-        // periodic resync never disturbs flows.
-        let table = spec.table(&ids)?;
-        let base = |row: u32| (svc_id * ROWS_PER_SERVICE + row) * RING_ROW;
-        let unchanged = old.as_ref().is_some_and(|o| match &table {
-            Some(t) => o.has_table && self.maps.ring(base(o.current_row), t.len()) == &t[..],
-            None => !o.has_table,
-        });
-        let installed = match &old {
+        // A changed table goes into a row packets are not reading; the one
+        // it replaces stays as the previous table (see the XDP program's
+        // `pick`). An unchanged table changes nothing, so a periodic resync
+        // never disturbs flows.
+        let installed = match old {
             Some(o) if unchanged => {
                 let pins = o.pins || spec.pin_all_flows;
-                Installed { spec, ids, pins, ..o.clone() }
+                Installed { spec: spec.clone(), ids, gens, rows, pins, verified: true, ..o.clone() }
             }
             _ => {
-                let current_row = match &old {
-                    None => 0,
-                    Some(o) => (0..ROWS_PER_SERVICE)
-                        .find(|r| *r != o.current_row && o.previous.map(|p| p.0) != Some(*r))
-                        .unwrap_or(0),
-                };
-                if let Some(t) = &table {
-                    self.maps.write_ring(base(current_row), t);
+                if give_up_previous && let Some(o) = old {
+                    // The previous row is about to be rewritten: no packet
+                    // may read it as the previous table any more.
+                    let without = Installed { previous: None, ..o.clone() };
+                    let value = without.vip_value();
+                    for p in &o.spec.ports {
+                        self.maps.set_vip(&spec::vip_key(o.spec.vip, *p, o.spec.stage), &value)?;
+                    }
+                }
+                if let (Some(t), Some(row)) = (&table, target) {
+                    self.maps.write_ring(row, t)?;
                     // The table must be complete before a VIP entry names it
                     // (the VIP tables are written through a memory map too).
                     fence(Ordering::SeqCst);
                 }
-                let previous = old
-                    .as_ref()
-                    .filter(|o| o.has_table)
-                    .map(|o| (o.current_row, o.spec.table_size));
+                let previous = old_current;
                 // Pins appear from the moment two tables can disagree.
-                let pins = previous.is_some()
-                    || spec.pin_all_flows
-                    || old.as_ref().is_some_and(|o| o.pins);
+                let pins = previous.is_some() || spec.pin_all_flows || old.is_some_and(|o| o.pins);
                 Installed {
                     svc_id,
-                    spec,
+                    spec: spec.clone(),
                     ids,
-                    current_row,
-                    has_table: table.is_some(),
+                    gens,
+                    current: target,
                     previous,
+                    rows,
                     changed_at: Instant::now(),
                     pins,
+                    verified: true,
                 }
             }
         };
         let value = installed.vip_value();
         let slot = installed.slot();
+        let surplus = installed.surplus_rows();
         let (stage, vip, ports) =
             (installed.spec.stage, installed.spec.vip, installed.spec.ports.clone());
-        let backends = installed.spec.backends.clone();
-        self.services.insert(installed.spec.name.clone(), installed);
+        let mut installed = installed;
+        installed.rows.retain(|r| !surplus.contains(r));
+        self.services.insert(name.clone(), installed);
         for p in &ports {
             self.maps.set_vip(&spec::vip_key(vip, *p, stage), &value)?;
             if stage == Stage::Node {
                 self.sync_ingress_key(vip, *p)?;
             }
         }
-        if let Some(o) = &old {
+        if let Some(o) = old {
             for p in &o.spec.ports {
                 if o.spec.vip != vip || !ports.contains(p) {
                     self.unpublish(o.spec.vip, *p, stage)?;
@@ -542,13 +809,18 @@ impl Dataplane {
         }
         self.maps.set_service(svc_id, &slot)?;
 
-        // Only now that no table names them: release backends that left.
-        if let Some(o) = &old {
+        // Only now that no table names them: release backends that left,
+        // and rows no longer needed.
+        if let Some(o) = old {
             for (b, id) in o.spec.backends.iter().zip(&o.ids) {
-                if !backends.iter().any(|nb| nb.addr == b.addr) {
+                if !spec.backends.iter().any(|nb| nb.addr == b.addr) {
                     self.maps.release_backend(*id)?;
+                    self.backend_ids.release(*id);
                 }
             }
+        }
+        for r in surplus {
+            self.rings.release(r);
         }
         Ok(())
     }
@@ -628,17 +900,22 @@ impl Dataplane {
         let mut pins_removed = 0;
         let mut still_pinned = HashSet::new();
         if !sweep.is_empty() {
-            let backends: HashMap<u32, Backend> = self.maps.backends()?.into_iter().collect();
+            // Current tables are read once per service that holds pins.
+            let mut tables: HashMap<u32, Option<Vec<u32>>> = HashMap::new();
             for pin in self.maps.pins()? {
                 let Some(s) = sweep.get(&pin.svc_id) else { continue };
-                let live = backends.get(&pin.value.backend_id).is_some_and(|b| {
-                    b.generation == pin.value.backend_gen && b.svc_id == pin.svc_id
-                });
-                let current = s.has_table.then(|| {
-                    let base = (s.svc_id * ROWS_PER_SERVICE + s.current_row) * RING_ROW;
-                    let slot = pin.hash % s.spec.table_size;
-                    self.maps.ring_slot(base + slot)
-                });
+                let live = s
+                    .ids
+                    .iter()
+                    .zip(&s.gens)
+                    .any(|(id, g)| *id == pin.value.backend_id && *g == pin.value.backend_gen);
+                let table = match tables.entry(s.svc_id) {
+                    std::collections::hash_map::Entry::Occupied(t) => t.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(s.current.map(|r| self.maps.read_ring(r)).transpose()?)
+                    }
+                };
+                let current = table.as_ref().map(|t| t[(pin.hash % t.len() as u32) as usize]);
                 if live && current != Some(pin.value.backend_id) {
                     still_pinned.insert(pin.svc_id);
                 } else {
@@ -667,6 +944,14 @@ impl Dataplane {
                 self.maps.set_vip(&spec::vip_key(s.spec.vip, *p, s.spec.stage), &value)?;
             }
             self.maps.set_service(s.svc_id, &s.slot())?;
+            // The dropped previous row is free once no VIP entry names it.
+            let surplus = s.surplus_rows();
+            if let Some(s) = self.services.get_mut(name) {
+                s.rows.retain(|r| !surplus.contains(r));
+            }
+            for r in surplus {
+                self.rings.release(r);
+            }
         }
         Ok(Settled { previous_dropped, pins_removed, unpinned_services: cleared.len() })
     }
@@ -682,8 +967,13 @@ impl Dataplane {
         }
         for id in &old.ids {
             self.maps.release_backend(*id)?;
+            self.backend_ids.release(*id);
         }
         self.maps.set_service(old.svc_id, &ServiceSlot { flags: 0, ..old.slot() })?;
+        self.service_ids.release(old.svc_id);
+        for r in old.rows {
+            self.rings.release(r);
+        }
         Ok(())
     }
 
@@ -702,10 +992,13 @@ impl Dataplane {
         self.upsert_service(&spec)
     }
 
-    /// The ring rows a service uses: current, and previous while it is kept
+    /// Where a service's tables start in the ring map: the current one
+    /// (`u32::MAX` without a table), and the previous one while it is kept
     /// (diagnostics: a row changes only when the table changes).
     pub fn service_rows(&self, name: &str) -> Option<(u32, Option<u32>)> {
-        self.services.get(name).map(|s| (s.current_row, s.previous.map(|p| p.0)))
+        self.services
+            .get(name)
+            .map(|s| (s.current.map_or(u32::MAX, |r| r.base), s.previous.map(|p| p.base)))
     }
 
     /// Packets and bytes forwarded for a service (summed over CPUs).
@@ -724,6 +1017,18 @@ impl Dataplane {
             .position(|b| b.addr == addr)
             .ok_or_else(|| Error::UnknownBackend { service: name.to_string(), addr })?;
         self.maps.backend_traffic(s.ids[i])
+    }
+
+    /// Packets and bytes forwarded to each backend of a service, in the
+    /// order of [`Self::services`]' backends.
+    pub fn backends_traffic(&self, name: &str) -> Result<Vec<(IpAddr, Traffic)>> {
+        let s = self.services.get(name).ok_or_else(|| Error::UnknownService(name.to_string()))?;
+        s.spec
+            .backends
+            .iter()
+            .zip(&s.ids)
+            .map(|(b, id)| Ok((b.addr, self.maps.backend_traffic(*id)?)))
+            .collect()
     }
 
     /// Packets per verdict reason, summed over CPUs, labelled with the fixed
@@ -834,13 +1139,6 @@ impl Dataplane {
             }
         }
         Ok(())
-    }
-
-    fn free_service_id(&self, name: &str) -> Result<u32> {
-        let max = self.maps.max_services();
-        (0..max)
-            .find(|id| !self.services.values().any(|s| s.svc_id == *id))
-            .ok_or_else(|| Error::ServicesFull { service: name.to_string(), max })
     }
 
     /// Removes every pin under `pin_dir`: the XDP link and the reply links
@@ -1006,10 +1304,21 @@ fn backend_value(
 
 /// Rebuilds the programmed services from the pinned maps, removing on the
 /// way what a crash mid-update can leave behind: VIP entries and backend
-/// slots of a service that is not (or no longer) claimed.
-fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
+/// slots of a service that is not (or no longer) claimed. Marks every id
+/// and ring row found as taken, and fills `slot_gens` with every backend
+/// slot's generation.
+fn read_back(
+    maps: &mut maps::Maps,
+    service_ids: &mut IdPool,
+    backend_ids: &mut IdPool,
+    slot_gens: &mut Vec<u32>,
+    rings: &mut RingPool,
+) -> Result<BTreeMap<String, Installed>> {
     let mut by_id: BTreeMap<u32, Installed> = BTreeMap::new();
     for (svc_id, slot) in maps.services()? {
+        if !service_ids.take(svc_id) {
+            continue;
+        }
         let len = slot.name.iter().position(|&c| c == 0).unwrap_or(slot.name.len());
         let name = String::from_utf8_lossy(&slot.name[..len]).into_owned();
         by_id.insert(
@@ -1026,11 +1335,13 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
                     stage: Stage::Ingress,
                 },
                 ids: Vec::new(),
-                current_row: slot.current_row,
-                has_table: false,
+                gens: Vec::new(),
+                current: None,
                 previous: None,
+                rows: Vec::new(),
                 changed_at: Instant::now(),
                 pins: false,
+                verified: false,
             },
         );
     }
@@ -1046,16 +1357,22 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
             continue;
         }
         s.spec.stage = stage;
-        s.has_table = value.ring_size != 0;
+        s.current =
+            (value.ring_size != 0).then_some(Row { base: value.ring_base, size: value.ring_size });
+        s.previous =
+            (value.prev_size != 0).then_some(Row { base: value.prev_base, size: value.prev_size });
         s.spec.pin_all_flows = value.flags & VIP_PIN_ALL != 0;
         s.pins = value.flags & VIP_PINS != 0;
-        s.previous = (value.prev_size != 0)
-            .then(|| (value.prev_base / RING_ROW - s.svc_id * ROWS_PER_SERVICE, value.prev_size));
         s.spec.vip = vip;
         s.spec.ports.push(port);
     }
-    for (id, b) in maps.backends()? {
-        let Some(s) = by_id.get_mut(&b.svc_id) else {
+    for (id, b) in maps.all_backends()?.into_iter().enumerate() {
+        let id = id as u32;
+        slot_gens.push(b.generation);
+        if b.flags & BACKEND_IN_USE == 0 {
+            continue;
+        }
+        let Some(s) = by_id.get_mut(&b.svc_id).filter(|_| backend_ids.take(id)) else {
             warn!(backend = id, svc_id = b.svc_id, "releasing an orphaned backend slot");
             maps.release_backend(id)?;
             continue;
@@ -1077,15 +1394,49 @@ fn read_back(maps: &mut maps::Maps) -> Result<BTreeMap<String, Installed>> {
             },
         });
         s.ids.push(id);
+        s.gens.push(b.generation);
     }
     let mut out = BTreeMap::new();
     for (_, mut s) in by_id {
         // Keep the invariants upsert relies on: sorted, ids parallel.
-        let mut pairs: Vec<_> = s.spec.backends.drain(..).zip(s.ids.drain(..)).collect();
+        let mut pairs: Vec<_> =
+            s.spec.backends.drain(..).zip(s.ids.drain(..).zip(s.gens.drain(..))).collect();
         pairs.sort_by_key(|(b, _)| b.addr);
-        (s.spec.backends, s.ids) = pairs.into_iter().unzip();
+        let (backends, idgens): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+        s.spec.backends = backends;
+        (s.ids, s.gens) = idgens.into_iter().unzip();
         s.spec.ports.sort();
+        // The rows its VIP entries name are in use; a row that cannot be
+        // one of the pool's (a corrupted entry) is forgotten, so the next
+        // upsert writes a fresh table.
+        for row in [s.current, s.previous].into_iter().flatten() {
+            if rings.take(row) {
+                s.rows.push(row);
+            } else {
+                warn!(service = %s.spec.name, ?row, "a ring row read back is not usable");
+                if s.current == Some(row) {
+                    s.current = None;
+                }
+                if s.previous == Some(row) {
+                    s.previous = None;
+                }
+            }
+        }
         out.insert(s.spec.name.clone(), s);
+    }
+    // Only once every row in use is known: each service gets its spare
+    // back, so a change never waits for ring memory after a restart either.
+    for s in out.values_mut() {
+        let size = s.spec.table_size;
+        let missing = 2usize.saturating_sub(s.rows.iter().filter(|r| r.size == size).count());
+        match rings.alloc(size, missing) {
+            Some(spare) => s.rows.extend(spare),
+            None => warn!(
+                service = %s.spec.name,
+                "no ring room for the service's spare table: a change of its table waits \
+                 for room (refused with RingsFull meanwhile; it keeps forwarding)"
+            ),
+        }
     }
     Ok(out)
 }

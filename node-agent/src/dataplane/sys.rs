@@ -1,5 +1,5 @@
 //! The few kernel calls aya does not wrap: bpffs detection, interface
-//! facts, a pinned link's interface, and a memory map of the ring array.
+//! facts, a pinned link's interface, and memory maps of array maps.
 
 use std::{
     ffi::CString,
@@ -194,16 +194,29 @@ unsafe impl<T: Send> Send for Mapped<T> {}
 impl<T: Copy> Mapped<T> {
     /// Maps `len` elements of `T` from a map's fd.
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd())
+        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+    }
+
+    /// Maps `len` elements of `T` starting `offset` bytes into a map's
+    /// values (a multiple of the page size).
+    pub fn new_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd(), offset)
     }
 
     /// Anonymous zeroed memory shaped like a map (for tests).
     #[cfg(test)]
     pub fn anonymous(len: usize) -> io::Result<Self> {
-        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
     }
 
-    fn map(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<Self> {
+    fn map(
+        len: usize,
+        flags: libc::c_int,
+        fd: libc::c_int,
+        offset: libc::off_t,
+    ) -> io::Result<Self> {
         let bytes = len * std::mem::size_of::<T>();
         // SAFETY: a fresh mapping of `bytes`; the result is checked below.
         let p = unsafe {
@@ -213,7 +226,7 @@ impl<T: Copy> Mapped<T> {
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 fd,
-                0,
+                offset,
             )
         };
         if p == libc::MAP_FAILED {

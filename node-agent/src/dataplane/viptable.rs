@@ -163,6 +163,28 @@ pub fn set<S: Slot>(table: &mut Mapped<S>, key: &S::Key, value: &VipValue) -> bo
     true
 }
 
+/// The first of `keys` that [`set`] could not place if they were all set
+/// (keys already in the table are updated in place and always fit);
+/// nothing is written.
+pub fn unplaceable<S: Slot>(table: &Mapped<S>, keys: &[S::Key]) -> Option<S::Key> {
+    let slots = table.as_slice();
+    let mut claimed: Vec<usize> = Vec::new();
+    let mut seen: Vec<S::Key> = Vec::new();
+    for key in keys {
+        if find(table, key).is_some() || seen.contains(key) {
+            continue;
+        }
+        seen.push(*key);
+        let free =
+            probe(S::first(key)).find(|i| slots[*i].state() != SLOT_USED && !claimed.contains(i));
+        match free {
+            Some(i) => claimed.push(i),
+            None => return Some(*key),
+        }
+    }
+    None
+}
+
 /// Removes `key`, leaving a tombstone so probe chains past it stay intact.
 pub fn remove<S: Slot>(table: &mut Mapped<S>, key: &S::Key) {
     if let Some(i) = find(table, key) {
@@ -235,6 +257,22 @@ mod tests {
             assert!(set(&mut t, &key(i), &value(i + 1000)));
         }
         assert_eq!(entries(&t).len(), n as usize);
+    }
+
+    #[test]
+    fn room_is_checked_for_all_new_keys_together_without_writing() {
+        let mut t = table();
+        let first = VipSlot4::first(&key(0));
+        let same: Vec<VipKey4> =
+            (0..400_000).map(key).filter(|k| VipSlot4::first(k) == first).take(10).collect();
+        let n = VIP_PROBES as usize;
+        for k in &same[..n - 2] {
+            assert!(set(&mut t, k, &value(7)));
+        }
+        assert_eq!(unplaceable(&t, &same[n - 2..n]), None, "two more fit");
+        assert_eq!(unplaceable(&t, &same[n - 2..n + 1]), Some(same[n]), "three do not");
+        assert_eq!(unplaceable(&t, &same[..n - 2]), None, "present keys are updates");
+        assert_eq!(entries(&t).len(), n - 2, "nothing was written");
     }
 
     #[test]

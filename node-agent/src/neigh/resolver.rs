@@ -37,12 +37,32 @@ pub struct LinkInfo {
 /// it inside `Netns::run` for another namespace).
 pub struct Resolver {
     nl: Rtnl,
+    /// What this round has read already (see [`Resolver::begin_round`]).
+    seen: Option<Seen>,
+}
+
+/// Route lookups, interface names and neighbour tables read during one
+/// round: a node serving many services looks each of them up once per
+/// round, not once per service that uses them.
+#[derive(Default)]
+struct Seen {
+    routes: BTreeMap<IpAddr, Route>,
+    ifaces: BTreeMap<u32, Iface>,
+    neighbours: BTreeMap<u32, BTreeMap<IpAddr, NeighEntry>>,
 }
 
 impl Resolver {
     pub fn new() -> Result<Self> {
         let nl = Rtnl::open().map_err(|(what, e)| nl_err(what)(e))?;
-        Ok(Self { nl })
+        Ok(Self { nl, seen: None })
+    }
+
+    /// Starts a round: from now until the next call, routes, interface
+    /// names and neighbour tables are read once and then reused (a probe
+    /// sent during the round shows in the next one). Without it every
+    /// lookup reads the kernel.
+    pub fn begin_round(&mut self) {
+        self.seen = Some(Seen::default());
     }
 
     /// An interface by name.
@@ -54,9 +74,16 @@ impl Resolver {
 
     /// An interface by index.
     pub fn interface_by_index(&mut self, index: u32) -> Result<Iface> {
+        if let Some(i) = self.seen.as_ref().and_then(|s| s.ifaces.get(&index)) {
+            return Ok(i.clone());
+        }
         let mut msg = LinkMessage::default();
         msg.header.index = index;
-        self.link(msg).map_err(|source| Error::UnknownInterfaceIndex { index, source })
+        let i = self.link(msg).map_err(|source| Error::UnknownInterfaceIndex { index, source })?;
+        if let Some(s) = self.seen.as_mut() {
+            s.ifaces.insert(index, i.clone());
+        }
+        Ok(i)
     }
 
     /// An interface by index with its MAC and, for one end of a veth pair,
@@ -130,6 +157,17 @@ impl Resolver {
 
     /// The kernel's route toward `addr` (`ip route get`).
     pub fn route(&mut self, addr: IpAddr) -> Result<Route> {
+        if let Some(r) = self.seen.as_ref().and_then(|s| s.routes.get(&addr)) {
+            return Ok(r.clone());
+        }
+        let r = self.read_route(addr)?;
+        if let Some(s) = self.seen.as_mut() {
+            s.routes.insert(addr, r.clone());
+        }
+        Ok(r)
+    }
+
+    fn read_route(&mut self, addr: IpAddr) -> Result<Route> {
         let mut msg = RouteMessage::default();
         (msg.header.address_family, msg.header.destination_prefix_length) = match addr {
             IpAddr::V4(_) => (AddressFamily::Inet, 32),
@@ -185,6 +223,17 @@ impl Resolver {
     /// The neighbour table of `ifindex` (one dump, filtered by the kernel
     /// on `NDA_IFINDEX` and again here).
     pub fn neighbours(&mut self, ifindex: u32) -> Result<BTreeMap<IpAddr, NeighEntry>> {
+        if let Some(t) = self.seen.as_ref().and_then(|s| s.neighbours.get(&ifindex)) {
+            return Ok(t.clone());
+        }
+        let t = self.read_neighbours(ifindex)?;
+        if let Some(s) = self.seen.as_mut() {
+            s.neighbours.insert(ifindex, t.clone());
+        }
+        Ok(t)
+    }
+
+    fn read_neighbours(&mut self, ifindex: u32) -> Result<BTreeMap<IpAddr, NeighEntry>> {
         let mut out = BTreeMap::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = NeighbourMessage::default();
