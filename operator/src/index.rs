@@ -719,6 +719,7 @@ mod tests {
             announced_vips: vec![],
             backends: 0,
             error: None,
+            error_reason: None,
             reach: Default::default(),
             unreached: vec![],
         }
