@@ -10,10 +10,7 @@ use std::time::Instant;
 use kube_dsr_agent::dataplane::{
     BackendSpec, Capacity, Config, Dataplane, PortSpec, Protocol, ServiceSpec, Stage, Start,
 };
-use kube_dsr_e2e::{
-    netns::{NetNs, PinDir},
-    privileged,
-};
+use kube_dsr_e2e::netns::{NetNs, PinDir};
 
 const SERVICES: u32 = 1000;
 const BACKENDS: u32 = 100;
@@ -50,10 +47,8 @@ fn rss_kib() -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn default_capacity_holds_a_thousand_services_of_a_hundred_backends() {
-    if !privileged("capacity") {
-        return;
-    }
     let ns = NetNs::new("kdsrcap").unwrap();
     ns.exec("ip link add c0 type veth peer name c1 && ip link set c0 up && ip link set c1 up")
         .unwrap();

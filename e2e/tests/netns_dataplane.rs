@@ -191,10 +191,8 @@ fn serves(lab: &Lab, n: usize, want: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
 fn a_full_dataplane_refuses_a_service_whole_and_the_others_keep_forwarding() {
-    if !privileged("netns_dataplane") {
-        return;
-    }
     let lab = Lab::new(3).unwrap();
     // Four service ids, eight backend slots, two ring chunks.
     let cap = Capacity { services: 4, backends: 8, ring_chunks: 2 };
