@@ -4,7 +4,7 @@
 CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: help demo test setup bpf bpf-check lint unit generate bench-dataplane chart-check chart-render
+.PHONY: help demo test setup bpf bpf-check lint unit generate bench-dataplane bench-control-plane chart-check chart-render
 
 # Plain `make` only lists the verbs: `demo` installs packages and mounts
 # bpffs, which nobody should get by typing `make` alone.
@@ -67,3 +67,9 @@ unit:
 ## bench-dataplane: XDP forwarding rate against the MAC-swap floor
 bench-dataplane: setup
 	$(CARGO) run --release --locked -q -p kube-dsr-e2e --bin bench-dataplane
+
+## bench-control-plane: convergence, change latency, CPU and memory of operator,
+## agent and stand-in at 100x100, 1000x10 and 1000x100 (release builds; not part of test)
+bench-control-plane: setup
+	$(CARGO) build --release --locked -q -p kube-dsr-agent -p kube-dsr-operator -p kube-dsr-apiserver --bins
+	$(CARGO) run --release --locked -q -p kube-dsr-e2e --bin bench-control-plane -- $(BENCH_ARGS)

@@ -104,6 +104,11 @@ impl Proc {
         Ok(Proc { name: name.into(), child, log })
     }
 
+    /// The process id (setpriv executes the program in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

@@ -1,7 +1,7 @@
 //! The backend set of a service: which addresses get traffic, and whether
 //! each is ready, computed from plain inputs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -61,14 +61,47 @@ pub enum Skipped {
     HostNetwork,
 }
 
+/// Label lookup, for selectors over both API label maps and [`PodLabels`].
+pub trait Labels {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl Labels for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// A pod's labels, sorted by key in one allocation: a one-entry BTreeMap
+/// allocates a whole node (eleven slots, over 500 bytes), which for
+/// 100,000 cached pods is most of their memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodLabels(Box<[(String, String)]>);
+
+impl PodLabels {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl Labels for PodLabels {
+    fn label(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
+        Some(self.0[i].1.as_str())
+    }
+}
+
+impl From<&BTreeMap<String, String>> for PodLabels {
+    fn from(labels: &BTreeMap<String, String>) -> Self {
+        PodLabels(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
 /// Whether `labels` carry every key/value of `selector` (a Service-style
 /// equality selector). An empty selector matches nothing here: the API
 /// refuses it, and selecting every pod by accident is worse than none.
-pub fn selector_matches(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &impl Labels) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.label(k) == Some(v.as_str()))
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -90,30 +123,71 @@ fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
     out
 }
 
-/// Classifies a pod the selector matched: its addresses, or why it has none.
-fn usable(pod: &Pod) -> Result<(String, Vec<IpAddr>), Skipped> {
-    let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+/// The part of a Pod the backend set is computed from. The operator caches
+/// this instead of the Pod: a decoded Pod is kilobytes (most of it spec the
+/// operator never reads), this is a few hundred bytes, which is what keeps
+/// 100,000 pods in bounded memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodFacts {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: PodLabels,
+    /// `spec.nodeName`; `None` until scheduled.
+    pub node: Option<String>,
+    pub host_network: bool,
+    /// Phase Succeeded or Failed.
+    pub finished: bool,
+    /// `status.podIPs` (or `podIP`), parsed.
+    pub addresses: Vec<IpAddr>,
+    /// Condition Ready is True.
+    pub ready: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+}
+
+impl From<&Pod> for PodFacts {
+    fn from(pod: &Pod) -> Self {
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let spec = pod.spec.as_ref();
+        PodFacts {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            uid: pod.uid().unwrap_or_default(),
+            labels: pod.labels().into(),
+            node: spec.and_then(|s| s.node_name.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            finished: matches!(phase, Some("Succeeded" | "Failed")),
+            addresses: pod_addresses(pod),
+            ready: pod_ready(pod),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+/// Classifies a pod the selector matched: its node and addresses, or why
+/// it has none.
+fn usable(pod: &PodFacts) -> Result<(&str, &[IpAddr]), Skipped> {
+    if pod.host_network {
         return Err(Skipped::HostNetwork);
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) {
+    if pod.finished {
         return Err(Skipped::Finished);
     }
-    let node = spec.and_then(|s| s.node_name.clone()).ok_or(Skipped::NoAddress)?;
-    let addrs = pod_addresses(pod);
-    if addrs.is_empty() {
+    let node = pod.node.as_deref().ok_or(Skipped::NoAddress)?;
+    if pod.addresses.is_empty() {
         return Err(Skipped::NoAddress);
     }
-    Ok((node, addrs))
+    Ok((node, &pod.addresses))
 }
 
 /// Everything the backend set depends on, by reference.
 pub struct Inputs<'a> {
     pub service: &'a DsrService,
-    /// Pods of any namespace; only those in the service's namespace whose
-    /// labels match the selector count.
-    pub pods: &'a [&'a Pod],
+    /// Candidate pods (the controller passes those its label index found);
+    /// only those in the service's namespace whose labels match the
+    /// selector count.
+    pub pods: &'a [&'a PodFacts],
     /// Nodes by name (for zones).
     pub nodes: &'a BTreeMap<String, &'a Node>,
     /// Agent reports by node name.
@@ -154,30 +228,31 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
     if let Some(selector) = &svc.spec.selector {
         let namespace = svc.namespace().unwrap_or_default();
         for pod in inputs.pods {
-            if pod.namespace().as_deref() != Some(namespace.as_str())
-                || !selector_matches(selector, pod.labels())
-            {
+            if pod.namespace != namespace || !selector_matches(selector, &pod.labels) {
                 continue;
             }
             let Ok((node, addrs)) = usable(pod) else { continue };
-            let Some(uid) = pod.uid() else { continue };
-            let terminating = pod.metadata.deletion_timestamp.is_some();
-            let ready_pod = pod_ready(pod);
-            let report = inputs.reports.get(&node);
-            let zone = inputs.nodes.get(&node).and_then(|n| n.labels().get(ZONE_LABEL).cloned());
-            for address in addrs {
+            if pod.uid.is_empty() {
+                continue;
+            }
+            let uid = &pod.uid;
+            let terminating = pod.terminating;
+            let ready_pod = pod.ready;
+            let report = inputs.reports.get(node);
+            let zone = inputs.nodes.get(node).and_then(|n| n.labels().get(ZONE_LABEL).cloned());
+            for &address in addrs {
                 let Some(vip) = vips.get(&Family::of(&address)) else { continue };
                 let v = vip.to_string();
                 let vip_ok = !svc.spec.backend_setup.manage_loopback
-                    || report.is_some_and(|r| r.vip_configured(&uid, &v));
+                    || report.is_some_and(|r| r.vip_configured(uid, &v));
                 // The readiness chain: a pod gets traffic only through its
                 // node's agent (its node stage, or the segment it sits on).
-                let delivered = report.is_some_and(|r| r.vip_delivered(&uid, &v));
+                let delivered = report.is_some_and(|r| r.vip_delivered(uid, &v));
                 let not_serving = if report.is_none() {
                     Some(format!("node {node} runs no dsr-agent"))
                 } else if !delivered {
                     let why = report
-                        .and_then(|r| r.backend(&uid))
+                        .and_then(|r| r.backend(uid))
                         .and_then(|b| b.delivery_error.clone().or_else(|| b.error.clone()));
                     Some(match why {
                         Some(w) => format!("node {node} does not deliver it: {w}"),
@@ -194,11 +269,11 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
                 out.push(Backend {
                     address,
                     vip: *vip,
-                    node: Some(node.clone()),
+                    node: Some(node.to_string()),
                     zone: zone.clone(),
                     pod: Some(PodRef {
                         namespace: namespace.clone(),
-                        name: pod.name_any(),
+                        name: pod.name.clone(),
                         uid: uid.clone(),
                     }),
                     ready: serving && !terminating,
@@ -267,11 +342,6 @@ pub fn not_serving(backends: &[Backend]) -> Vec<String> {
     out
 }
 
-/// Nodes that run backend pods of this set (agents there configure VIPs).
-pub fn backend_nodes(backends: &[Backend]) -> BTreeSet<&str> {
-    backends.iter().filter_map(|b| b.node.as_deref()).collect()
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -279,7 +349,8 @@ pub(crate) mod tests {
     use kube_dsr_crds::StaticBackend;
 
     fn run(svc: &DsrService, pods: &[Pod], reports: &[DsrNodeReportSpec]) -> Vec<Backend> {
-        let pods: Vec<&Pod> = pods.iter().collect();
+        let facts: Vec<PodFacts> = pods.iter().map(PodFacts::from).collect();
+        let pods: Vec<&PodFacts> = facts.iter().collect();
         let nodes_owned = [node("n1", true, &[(ZONE_LABEL, "z1")]), node("n2", true, &[])];
         let nodes = nodes_owned.iter().map(|n| (n.name_any(), n)).collect();
         let reports = reports.iter().map(|r| (r.node_name.clone(), r)).collect();
@@ -400,7 +471,7 @@ pub(crate) mod tests {
             &[],
         );
         assert_eq!(got.iter().map(|b| b.address.to_string()).collect::<Vec<_>>(), ["10.0.0.1"]);
-        assert_eq!(usable(&pod("p", "n1", &[], false)), Err(Skipped::NoAddress));
+        assert_eq!(usable(&(&pod("p", "n1", &[], false)).into()), Err(Skipped::NoAddress));
     }
 
     #[test]
@@ -457,5 +528,12 @@ pub(crate) mod tests {
         let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
         assert!(!selector_matches(&BTreeMap::new(), &labels));
         assert!(selector_matches(&labels, &labels));
+        let compact = PodLabels::from(&BTreeMap::from([
+            ("tier".to_string(), "front".to_string()),
+            ("app".to_string(), "web".to_string()),
+        ]));
+        assert!(selector_matches(&labels, &compact));
+        assert_eq!(compact.label("tier"), Some("front"));
+        assert_eq!(compact.label("zone"), None);
     }
 }

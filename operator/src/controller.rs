@@ -1,12 +1,19 @@
 //! The kube-runtime controller: caches, triggers, and the reconcile shell
 //! that feeds the pure functions and writes their results.
+//!
+//! A reconcile is three steps: [`observe`] reads the service's own part of
+//! the caches (through the reverse indexes of [`crate::index`]), [`decide`]
+//! computes slices, status and events from it without I/O, and [`write`]
+//! sends only what differs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -17,53 +24,59 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use kube_dsr_crds::validation::{validate_name, validate_spec};
-use kube_dsr_crds::{DsrNodeReport, DsrNodeReportSpec, DsrService};
+use kube_dsr_crds::validation::{parse_ip, validate_name, validate_spec};
+use kube_dsr_crds::{DsrNodeReport, DsrNodeReportSpec, DsrService, DsrServiceStatus};
 use tracing::{debug, info, instrument, warn};
 
-use crate::backends::{self, Inputs, counts};
-use crate::conflicts::{conflicts_of, sharing_a_vip};
+use crate::backends::{self, Inputs, PodFacts, counts};
+use crate::conflicts::conflicts_of;
 use crate::error::Error;
+use crate::index::{Index, Key, Triggers};
 use crate::ingress;
 use crate::metrics::Metrics;
-use crate::slices::{
-    MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, desired_slices, same_content, stale_slices,
-};
-use crate::status::{EventKind, Observation, desired_status, events};
+use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, desired_slices, same_content, stale_slices};
+use crate::status::{EventKind, EventSpec, Observation, desired_status, events};
 
 /// Field manager for every apply, and the events' reporting controller.
 pub const FIELD_MANAGER: &str = "dsr-operator";
 
 /// How often a service is reconciled without any trigger, as a safety net.
+/// Each service is re-queued on its own schedule, so the full resync is
+/// spread out rather than one burst over every service.
 const RESYNC: Duration = Duration::from_secs(300);
 /// Retry delay after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(5);
+/// Reconciles in flight at once. Unbounded, a start-up queues every
+/// service at once and each holds its inputs and request bodies while it
+/// waits on the API server (hundreds of MiB at 1,000 services × 100
+/// pods); the API server, not the operator's CPU, is what they wait on.
+const CONCURRENCY: u16 = 16;
+/// Triggers for one service within this window make one reconcile (a
+/// rollout moves many pods of one service at once). A reconcile costs only
+/// the service's own backends, so the window stays well under the
+/// one-second budget from a pod change to its slice.
+const DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// What a reconcile reads and writes through.
 #[derive(Clone)]
 pub struct Context {
     pub client: Client,
     pub services: Store<DsrService>,
-    pub pods: Store<Pod>,
-    pub nodes: Store<Node>,
-    pub reports: Store<DsrNodeReport>,
-    pub slices: Store<EndpointSlice>,
+    /// Pods, nodes, reports and slices, with the reverse indexes that map
+    /// changes to services (see [`crate::index`]).
+    pub index: Arc<RwLock<Index>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
 }
 
 impl Context {
     /// Every cache has listed once. Before that an empty cache would look
-    /// like "no pods" and delete every backend set.
+    /// like "no pods" and delete every backend set. (The index re-queues
+    /// every service once it has synced.)
     async fn caches_ready(&self) -> bool {
-        let all = async {
-            self.services.wait_until_ready().await.is_ok()
-                && self.pods.wait_until_ready().await.is_ok()
-                && self.nodes.wait_until_ready().await.is_ok()
-                && self.reports.wait_until_ready().await.is_ok()
-                && self.slices.wait_until_ready().await.is_ok()
-        };
-        tokio::time::timeout(Duration::from_secs(30), all).await.unwrap_or(false)
+        let services =
+            tokio::time::timeout(Duration::from_secs(30), self.services.wait_until_ready());
+        matches!(services.await, Ok(Ok(()))) && self.index.read().expect("index lock").synced()
     }
 }
 
@@ -91,6 +104,8 @@ pub fn error_policy(svc: Arc<DsrService>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(RETRY)
 }
 
+/// One reconcile: read the service's part of the caches, decide what it
+/// should look like (pure), write the difference.
 async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
     // From here on an address a pool gave the service is a VIP like any
     // written one (`spec.vips` empty: status.allocatedVips).
@@ -99,25 +114,67 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
     let namespace = svc
         .namespace()
         .ok_or(Error::MissingField { kind: "DsrService", field: "metadata.namespace" })?;
-    let name = svc.name_any();
+    let key = (namespace, svc.name_any());
+    // What was read is dropped before the writes wait on the API server.
+    let decision = decide(svc, &key, &observe(svc, &key, ctx), &now());
+    write(svc, &key, decision, ctx).await?;
+    Ok(Action::requeue(RESYNC))
+}
 
-    let mut invalid = validate_name(&name);
+/// The part of the caches one reconcile reads: the pods its selector
+/// matches, every node (ingress candidates), every report reduced to this
+/// service's entries, its own slices and the services sharing its VIPs.
+/// Cost: its own backends plus the node count, not the cluster's pods.
+struct Observed {
+    pods: Vec<Arc<PodFacts>>,
+    nodes: Vec<Arc<Node>>,
+    reports: BTreeMap<String, DsrNodeReportSpec>,
+    slices: Vec<Arc<EndpointSlice>>,
+    rivals: Vec<Arc<DsrService>>,
+}
+
+fn observe(svc: &DsrService, key: &Key, ctx: &Context) -> Observed {
+    let vips: BTreeSet<IpAddr> = svc.spec.vips.iter().filter_map(|v| parse_ip(v)).collect();
+    let (pods, nodes, reports, slices, rivals) = {
+        let index = ctx.index.read().expect("index lock");
+        let pods = match &svc.spec.selector {
+            Some(selector) => index.pods_selected(&key.0, selector),
+            None => Vec::new(),
+        };
+        let reports = index.reports_for(key, &pods);
+        (pods, index.nodes(), reports, index.slices_of(key), index.sharing_vips(key, &vips))
+    };
+    let rivals = rivals
+        .iter()
+        .filter_map(|(ns, name)| ctx.services.get(&ObjectRef::new(name).within(ns)))
+        .collect();
+    Observed { pods, nodes, reports, slices, rivals }
+}
+
+/// What a reconcile writes: slices whose content differs, stale slices,
+/// the status when it differs, and the events the change deserves.
+struct Decision {
+    apply: Vec<EndpointSlice>,
+    delete: Vec<String>,
+    status: Option<DsrServiceStatus>,
+    events: Vec<EventSpec>,
+}
+
+fn decide(svc: &DsrService, key: &Key, obs: &Observed, now: &Time) -> Decision {
+    let (namespace, name) = key;
+    let mut invalid = validate_name(name);
     invalid.extend(validate_spec(&svc.spec));
-    let all_services = ctx.services.state();
-    let all_refs: Vec<&DsrService> = all_services.iter().map(|s| s.as_ref()).collect();
-    let conflicts = if invalid.is_empty() { conflicts_of(svc, &all_refs) } else { Vec::new() };
+    // Only services sharing a VIP can hold one of its claims.
+    let rivals: Vec<&DsrService> = obs.rivals.iter().map(AsRef::as_ref).collect();
+    let conflicts = if invalid.is_empty() { conflicts_of(svc, &rivals) } else { Vec::new() };
     let active = invalid.is_empty() && conflicts.is_empty();
 
-    let report_objs = ctx.reports.state();
     let reports: BTreeMap<String, &DsrNodeReportSpec> =
-        report_objs.iter().map(|r| (r.name_any(), &r.spec)).collect();
-    let node_objs = ctx.nodes.state();
-    let nodes: Vec<&Node> = node_objs.iter().map(|n| n.as_ref()).collect();
+        obs.reports.iter().map(|(n, r)| (n.clone(), r)).collect();
+    let nodes: Vec<&Node> = obs.nodes.iter().map(AsRef::as_ref).collect();
     let nodes_by_name: BTreeMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), *n)).collect();
-
     let backend_set = if active {
-        let pod_objs = ctx.pods.state();
-        let pods: Vec<&Pod> = pod_objs.iter().map(|p| p.as_ref()).collect();
+        let pods: Vec<&PodFacts> = obs.pods.iter().map(AsRef::as_ref).collect();
         backends::desired_backends(&Inputs {
             service: svc,
             pods: &pods,
@@ -131,43 +188,16 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
 
     // Backend set: only an active service has one.
     let desired = if active { desired_slices(svc, &backend_set) } else { Vec::new() };
-    let existing: Vec<EndpointSlice> = ctx
-        .slices
-        .state()
-        .iter()
-        .filter(|s| {
-            s.namespace().as_deref() == Some(namespace.as_str())
-                && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
-                && s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
-        })
-        .map(|s| s.as_ref().clone())
+    let existing: Vec<EndpointSlice> = obs.slices.iter().map(|s| s.as_ref().clone()).collect();
+    let delete = stale_slices(&existing, &desired).into_iter().map(String::from).collect();
+    let apply = desired
+        .into_iter()
+        .filter(|d| !existing.iter().any(|e| e.name_any() == d.name_any() && same_content(e, d)))
         .collect();
-    let slice_api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &namespace);
-    let apply_params = PatchParams::apply(FIELD_MANAGER).force();
-    for slice in &desired {
-        let slice_name = slice.name_any();
-        let current = existing.iter().find(|e| e.name_any() == slice_name);
-        if current.is_some_and(|c| same_content(c, slice)) {
-            continue;
-        }
-        slice_api
-            .patch(&slice_name, &apply_params, &Patch::Apply(slice))
-            .await
-            .map_err(|source| Error::Kube { action: "apply EndpointSlice", source })?;
-        debug!(slice = %slice_name, endpoints = slice.endpoints.len(), "applied EndpointSlice");
-    }
-    for stale in stale_slices(&existing, &desired) {
-        match slice_api.delete(stale, &DeleteParams::default()).await {
-            Ok(_) => debug!(slice = %stale, "deleted EndpointSlice"),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(source) => return Err(Error::Kube { action: "delete EndpointSlice", source }),
-        }
-    }
 
-    // Status, written only when it differs.
-    let obs = Observation {
-        namespace: &namespace,
-        name: &name,
+    let observation = Observation {
+        namespace,
+        name,
         generation: svc.metadata.generation,
         spec: &svc.spec,
         invalid: &invalid,
@@ -177,16 +207,47 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
         plan: &plan,
         reports: &reports,
     };
-    let status = desired_status(&obs, svc.status.as_ref(), &now());
+    let status = desired_status(&observation, svc.status.as_ref(), now);
+    let events = events(svc.status.as_ref(), &status);
     // The address manager's fields are not this writer's to compare.
-    if svc.status.clone().map(crate::pool::without_ipam_fields).as_ref() != Some(&status) {
-        let api: Api<DsrService> = Api::namespaced(ctx.client.clone(), &namespace);
+    let current = svc.status.clone().map(crate::pool::without_ipam_fields);
+    let status = (current.as_ref() != Some(&status)).then_some(status);
+    Decision { apply, delete, status, events }
+}
+
+async fn write(
+    svc: &DsrService,
+    key: &Key,
+    decision: Decision,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let (namespace, name) = key;
+    let slice_api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), namespace);
+    let apply_params = PatchParams::apply(FIELD_MANAGER).force();
+    for slice in &decision.apply {
+        let slice_name = slice.name_any();
+        slice_api
+            .patch(&slice_name, &apply_params, &Patch::Apply(slice))
+            .await
+            .map_err(|source| Error::Kube { action: "apply EndpointSlice", source })?;
+        debug!(slice = %slice_name, endpoints = slice.endpoints.len(), "applied EndpointSlice");
+    }
+    for stale in &decision.delete {
+        match slice_api.delete(stale, &DeleteParams::default()).await {
+            Ok(_) => debug!(slice = %stale, "deleted EndpointSlice"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => return Err(Error::Kube { action: "delete EndpointSlice", source }),
+        }
+    }
+
+    if let Some(status) = &decision.status {
+        let api: Api<DsrService> = Api::namespaced(ctx.client.clone(), namespace);
         let patch = serde_json::json!({
             "apiVersion": DsrService::api_version(&()),
             "kind": DsrService::kind(&()),
             "status": status,
         });
-        api.patch_status(&name, &apply_params, &Patch::Apply(&patch))
+        api.patch_status(name, &apply_params, &Patch::Apply(&patch))
             .await
             .map_err(|source| Error::Kube { action: "apply DsrService status", source })?;
         info!(ready = status.ready_backends, total = status.total_backends, "status updated");
@@ -195,7 +256,7 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
     // Events are best effort: a failure to record one must not fail (and
     // retry) a reconcile whose real work is done.
     let reference = svc.object_ref(&());
-    for ev in events(svc.status.as_ref(), &status) {
+    for ev in decision.events {
         let event = Event {
             type_: match ev.kind {
                 EventKind::Normal => EventType::Normal,
@@ -210,23 +271,41 @@ async fn apply(svc: &DsrService, ctx: &Context) -> Result<Action, Error> {
             warn!(error = %e, reason = ev.reason, "could not record event");
         }
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(())
 }
 
-/// Services a pod may concern: those with a selector in its namespace. A
-/// pod whose labels stopped matching still concerns the service that had it.
-fn services_for_pod(services: &Store<DsrService>, pod: &Pod) -> Vec<ObjectRef<DsrService>> {
-    let ns = pod.namespace();
-    services
-        .state()
-        .iter()
-        .filter(|s| s.namespace() == ns && s.spec.selector.is_some())
-        .map(|s| ObjectRef::from_obj(s.as_ref()))
-        .collect()
+/// Feeds one kind's watch events into the index and yields the services
+/// each change re-queues. Watch errors are retried by the watcher's
+/// backoff; the relist that follows re-derives whatever was missed.
+fn triggers<K: Send + 'static>(
+    kind: &'static str,
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    index: Arc<RwLock<Index>>,
+    apply: impl Fn(&mut Index, watcher::Event<K>) -> Triggers + Send + 'static,
+) -> BoxStream<'static, ObjectRef<DsrService>> {
+    events
+        .map(move |ev| {
+            let keys = match ev {
+                Ok(ev) => apply(&mut index.write().expect("index lock"), ev),
+                Err(e) => {
+                    warn!(kind, error = %e, "watch failed; retrying");
+                    Triggers::new()
+                }
+            };
+            stream::iter(keys.into_iter().map(|(ns, name)| ObjectRef::new(&name).within(&ns)))
+        })
+        .flatten()
+        .boxed()
 }
 
-fn all_services(services: &Store<DsrService>) -> Vec<ObjectRef<DsrService>> {
-    services.state().iter().map(|s| ObjectRef::from_obj(s.as_ref())).collect()
+fn map_event<A, B>(ev: watcher::Event<A>, f: impl Fn(A) -> B) -> watcher::Event<B> {
+    match ev {
+        watcher::Event::Apply(o) => watcher::Event::Apply(f(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(f(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(f(o)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
 }
 
 /// Builds and runs the controller until `shutdown` resolves; in-flight
@@ -236,88 +315,81 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let services_api: Api<DsrService> = Api::all(client.clone());
-    let controller =
-        Controller::new(services_api.clone(), watcher::Config::default().any_semantic());
-    let services = controller.store();
-    metrics.watch_services(services.clone());
+    let index = Arc::new(RwLock::new(Index::default()));
 
-    // One reflector per kind: its cache is what reconcile reads, its
-    // stream is what triggers reconciles.
-    let (pods, pod_writer) = reflector::store();
-    let pod_stream = reflector::reflector(
-        pod_writer,
+    // DsrServices: the controller's own store and the index's service
+    // facts come from the same stream, so both move together. A service
+    // change re-queues the services sharing its VIPs (conflicts).
+    let (services, service_writer) = reflector::store();
+    metrics.watch_services(services.clone());
+    let (siblings_tx, siblings_rx) = futures::channel::mpsc::unbounded::<ObjectRef<DsrService>>();
+    let service_stream = reflector::reflector(
+        service_writer,
+        watcher(Api::<DsrService>::all(client.clone()), watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|s: &mut DsrService| s.managed_fields_mut().clear()),
+    )
+    .inspect_ok({
+        let index = Arc::clone(&index);
+        move |ev| {
+            let keys = index.write().expect("index lock").apply_service(ev.clone());
+            for (ns, name) in keys {
+                let _ = siblings_tx.unbounded_send(ObjectRef::new(&name).within(&ns));
+            }
+        }
+    })
+    .touched_objects();
+
+    // Pods are reduced to the few fields the operator reads as they arrive
+    // (`PodFacts`): no cache of whole Pods.
+    let pods = triggers(
+        "Pod",
         watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().any_semantic())
-            .default_backoff()
-            // Managed fields are most of a pod's bytes and none of our business.
-            .modify(|p: &mut Pod| p.managed_fields_mut().clear()),
-    )
-    .touched_objects();
-    let (nodes, node_writer) = reflector::store();
-    let node_stream = reflector::reflector(
-        node_writer,
+            .default_backoff(),
+        Arc::clone(&index),
+        |ix, ev| ix.apply_pod(map_event(ev, |p| PodFacts::from(&p))),
+    );
+    // Node readiness and labels move ingress nodes, announcers and zones.
+    let nodes = triggers(
+        "Node",
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|n: &mut Node| {
-                n.managed_fields_mut().clear();
-                // Images lists are large and irrelevant.
-                if let Some(st) = n.status.as_mut() {
-                    st.images = None;
-                }
-            }),
-    )
-    .touched_objects();
-    let (reports, report_writer) = reflector::store();
-    let report_stream = reflector::reflector(
-        report_writer,
+            .default_backoff(),
+        Arc::clone(&index),
+        Index::apply_node,
+    );
+    let reports = triggers(
+        "DsrNodeReport",
         watcher(Api::<DsrNodeReport>::all(client.clone()), watcher::Config::default())
             .default_backoff(),
-    )
-    .touched_objects();
-    let (slices, slice_writer) = reflector::store();
-    let slice_stream = reflector::reflector(
-        slice_writer,
+        Arc::clone(&index),
+        Index::apply_report,
+    );
+    let slices = triggers(
+        "EndpointSlice",
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
         .default_backoff(),
-    )
-    .touched_objects();
+        Arc::clone(&index),
+        Index::apply_slice,
+    );
 
     let ctx = Arc::new(Context {
         client: client.clone(),
         services: services.clone(),
-        pods: pods.clone(),
-        nodes,
-        reports,
-        slices,
+        index,
         recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
         metrics,
     });
 
-    let for_pods = services.clone();
-    let for_nodes = services.clone();
-    let for_reports = services.clone();
-    let for_siblings = services.clone();
-    controller
-        // Pod churn (a rollout) fires many triggers per service; let them
-        // settle into one reconcile.
+    Controller::for_stream(service_stream, services)
         .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+            kube::runtime::controller::Config::default()
+                .debounce(DEBOUNCE)
+                .concurrency(CONCURRENCY),
         )
-        .owns_stream(slice_stream)
-        .watches_stream(pod_stream, move |pod| services_for_pod(&for_pods, &pod))
-        // Node readiness and labels move ingress nodes, announcers and zones.
-        .watches_stream(node_stream, move |_| all_services(&for_nodes))
-        .watches_stream(report_stream, move |_| all_services(&for_reports))
-        // A change to (or deletion of) one service can start or end a
-        // conflict for the others on its VIPs.
-        .watches(services_api, watcher::Config::default(), move |svc| {
-            let all = for_siblings.state();
-            let refs: Vec<&DsrService> = all.iter().map(|s| s.as_ref()).collect();
-            sharing_a_vip(&svc, &refs).into_iter().map(ObjectRef::from_obj).collect::<Vec<_>>()
-        })
+        .reconcile_on(stream::select_all([pods, nodes, reports, slices, siblings_rx.boxed()]))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -7,7 +7,7 @@
 //! reflectors would after seeing the writes, and reconciles one service.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -21,7 +21,9 @@ use kube_dsr_crds::dsrservice::conditions::{self, reasons};
 use kube_dsr_crds::{DsrNodeReport, DsrService, DsrServiceStatus, IngressReport};
 use serde_json::Value;
 
+use crate::backends::PodFacts;
 use crate::controller::{Context, reconcile};
+use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::testutil::*;
 
@@ -137,6 +139,33 @@ where
     (store, writer)
 }
 
+/// An index that has listed these objects, as the watches would build it.
+fn listed(
+    services: impl IntoIterator<Item = DsrService>,
+    pods: impl IntoIterator<Item = PodFacts>,
+    nodes: impl IntoIterator<Item = Node>,
+    reports: impl IntoIterator<Item = DsrNodeReport>,
+    slices: impl IntoIterator<Item = EndpointSlice>,
+) -> Index {
+    let mut ix = Index::default();
+    ix.apply_service(watcher::Event::Init);
+    services.into_iter().for_each(|o| drop(ix.apply_service(watcher::Event::InitApply(o))));
+    ix.apply_service(watcher::Event::InitDone);
+    ix.apply_pod(watcher::Event::Init);
+    pods.into_iter().for_each(|o| drop(ix.apply_pod(watcher::Event::InitApply(o))));
+    ix.apply_pod(watcher::Event::InitDone);
+    ix.apply_node(watcher::Event::Init);
+    nodes.into_iter().for_each(|o| drop(ix.apply_node(watcher::Event::InitApply(o))));
+    ix.apply_node(watcher::Event::InitDone);
+    ix.apply_report(watcher::Event::Init);
+    reports.into_iter().for_each(|o| drop(ix.apply_report(watcher::Event::InitApply(o))));
+    ix.apply_report(watcher::Event::InitDone);
+    ix.apply_slice(watcher::Event::Init);
+    slices.into_iter().for_each(|o| drop(ix.apply_slice(watcher::Event::InitApply(o))));
+    ix.apply_slice(watcher::Event::InitDone);
+    ix
+}
+
 struct Harness {
     world: Arc<Mutex<World>>,
 }
@@ -229,24 +258,21 @@ impl Harness {
         let (svc, writers) = {
             let w = self.world.lock().unwrap();
             let (services, ws) = ready_store(w.services.values().cloned());
-            let (pods, wp) = ready_store(w.pods.values().cloned());
-            let (nodes, wn) = ready_store(w.nodes.clone());
-            let (reports, wr) = ready_store(w.reports.clone());
-            let (slices, wsl) = ready_store(w.slices.values().cloned());
+            let index = listed(
+                w.services.values().cloned(),
+                w.pods.values().map(PodFacts::from),
+                w.nodes.clone(),
+                w.reports.clone(),
+                w.slices.values().cloned(),
+            );
             let ctx = Context {
                 client: client.clone(),
                 services,
-                pods,
-                nodes,
-                reports,
-                slices,
+                index: Arc::new(RwLock::new(index)),
                 recorder: Recorder::new(client, Reporter::from("dsr-operator")),
                 metrics: Arc::new(Metrics::default()),
             };
-            (
-                w.services.get(name).cloned().map(|s| (Arc::new(s), Arc::new(ctx))),
-                (ws, wp, wn, wr, wsl),
-            )
+            (w.services.get(name).cloned().map(|s| (Arc::new(s), Arc::new(ctx))), ws)
         };
         let (svc, ctx) = svc.expect("service exists");
         reconcile(svc, ctx).await.expect("reconcile succeeds");

@@ -49,11 +49,6 @@ pub fn slice_name(service: &str, family: Family, index: usize) -> String {
     format!("{service}-{}-{index}", family_suffix(family))
 }
 
-/// Label selector for every slice of one service.
-pub fn selector_for(service: &str) -> String {
-    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{SERVICE_NAME_LABEL}={service}")
-}
-
 fn endpoint(b: &Backend) -> Endpoint {
     Endpoint {
         addresses: vec![b.address.to_string()],

@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use crate::resources::{self, Resource};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
-    ApiError, DeleteOpts, Part, Patch, PatchKind, Result, Store, WriteOpts, storage, view,
-    watch_event,
+    ApiError, Continue, DeleteOpts, Part, Patch, PatchKind, Result, Store, WriteOpts, storage,
+    view, watch_event,
 };
 use crate::table::{self, Include};
 use crate::{openapi, proto};
@@ -274,7 +274,12 @@ fn as_table(res: &Resource, v: Value, q: &HashMap<String, String>) -> Value {
             |o| if std::ptr::eq(storage(res), res) { o.clone() } else { crate::events::to_core(o) },
         )
         .collect();
-    table::table(res, &stored, &shown, rv, include)
+    let mut t = table::table(res, &stored, &shown, rv, include);
+    // A paged list's Table pages too (kubectl follows the token).
+    if let Some(next) = v["metadata"].get("continue") {
+        t["metadata"]["continue"] = next.clone();
+    }
+    t
 }
 
 fn list_value(res: &Resource, items: Vec<Value>, rv: u64) -> Value {
@@ -356,8 +361,35 @@ fn write(
     match (method.clone(), &t.name) {
         (Method::GET, None) => {
             let (labels, fields) = selectors(q)?;
-            let (items, rv) = store.list(res, t.namespace.as_deref(), &labels, &fields);
-            Ok((200, list_value(res, items, rv)))
+            // `limit` and `continue` as the apiserver: clients (reflectors)
+            // list big collections in pages instead of one huge answer.
+            let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+            let after = match q.get("continue").filter(|c| !c.is_empty()) {
+                Some(token) => Some(Continue::parse(token).ok_or_else(|| {
+                    ApiError::bad_request(format!("invalid continue token: {token:?}"))
+                })?),
+                None => None,
+            };
+            if after.as_ref().is_some_and(|c| c.rv < store.compacted()) {
+                return Err(ApiError::new(
+                    410,
+                    "Expired",
+                    "the provided continue parameter is too old to display a consistent list result",
+                ));
+            }
+            let page = store.list_page(
+                res,
+                t.namespace.as_deref(),
+                &labels,
+                &fields,
+                limit,
+                after.as_ref(),
+            );
+            let mut v = list_value(res, page.items, page.rv);
+            if let Some(next) = page.next {
+                v["metadata"]["continue"] = json!(next.token());
+            }
+            Ok((200, v))
         }
         (Method::GET, Some(name)) => {
             needs_ns()?;
@@ -493,24 +525,28 @@ async fn watch(shared: Arc<Shared>, t: Target, q: &HashMap<String, String>) -> R
         let deadline = tokio::time::Instant::now() + timeout;
         let mut next_bookmark = tokio::time::Instant::now() + interval;
         loop {
+            // Only the new records' pointers are taken under the lock;
+            // matching and encoding them happens outside it, so writers
+            // and the other watches do not wait for this one.
             let batch = {
                 let store = shared.store.lock().expect("store lock");
                 match store.records_after(pos) {
                     Some(records) => {
-                        let current = store.resource_version();
-                        let events: Vec<Bytes> = records
-                            .iter()
-                            .filter_map(|r| {
-                                watch_event(r, res, ns.as_deref(), &labels, &fields)
-                                    .map(|k| line(k.as_str(), &view(res, &r.obj)))
-                            })
-                            .collect();
-                        pos = current;
-                        Ok(events)
+                        pos = store.resource_version();
+                        Ok(records)
                     }
                     None => Err(store.compacted()),
                 }
             };
+            let batch = batch.map(|records| {
+                records
+                    .iter()
+                    .filter_map(|r| {
+                        watch_event(r, res, ns.as_deref(), &labels, &fields)
+                            .map(|k| line(k.as_str(), &view(res, &r.obj)))
+                    })
+                    .collect::<Vec<Bytes>>()
+            });
             match batch {
                 Ok(events) => {
                     for e in events {

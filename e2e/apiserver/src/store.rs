@@ -3,6 +3,8 @@
 //! finalizers and ownerReference garbage collection.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
@@ -78,13 +80,44 @@ pub struct Record {
     pub namespace: String,
     pub kind: EventType,
     /// The object after the change (for DELETED: its last state, with the
-    /// deletion's resourceVersion).
-    pub obj: Value,
+    /// deletion's resourceVersion). Shared: every watch that takes the
+    /// record clones only the pointer.
+    pub obj: Arc<Value>,
     /// The object before a MODIFIED change (for selector transitions).
-    pub old: Option<Value>,
+    pub old: Option<Arc<Value>>,
 }
 
 type Key = (usize, String, String);
+
+/// Where the next page of a list starts (a `continue` token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Continue {
+    /// resourceVersion of the first page.
+    pub rv: u64,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Continue {
+    /// The opaque token: namespaces and names never hold `/`.
+    pub fn token(&self) -> String {
+        format!("{}/{}/{}", self.rv, self.namespace, self.name)
+    }
+
+    pub fn parse(token: &str) -> Option<Continue> {
+        let mut parts = token.splitn(3, '/');
+        let rv = parts.next()?.parse().ok()?;
+        Some(Continue { rv, namespace: parts.next()?.into(), name: parts.next()?.into() })
+    }
+}
+
+/// One page of a list.
+pub struct Page {
+    pub items: Vec<Value>,
+    pub rv: u64,
+    /// Set when more items follow.
+    pub next: Option<Continue>,
+}
 
 #[derive(Clone, Debug)]
 struct Stored {
@@ -242,11 +275,16 @@ impl Store {
     }
 
     /// Records after `rv` in order; `None` when some are already forgotten.
+    /// The history is in resourceVersion order, so a watch that is up to
+    /// date finds its place by binary search and copies only the new
+    /// records' pointers: a wake-up costs the records it gets, not the
+    /// length of the history.
     pub fn records_after(&self, rv: u64) -> Option<Vec<Record>> {
         if rv < self.compacted {
             return None;
         }
-        Some(self.history.iter().filter(|r| r.rv > rv).cloned().collect())
+        let start = self.history.partition_point(|r| r.rv <= rv);
+        Some(self.history.range(start..).cloned().collect())
     }
 
     /// The storage slot of a resource: `events.k8s.io` events are the
@@ -276,7 +314,14 @@ impl Store {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let namespace = meta_str(obj, "namespace").unwrap_or("").to_string();
-        self.history.push_back(Record { rv: self.rv, res, namespace, kind, obj: obj.clone(), old });
+        self.history.push_back(Record {
+            rv: self.rv,
+            res,
+            namespace,
+            kind,
+            obj: Arc::new(obj.clone()),
+            old: old.map(Arc::new),
+        });
         while self.history.len() > self.history_limit {
             if let Some(r) = self.history.pop_front() {
                 self.compacted = r.rv;
@@ -299,15 +344,57 @@ impl Store {
         labels: &LabelSelector,
         fields: &FieldSelector,
     ) -> (Vec<Value>, u64) {
+        let page = self.list_page(res, ns, labels, fields, None, None);
+        (page.items, page.rv)
+    }
+
+    /// One page of a list: at most `limit` items after the position a
+    /// `continue` token names. Objects are kept by (resource, namespace,
+    /// name), so a page is a range of the map, not a scan of every object.
+    /// Every page carries the resourceVersion of the first, so a watch
+    /// started from it replays whatever changed while the pages were read
+    /// (the apiserver serves pages from one snapshot instead; replaying
+    /// the changes ends in the same state).
+    pub fn list_page(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+        limit: Option<usize>,
+        after: Option<&Continue>,
+    ) -> Page {
         let i = Self::index(res);
-        let items = self
+        let start = match after {
+            Some(c) => Bound::Excluded((i, c.namespace.clone(), c.name.clone())),
+            None => Bound::Included((i, ns.unwrap_or("").to_string(), String::new())),
+        };
+        let rv = after.map_or(self.rv, |c| c.rv);
+        let mut items = Vec::new();
+        let mut last: Option<&Key> = None;
+        let mut more = false;
+        for (key, s) in self
             .objects
-            .iter()
-            .filter(|((r, n, _), _)| *r == i && ns.is_none_or(|ns| ns == n))
-            .map(|(_, s)| view(res, &s.obj))
-            .filter(|o| labels.matches(o) && fields.matches(o))
-            .collect();
-        (items, self.rv)
+            .range((start, Bound::Unbounded))
+            .take_while(|((r, n, _), _)| *r == i && ns.is_none_or(|ns| ns == n))
+        {
+            let o = view(res, &s.obj);
+            if !(labels.matches(&o) && fields.matches(&o)) {
+                continue;
+            }
+            if limit.is_some_and(|l| items.len() >= l) {
+                more = true;
+                break;
+            }
+            items.push(o);
+            last = Some(key);
+        }
+        let next = last.filter(|_| more).map(|k| Continue {
+            rv,
+            namespace: k.1.clone(),
+            name: k.2.clone(),
+        });
+        Page { items, rv, next }
     }
 
     /// Schema defaults, then pruning (or, under `Strict`, refusal) of
@@ -965,11 +1052,6 @@ impl Store {
     fn collect_garbage(&mut self, owner: &Value) {
         let mut gone: Vec<String> = meta_str(owner, "uid").map(String::from).into_iter().collect();
         while let Some(uid) = gone.pop() {
-            let live: BTreeSet<String> = self
-                .objects
-                .values()
-                .filter_map(|s| meta_str(&s.obj, "uid").map(String::from))
-                .collect();
             let dependents: Vec<Key> = self
                 .objects
                 .iter()
@@ -979,6 +1061,14 @@ impl Store {
                         .is_some_and(|refs| refs.iter().any(|r| r["uid"] == json!(uid)))
                 })
                 .map(|(k, _)| k.clone())
+                .collect();
+            if dependents.is_empty() {
+                continue;
+            }
+            let live: BTreeSet<String> = self
+                .objects
+                .values()
+                .filter_map(|s| meta_str(&s.obj, "uid").map(String::from))
                 .collect();
             for key in dependents {
                 let res = &RESOURCES[key.0];
@@ -1022,7 +1112,7 @@ pub fn watch_event(
         EventType::Added => m(&r.obj).then_some(EventType::Added),
         EventType::Deleted => m(&r.obj).then_some(EventType::Deleted),
         EventType::Modified => {
-            let was = r.old.as_ref().is_some_and(m);
+            let was = r.old.as_deref().is_some_and(m);
             match (was, m(&r.obj)) {
                 (true, true) => Some(EventType::Modified),
                 (false, true) => Some(EventType::Added),
@@ -1104,5 +1194,38 @@ mod tests {
         let recent = s.records_after(s.resource_version() - 2).unwrap();
         assert_eq!(recent.len(), 2);
         assert!(recent[0].rv < recent[1].rv);
+    }
+
+    #[test]
+    fn a_paged_list_walks_every_object_once_at_the_first_pages_version() {
+        let (mut s, _rx) = Store::new(100);
+        let res = find("", "v1", "configmaps").unwrap();
+        for ns in ["a", "b"] {
+            for i in 0..5 {
+                s.create(res, ns, cm(&format!("c{i}"), json!({})), &WriteOpts::default()).unwrap();
+            }
+        }
+        let (labels, fields) = (LabelSelector::default(), FieldSelector::default());
+        let first = s.list_page(res, None, &labels, &fields, Some(4), None);
+        let rv = first.rv;
+        // A write between pages: later pages keep the first page's version,
+        // so a watch from it replays this change.
+        s.create(res, "b", cm("c9", json!({})), &WriteOpts::default()).unwrap();
+        let mut names: Vec<String> =
+            first.items.iter().map(|o| o["metadata"]["name"].to_string()).collect();
+        let mut next = first.next;
+        while let Some(token) = next.take() {
+            let token = Continue::parse(&token.token()).expect("round trip");
+            let page = s.list_page(res, None, &labels, &fields, Some(4), Some(&token));
+            assert_eq!(page.rv, rv);
+            assert!(page.items.len() <= 4);
+            names.extend(page.items.iter().map(|o| o["metadata"]["name"].to_string()));
+            next = page.next;
+        }
+        assert_eq!(names.len(), 11, "{names:?}");
+        // One namespace, one page.
+        let b = s.list_page(res, Some("b"), &labels, &fields, Some(10), None);
+        assert_eq!(b.items.len(), 6);
+        assert!(b.next.is_none());
     }
 }
