@@ -147,17 +147,6 @@ pub fn conflicts_of(svc: &DsrService, all: &[&DsrService]) -> Vec<Conflict> {
         .collect()
 }
 
-/// Services in `all` that share at least one VIP with `svc` (excluding it):
-/// the ones whose conflict state may change when `svc` changes or goes.
-pub fn sharing_a_vip<'a>(svc: &DsrService, all: &[&'a DsrService]) -> Vec<&'a DsrService> {
-    let vips: BTreeSet<IpAddr> = svc.effective_vips().into_iter().filter_map(parse_ip).collect();
-    all.iter()
-        .copied()
-        .filter(|o| !(o.namespace() == svc.namespace() && o.name_any() == svc.name_any()))
-        .filter(|o| o.effective_vips().into_iter().filter_map(parse_ip).any(|v| vips.contains(&v)))
-        .collect()
-}
-
 /// One line for a status message or event.
 pub fn describe(conflicts: &[Conflict]) -> String {
     let parts: Vec<String> =
@@ -210,7 +199,6 @@ mod tests {
         let all = [&a, &b, &c];
         assert!(conflicts_of(&b, &all).is_empty());
         assert!(conflicts_of(&c, &all).is_empty());
-        assert_eq!(sharing_a_vip(&a, &all).len(), 2);
     }
 
     #[test]
@@ -301,7 +289,6 @@ mod tests {
         let mut b2 = b.clone();
         b2.spec.ports = vec![ServicePort { name: None, port: 81, protocol: Protocol::Tcp }];
         assert_eq!(conflicts_of(&b2, &[&a, &b2]).len(), 1, "a pool address is held whole");
-        assert_eq!(sharing_a_vip(&b, &[&a, &b]).len(), 1);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, desired_slices, same_content, 
 use crate::status::{EventKind, EventSpec, Observation, desired_status, events};
 
 /// Field manager for every apply, and the events' reporting controller.
-pub const FIELD_MANAGER: &str = "dsr-operator";
+pub use kube_dsr_crds::contract::OPERATOR_FIELD_MANAGER as FIELD_MANAGER;
 
 /// How often a service is reconciled without any trigger, as a safety net.
 /// Each service is re-queued on its own schedule, so the full resync is

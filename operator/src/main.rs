@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-dsr")]
     lease_namespace: String,
     /// Name of the leader Lease.
-    #[arg(long, env = "DSR_LEASE_NAME", default_value = "dsr-operator")]
+    #[arg(long, env = "DSR_LEASE_NAME", default_value = kube_dsr_crds::contract::OPERATOR_LEASE)]
     lease_name: String,
     /// This replica's identity in the Lease (defaults to the pod name).
     #[arg(long, env = "POD_NAME")]

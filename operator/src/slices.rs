@@ -19,12 +19,7 @@ use kube_dsr_crds::validation::Family;
 
 use crate::backends::Backend;
 
-/// Value of `endpointslice.kubernetes.io/managed-by` on our slices.
-pub const MANAGED_BY: &str = "kubedsr.io";
-/// Label key the Kubernetes EndpointSlice controller uses to find its slices.
-pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
-/// Label naming the DsrService a slice belongs to (same namespace).
-pub const SERVICE_NAME_LABEL: &str = "kubedsr.io/service-name";
+pub use kube_dsr_crds::contract::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 /// Upper bound of endpoints per slice (the Kubernetes controller's default).
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 
