@@ -172,6 +172,24 @@ async fn ecmp_flows_move_between_ingress_nodes(c: &mut Cluster) -> Result<()> {
         }
     })
     .await?;
+    // Programmed says each ingress node holds this generation; the pods'
+    // nodes come into its Maglev table as their agents deliver, so wait
+    // until both ingress nodes report all three pods behind their entries.
+    let reports = c.reports.clone();
+    wait_for("both ingress nodes send to all three pods", Duration::from_secs(30), || {
+        let reports = reports.clone();
+        async move {
+            for node in [INGRESS, INGRESS2] {
+                let r = reports.get(node).await?;
+                let i = r.spec.ingress.iter().find(|i| i.name == "web");
+                if i.is_none_or(|i| i.backends != 3 || i.error.is_some()) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await?;
     let router = c.n.router.clone();
     let route = |how: &str| sh(&format!("ip -n {router} route replace {VIP}/32 {how}"));
     route(&format!("nexthop via {INGRESS_IP} nexthop via {INGRESS2_IP}"))?;
