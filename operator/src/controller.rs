@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -255,21 +255,9 @@ async fn write(
 
     // Events are best effort: a failure to record one must not fail (and
     // retry) a reconcile whose real work is done.
-    let reference = svc.object_ref(&());
     for ev in decision.events {
-        let event = Event {
-            type_: match ev.kind {
-                EventKind::Normal => EventType::Normal,
-                EventKind::Warning => EventType::Warning,
-            },
-            reason: ev.reason.into(),
-            note: Some(ev.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            warn!(error = %e, reason = ev.reason, "could not record event");
-        }
+        let warning = matches!(ev.kind, EventKind::Warning);
+        crate::events::record(&ctx.recorder, svc, warning, ev.reason, ev.note, "Reconcile").await;
     }
     Ok(())
 }

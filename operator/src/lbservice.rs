@@ -23,10 +23,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use kube_dsr_crds::dsrservice::conditions as svc_conditions;
 use kube_dsr_crds::validation::{parse_ip, vip_errors};
 use kube_dsr_crds::{
@@ -356,16 +356,7 @@ struct Ctx {
 
 impl Ctx {
     async fn event(&self, svc: &Service, warning: bool, reason: &str, note: String) {
-        let ev = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &svc.object_ref(&())).await {
-            warn!(error = %e, reason, "could not record event");
-        }
+        crate::events::record(&self.recorder, svc, warning, reason, note, "Reconcile").await;
     }
 }
 

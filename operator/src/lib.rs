@@ -14,6 +14,7 @@ pub mod backends;
 pub mod conflicts;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod index;
 pub mod ingress;
 pub mod lbservice;
