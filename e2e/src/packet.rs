@@ -232,6 +232,15 @@ fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> u16 {
     }
 }
 
+/// XDP verdicts as `BPF_PROG_TEST_RUN` returns them (`enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The client's MAC in the packet tests.
+pub const CLIENT_MAC: Mac = [0x02, 0xcc, 0, 0, 0, 0x01];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,12 +20,6 @@ use kube_dsr_e2e::{
     require_root,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT_MAC: Mac = [0x02, 0xcc, 0, 0, 0, 0x01];
 const TABLE: u32 = 251;
 
 fn v4(s: &str) -> IpAddr {
