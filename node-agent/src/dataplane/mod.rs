@@ -12,7 +12,7 @@ mod alloc;
 mod maps;
 mod peers;
 pub mod spec;
-mod sys;
+pub(crate) mod sys;
 mod viptable;
 mod vlan;
 

@@ -32,8 +32,9 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
     if idx == 0 { Err(io::Error::last_os_error()) } else { Ok(idx) }
 }
 
-/// MAC address of interface `name` in the calling thread's namespace.
-pub fn mac(name: &str) -> io::Result<[u8; 6]> {
+/// A socket for interface ioctls (`SIOCGIFHWADDR`, `SIOCETHTOOL`) on
+/// `name`, once the name is known to fit `ifr_name`.
+pub fn ioctl_socket(name: &str) -> io::Result<OwnedFd> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
@@ -44,6 +45,12 @@ pub fn mac(name: &str) -> io::Result<[u8; 6]> {
     }
     // SAFETY: fd is a fresh, valid descriptor.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(sock)
+}
+
+/// MAC address of interface `name` in the calling thread's namespace.
+pub fn mac(name: &str) -> io::Result<[u8; 6]> {
+    let sock = ioctl_socket(name)?;
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;

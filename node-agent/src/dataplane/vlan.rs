@@ -18,7 +18,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
@@ -99,16 +99,7 @@ struct DrvInfo {
 
 impl Ethtool {
     fn open(name: &str) -> io::Result<Self> {
-        if name.len() >= libc::IFNAMSIZ {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        // SAFETY: plain socket creation; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh, valid descriptor.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sock = super::sys::ioctl_socket(name)?;
         let mut ifname = [0 as libc::c_char; libc::IFNAMSIZ];
         for (dst, src) in ifname.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;

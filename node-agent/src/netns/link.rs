@@ -63,16 +63,8 @@ fn ethtool(sock: &std::os::fd::OwnedFd, ifname: &str, cmd: u32, data: u32) -> io
 /// Turns GRO on for `ifname` in the calling thread's namespace and reads
 /// it back. `Ok(None)`: the driver has no GRO setting (`EOPNOTSUPP`).
 pub fn enable_gro(ifname: &str) -> Result<Option<bool>> {
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(Error::Io {
-            what: "opening an ethtool socket",
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sock = crate::dataplane::sys::ioctl_socket(ifname)
+        .map_err(|source| Error::Io { what: "opening an ethtool socket", source })?;
     let on = match ethtool(&sock, ifname, ETHTOOL_GGRO, 0) {
         Ok(v) => v != 0,
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(None),
