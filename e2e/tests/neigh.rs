@@ -322,3 +322,77 @@ fn a_round_programs_only_resolved_backends() -> Result<()> {
     );
     Ok(())
 }
+
+/// A round reads a few entries one by one and, past
+/// [`neigh::SINGLE_READS`] on one interface, dumps its table once for the
+/// rest of the round; both ways give the same verdicts. (A node of a large
+/// cluster holds an entry per pod on the segment: a change to one service
+/// must not read them all.)
+#[test]
+#[cfg_attr(not(privileged_tests), ignore = "needs root: BPF, XDP, network namespaces")]
+fn a_round_reads_entries_alone_then_dumps_the_table_once() -> Result<()> {
+    require_root();
+    let t = topo()?;
+    // 400 permanent entries on an on-link prefix of i0, and one address
+    // without an entry.
+    t.ing.exec("ip route add 10.80.0.0/16 dev i0")?;
+    let addrs: Vec<IpAddr> =
+        (0..400u32).map(|i| ip(&format!("10.80.{}.{}", i / 200, 1 + i % 200))).collect();
+    let mac_of = |a: &IpAddr| -> [u8; 6] {
+        let IpAddr::V4(v4) = a else { unreachable!() };
+        let o = v4.octets();
+        [0x02, 0, 0, 0, o[2], o[3]]
+    };
+    let batch: String = addrs
+        .iter()
+        .map(|a| {
+            let m = mac_of(a);
+            format!(
+                "neigh add {a} lladdr {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} nud permanent dev i0\n",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            )
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("kdsr-neigh-batch-{}", std::process::id()));
+    std::fs::write(&file, batch)?;
+    let added = t.ing.exec(&format!("ip -batch {}", file.display()));
+    std::fs::remove_file(&file)?;
+    added?;
+    let absent = ip("10.80.5.5");
+
+    let want = addrs.clone();
+    let (small, first, second, reads) = in_ns(&t.ing, move |r, i0| {
+        // Outside a round, a few addresses: read one by one.
+        let small = r.lookup_all(i0, &[], want[..10].iter().copied())?;
+        let after_small = r.neighbour_reads();
+        // One round, two calls of 200 (another service's backends in the
+        // second): the round's count crosses the limit in the second.
+        r.begin_round();
+        let first = r.lookup_all(i0, &[], want[..200].iter().copied())?;
+        let mut rest: Vec<IpAddr> = want[200..].to_vec();
+        rest.push(absent);
+        let second = r.lookup_all(i0, &[], rest)?;
+        Ok((small, first, second, (after_small, r.neighbour_reads())))
+    })?;
+    let (after_small, after_round) = reads;
+    assert_eq!(after_small, neigh::NeighbourReads { single: 10, dumps: 0 });
+    assert_eq!(
+        after_round,
+        neigh::NeighbourReads { single: 10 + neigh::SINGLE_READS, dumps: 1 },
+        "one entry at a time up to the limit, then one dump for the rest of the round"
+    );
+    for (a, l) in small.iter().chain(&first).chain(&second).filter(|(a, _)| **a != absent) {
+        assert!(
+            matches!(l, Lookup::Resolved { mac, egress } if *mac == mac_of(a) && egress.name == "i0"),
+            "{a}: {l:?}"
+        );
+    }
+    assert_eq!(small.len() + first.len() + second.len(), 10 + 400 + 1);
+    // No entry: resolution is started, as with a single read.
+    assert!(
+        matches!(second.get(&absent), Some(Lookup::Pending { .. })),
+        "{:?}",
+        second.get(&absent)
+    );
+    Ok(())
+}

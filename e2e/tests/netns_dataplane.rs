@@ -102,6 +102,15 @@ fn tcp_through_xdp_reaches_every_backend_and_replies_bypass_the_ingress() {
     );
     let t = dp.service_traffic(NAME).unwrap();
     assert_eq!(t.packets, fwd, "per-VIP counter matches the forwarded packets");
+    // The batched read of every counter (what /metrics shows) gives what
+    // reading each one alone gives, and the backends' packets add up.
+    let all = dp.all_traffic().unwrap();
+    let (spec, total, backends) = all.iter().find(|(s, ..)| s.name == NAME).unwrap();
+    assert_eq!(*total, t);
+    assert_eq!(backends, &dp.backends_traffic(NAME).unwrap());
+    assert_eq!(backends.len(), spec.backends.len());
+    assert!(backends.iter().all(|(_, b)| b.packets > 0), "every backend got packets: {backends:?}");
+    assert_eq!(backends.iter().map(|(_, b)| b.packets).sum::<u64>(), t.packets);
 
     // Long-lived connections to every backend, then remove backend 3: the
     // connections to the other two keep working, new ones avoid backend 3.

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use aya::maps::{Array, Map, MapData};
+use aya::maps::MapData;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -46,6 +46,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
+use kube_dsr_agent::dataplane::read_batched;
 use kube_dsr_common::{
     BACKEND_DRAINING, BACKEND_IN_USE, Backend, MAP_BACKENDS, MAP_SERVICES, ServiceSlot,
 };
@@ -207,15 +208,12 @@ fn usage(pid: u32) -> Result<Usage> {
 /// the backend entries in use and not draining (those taking new flows).
 type Programmed = HashMap<String, HashSet<u32>>;
 
-/// Reads the pinned maps of the agent's ingress interface. The backend
-/// array is read one entry per syscall (it is not mmapable), so a full read
-/// costs in proportion to its capacity; while one service is being
-/// watched for an entry going away, only that service's entries are read.
+/// Reads the pinned maps of the agent's ingress interface, each in a few
+/// batched calls (a full read of the 131,072-slot backend map takes
+/// milliseconds, so a change is seen within milliseconds of being written).
 struct MapReader {
-    backends: Array<MapData, Backend>,
-    services: Array<MapData, ServiceSlot>,
-    /// Backend ids per service at the last full read.
-    ids: HashMap<String, Vec<u32>>,
+    backends: MapData,
+    services: MapData,
 }
 
 impl MapReader {
@@ -224,17 +222,13 @@ impl MapReader {
             let p = dir.join(name);
             MapData::from_pin(&p).with_context(|| format!("{}", p.display()))
         };
-        Ok(MapReader {
-            backends: Map::Array(open(MAP_BACKENDS)?).try_into()?,
-            services: Map::Array(open(MAP_SERVICES)?).try_into()?,
-            ids: HashMap::new(),
-        })
+        Ok(MapReader { backends: open(MAP_BACKENDS)?, services: open(MAP_SERVICES)? })
     }
 
     fn names(&self) -> Result<HashMap<u32, String>> {
         let mut names: HashMap<u32, String> = HashMap::new();
-        for id in 0..self.services.len() {
-            let s = self.services.get(&id, 0)?;
+        let slots: Vec<ServiceSlot> = read_batched(&self.services, 1)?;
+        for (id, s) in slots.iter().enumerate() {
             if s.flags & kube_dsr_common::SERVICE_IN_USE == 0 {
                 continue;
             }
@@ -243,7 +237,7 @@ impl MapReader {
             let full = String::from_utf8_lossy(&s.name[..end]).into_owned();
             let parts: Vec<&str> = full.split('/').collect();
             if let [_, svc, "v4"] = parts.as_slice() {
-                names.insert(id, svc.to_string());
+                names.insert(id as u32, svc.to_string());
             }
         }
         Ok(names)
@@ -259,56 +253,24 @@ impl MapReader {
     fn read_all(&mut self) -> Result<Programmed> {
         let names = self.names()?;
         let mut out: Programmed = HashMap::new();
-        let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
-        for id in 0..self.backends.len() {
-            let b = self.backends.get(&id, 0)?;
-            let Some(addr) = Self::entry(&b) else { continue };
+        let backends: Vec<Backend> = read_batched(&self.backends, 1)?;
+        for b in &backends {
+            let Some(addr) = Self::entry(b) else { continue };
             let Some(svc) = names.get(&b.svc_id) else { continue };
             out.entry(svc.clone()).or_default().insert(addr);
-            ids.entry(svc.clone()).or_default().push(id);
         }
-        self.ids = ids;
         Ok(out)
     }
-
-    /// Only the entries `service` held at the last full read.
-    fn read_service(&self, service: &str) -> Result<Programmed> {
-        let names = self.names()?;
-        let mut set = HashSet::new();
-        for id in self.ids.get(service).into_iter().flatten() {
-            let b = self.backends.get(id, 0)?;
-            if names.get(&b.svc_id).map(String::as_str) != Some(service) {
-                continue;
-            }
-            if let Some(addr) = Self::entry(&b) {
-                set.insert(addr);
-            }
-        }
-        Ok(HashMap::from([(service.to_string(), set)]))
-    }
 }
 
-/// What the poller reads: everything, or one service that is losing an
-/// entry (its known entries only).
-#[derive(Clone, Debug, PartialEq)]
-enum Focus {
-    All,
-    Losing(String),
-}
+/// The latest dataplane snapshot and when its read ended (a change it
+/// shows was written before then: a latency is never under-stated).
+type Snapshot = Arc<Mutex<Option<(Instant, Arc<Programmed>)>>>;
 
-/// The latest dataplane snapshot, when its read finished, and whether it
-/// was a full read.
-type Snapshot = Arc<Mutex<Option<(Instant, Arc<Programmed>, bool)>>>;
-
-/// Reads the maps on a thread of its own until `stop`. Full reads are
-/// spaced by at least their own duration, so the reader takes at most
-/// half a core from the processes it measures.
-fn poll_dataplane(
-    dir: PathBuf,
-    out: Snapshot,
-    focus: Arc<Mutex<Focus>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) {
+/// Reads the maps on a thread of its own until `stop`. Reads are spaced
+/// by at least their own duration, so the reader takes at most half a
+/// core from the processes it measures.
+fn poll_dataplane(dir: PathBuf, out: Snapshot, stop: Arc<std::sync::atomic::AtomicBool>) {
     std::thread::spawn(move || {
         let mut reader: Option<MapReader> = None;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -320,23 +282,11 @@ fn poll_dataplane(
                 continue;
             };
             let started = Instant::now();
-            let f = focus.lock().expect("lock").clone();
-            let read = match &f {
-                Focus::All => r.read_all(),
-                Focus::Losing(svc) => r.read_service(svc),
-            };
-            match read {
-                Ok(p) => {
-                    let full = f == Focus::All;
-                    *out.lock().expect("lock") = Some((Instant::now(), Arc::new(p), full))
-                }
+            match r.read_all() {
+                Ok(p) => *out.lock().expect("lock") = Some((Instant::now(), Arc::new(p))),
                 Err(_) => reader = None,
             }
-            let pause = match f {
-                Focus::All => started.elapsed().max(Duration::from_millis(5)),
-                Focus::Losing(_) => Duration::from_millis(2),
-            };
-            std::thread::sleep(pause);
+            std::thread::sleep(started.elapsed().max(Duration::from_millis(2)));
         }
     });
 }
@@ -758,12 +708,10 @@ async fn world(
     let watch = tokio::spawn(watch_slices(client.clone(), Arc::clone(&slices)));
     let snapshot: Snapshot = Arc::new(Mutex::new(None));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let focus = Arc::new(Mutex::new(Focus::All));
     poll_dataplane(
         // The agent pins one directory per interface under --bpffs-dir.
         pins.join("eth0"),
         Arc::clone(&snapshot),
-        Arc::clone(&focus),
         Arc::clone(&stop),
     );
 
@@ -786,7 +734,7 @@ async fn world(
         };
         let dp = snapshot.lock().expect("lock").clone();
         let dp_ok = args.slices_only
-            || dp.as_ref().is_some_and(|(_, p, _)| {
+            || dp.as_ref().is_some_and(|(_, p)| {
                 expected.iter().all(|(svc, want)| p.get(svc).is_some_and(|have| have == want))
             });
         if slices_ok && dp_ok {
@@ -794,7 +742,7 @@ async fn world(
             break;
         }
         if started.elapsed() > timeout {
-            let done = dp.as_ref().map_or(0, |(_, p, _)| {
+            let done = dp.as_ref().map_or(0, |(_, p)| {
                 expected
                     .iter()
                     .filter(|(svc, want)| p.get(*svc).is_some_and(|h| h == *want))
@@ -810,7 +758,7 @@ async fn world(
         }
         if last_report.elapsed() > Duration::from_secs(10) {
             last_report = Instant::now();
-            let done = dp.as_ref().map_or(0, |(_, p, _)| {
+            let done = dp.as_ref().map_or(0, |(_, p)| {
                 expected
                     .iter()
                     .filter(|(svc, want)| p.get(*svc).is_some_and(|h| h == *want))
@@ -912,10 +860,6 @@ async fn world(
                     (svc, addr, want_ready) = (service_name(p.service), p.addr, None);
                 }
             }
-            *focus.lock().expect("lock") = match want_ready {
-                Some(true) => Focus::All,
-                _ => Focus::Losing(svc.clone()),
-            };
             // In the slice: present and ready / present not ready / gone.
             let slice_ok = |g: &HashMap<String, HashMap<u32, bool>>| {
                 let have = g.get(&svc).and_then(|m| m.get(&addr).copied());
@@ -934,7 +878,7 @@ async fn world(
                     }
                 }
                 if t_dp.is_none()
-                    && let Some((at, p, _)) = snapshot.lock().expect("lock").clone()
+                    && let Some((at, p)) = snapshot.lock().expect("lock").clone()
                     && at > t0
                     && dp_ok(&p)
                 {
@@ -959,19 +903,6 @@ async fn world(
                         ip(addr)
                     );
                 }
-            }
-            // A full read before the next change, so the entries of the
-            // service it picks are known.
-            *focus.lock().expect("lock") = Focus::All;
-            let settle = Instant::now();
-            while !args.slices_only
-                && snapshot
-                    .lock()
-                    .expect("lock")
-                    .as_ref()
-                    .is_none_or(|(at, _, full)| *at < settle || !full)
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

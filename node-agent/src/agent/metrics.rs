@@ -2,7 +2,8 @@
 //! traffic is labelled by dataplane service name, VIP and backend address,
 //! which are bounded by what this node programs.
 
-use std::sync::RwLock;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -35,10 +36,11 @@ struct AttachLabels {
 /// One counter reading from the dataplane.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrafficSample {
-    pub service: String,
-    pub vip: String,
+    /// Shared by the VIP's total and each of its backends' samples.
+    pub service: Arc<str>,
+    pub vip: Arc<str>,
     /// `None`: the VIP's total.
-    pub backend: Option<String>,
+    pub backend: Option<IpAddr>,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -59,9 +61,10 @@ impl Collector for Traffic {
         for (name, help, per_backend, value) in series {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for s in samples.iter().filter(|s| s.backend.is_some() == per_backend) {
-                let mut labels = vec![("service", s.service.clone()), ("vip", s.vip.clone())];
-                if let Some(b) = &s.backend {
-                    labels.push(("backend", b.clone()));
+                let backend = s.backend.map(|b| b.to_string());
+                let mut labels = vec![("service", &*s.service), ("vip", &*s.vip)];
+                if let Some(b) = &backend {
+                    labels.push(("backend", b.as_str()));
                 }
                 let enc = family.encode_family(&labels)?;
                 ConstCounter::new(value(s)).encode(enc)?;
@@ -197,7 +200,7 @@ mod tests {
             TrafficSample {
                 service: "default/web/v4".into(),
                 vip: "192.0.2.10".into(),
-                backend: Some("10.0.0.1".into()),
+                backend: Some("10.0.0.1".parse().unwrap()),
                 packets: 3,
                 bytes: 300,
             },

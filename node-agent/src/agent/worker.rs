@@ -93,14 +93,33 @@ pub struct Worker {
     /// Set on shutdown: a round stops between two services.
     cancel: Arc<AtomicBool>,
     /// The last plan of each ingress service, with what it was planned
-    /// from: a round that is not periodic plans again only the services
-    /// whose input changed (or that were still resolving or failed).
-    planned: BTreeMap<SvcKey, (IngressService, ServicePlan)>,
+    /// from: a round plans again only the services whose input changed
+    /// (or that were still resolving or failed), and those due for their
+    /// resync.
+    planned: BTreeMap<SvcKey, Planned>,
+    /// When the dataplanes were last settled.
+    settled_at: Instant,
     /// The round-wide inputs of those plans.
     planned_with: Option<PlanInputs>,
     /// Services whose counters `/metrics` shows.
     sampled: BTreeSet<String>,
 }
+
+/// One service's last plan.
+struct Planned {
+    /// What it was planned from.
+    input: IngressService,
+    plan: ServicePlan,
+    /// When: a plan older than the resync period is made again, so that a
+    /// route or neighbour change no event announces is followed.
+    at: Instant,
+}
+
+/// The periodic resync is spread over the period in this many steps: each
+/// step re-plans the services whose plan is oldest, at most this share of
+/// them. A step stays short at any scale, so a change waits for at most
+/// one step, never for a re-plan of every service.
+pub const RESYNC_STEPS: u32 = 8;
 
 /// What every service's plan depends on besides the service itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +142,7 @@ impl Worker {
             backoff: Backoff::default(),
             cancel,
             planned: BTreeMap::new(),
+            settled_at: Instant::now(),
             planned_with: None,
             sampled: BTreeSet::new(),
         };
@@ -569,18 +589,38 @@ impl Worker {
         }
     }
 
+    /// The services whose plan is due for its resync (older than the
+    /// period), oldest first, at most one step's share of them.
+    fn due_for_resync(&self) -> BTreeSet<SvcKey> {
+        let period = self.cfg.resync;
+        let mut old: Vec<(Instant, &SvcKey)> = self
+            .planned
+            .iter()
+            .filter(|(_, p)| p.at.elapsed() >= period)
+            .map(|(k, p)| (p.at, k))
+            .collect();
+        old.sort();
+        let step = self.planned.len().div_ceil(RESYNC_STEPS as usize).max(1);
+        old.into_iter().take(step).map(|(_, k)| k.clone()).collect()
+    }
+
     /// One round: the pod namespaces, the node stage, the ingress
-    /// services, then the dataplanes. `None` when cancelled (shutdown):
-    /// a round stops between two services, never inside one.
+    /// services, then the dataplanes. `periodic`: a resync step (see
+    /// [`RESYNC_STEPS`]). `None` when cancelled (shutdown): a round stops
+    /// between two services, never inside one.
     pub fn round(&mut self, d: &Desired, periodic: bool) -> Option<Outcome> {
         let started = Instant::now();
         let mut out = Outcome::default();
         if let Ok(r) = self.resolver() {
             r.begin_round();
         }
+        // Once per period (not every step): the node stage's and the
+        // peers' unreachable neighbours are probed again, and the
+        // dataplanes settled.
+        let full = periodic && self.settled_at.elapsed() >= self.cfg.resync;
         let (facts, links) = self.pods(d);
         let node_iface = self.node_interface(d);
-        let local = self.observe_local(d, node_iface.as_ref(), &links, periodic);
+        let local = self.observe_local(d, node_iface.as_ref(), &links, full);
         let node_plan = plan::plan_node_stage(d, node_iface.as_ref(), &local);
         out.resolving |= node_plan.resolving;
         let inputs = PlanInputs {
@@ -588,18 +628,25 @@ impl Worker {
             delivered: node_plan.delivered.clone(),
             nodes: d.nodes.clone(),
         };
-        let reuse = !periodic && self.planned_with.as_ref() == Some(&inputs);
+        // Every plan depends on these: when they change, all are made
+        // again.
+        let reuse = self.planned_with.as_ref() == Some(&inputs);
+        let due = if periodic && reuse { self.due_for_resync() } else { BTreeSet::new() };
         let mut services = BTreeMap::new();
         let mut replanned = 0usize;
         for s in &d.ingress {
             if self.cancel.load(Ordering::Relaxed) {
                 return None;
             }
-            let cached = self.planned.get(&s.key).filter(|(was, p)| {
-                reuse && was == s && matches!(p, ServicePlan::Program { resolving: false, .. })
+            let resync = due.contains(&s.key);
+            let cached = self.planned.get(&s.key).filter(|p| {
+                reuse
+                    && !resync
+                    && p.input == *s
+                    && matches!(p.plan, ServicePlan::Program { resolving: false, .. })
             });
             let p = match cached {
-                Some((_, p)) => p.clone(),
+                Some(p) => p.plan.clone(),
                 None => {
                     replanned += 1;
                     let p = self.plan_service(
@@ -607,9 +654,11 @@ impl Worker {
                         d,
                         node_iface.as_ref(),
                         &node_plan.delivered,
-                        periodic,
+                        resync || !reuse,
                     );
-                    self.planned.insert(s.key.clone(), (s.clone(), p.clone()));
+                    let at = Instant::now();
+                    let entry = Planned { input: s.clone(), plan: p.clone(), at };
+                    self.planned.insert(s.key.clone(), entry);
                     p
                 }
             };
@@ -633,11 +682,12 @@ impl Worker {
         let programmed = self.apply(&plan)?;
         out.backing_off = self.backoff.next_due();
         let replies = self.apply_replies(node_iface.as_ref(), &node_plan.replies);
-        self.apply_peers(d, periodic);
+        self.apply_peers(d, full);
         out.ingress = plan::ingress_reports(d, &plan, &programmed);
         out.backends = plan::backend_reports(d, &facts, &node_plan, &programmed, &replies);
 
-        if periodic {
+        if full {
+            self.settled_at = Instant::now();
             let age = self.cfg.resync;
             for (ifname, dp) in &mut self.dataplanes {
                 match dp.settle(age) {
@@ -764,26 +814,26 @@ impl Worker {
         self.sampled =
             self.dataplanes.values().flat_map(|dp| dp.services().map(|s| s.name.clone())).collect();
         let mut samples = Vec::new();
-        for dp in self.dataplanes.values() {
-            for spec in dp.services() {
-                if let Ok(t) = dp.service_traffic(&spec.name) {
-                    samples.push(TrafficSample {
-                        service: spec.name.clone(),
-                        vip: spec.vip.to_string(),
-                        backend: None,
-                        packets: t.packets,
-                        bytes: t.bytes,
-                    });
+        for (ifname, dp) in &self.dataplanes {
+            let traffic = match dp.all_traffic() {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(interface = %ifname, error = %chain(&e), "reading traffic counters failed");
+                    continue;
                 }
-                for (addr, t) in dp.backends_traffic(&spec.name).unwrap_or_default() {
-                    samples.push(TrafficSample {
-                        service: spec.name.clone(),
-                        vip: spec.vip.to_string(),
-                        backend: Some(addr.to_string()),
-                        packets: t.packets,
-                        bytes: t.bytes,
-                    });
-                }
+            };
+            for (spec, total, backends) in traffic {
+                let service: Arc<str> = spec.name.as_str().into();
+                let vip: Arc<str> = spec.vip.to_string().into();
+                let sample = |backend, t: kube_dsr_common::Traffic| TrafficSample {
+                    service: Arc::clone(&service),
+                    vip: Arc::clone(&vip),
+                    backend,
+                    packets: t.packets,
+                    bytes: t.bytes,
+                };
+                samples.push(sample(None, total));
+                samples.extend(backends.into_iter().map(|(addr, t)| sample(Some(addr), t)));
             }
         }
         self.metrics.set_traffic(samples);
@@ -794,8 +844,9 @@ impl Worker {
 const RESOLVE_RETRY: Duration = Duration::from_millis(100);
 
 /// Runs rounds until `inputs` closes: a round whenever a new desired state
-/// arrives (the latest one wins), a periodic round every `resync`, and a
-/// counter sample every `counters_every`. Each outcome is published.
+/// arrives (the latest one wins), a resync step every `resync /`
+/// [`RESYNC_STEPS`], and a counter sample every `counters_every`. Each
+/// outcome is published.
 pub fn run(
     cfg: WorkerConfig,
     metrics: Arc<Metrics>,
@@ -804,10 +855,11 @@ pub fn run(
     publish: impl Fn(Outcome),
 ) {
     let resync = cfg.resync;
+    let step = resync / RESYNC_STEPS;
     let counters_every = cfg.counters_every;
     let mut w = Worker::new(cfg, metrics, Arc::clone(&cancel));
     let mut desired: Option<Arc<Desired>> = None;
-    let mut next_resync = Instant::now() + resync;
+    let mut next_resync = Instant::now() + step;
     let mut next_counters = Instant::now() + counters_every;
     // A quick extra round while backend MACs are being resolved, backing
     // off to the resync period.
@@ -843,7 +895,7 @@ pub fn run(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         if periodic {
-            next_resync = Instant::now() + resync;
+            next_resync = Instant::now() + step;
         }
         if let (Some(d), true) = (&desired, changed || periodic) {
             let d = Arc::clone(d);

@@ -40,6 +40,7 @@ use kube_dsr_common::{
     MAP_SERVICES, MAP_VIP_STATS, Meta, PROGRAM_NAME, REPLY_PROGRAM_NAME, RING_ROW, SERVICE_IN_USE,
     ServiceSlot, Traffic, VIP_NODE_ONLY, VIP_PIN_ALL, VIP_PINS, VipValue, reason,
 };
+pub use maps::read_batched;
 use sha2::{Digest, Sha256};
 pub use spec::{BackendSpec, Egress, PortSpec, Protocol, Reach, ServiceSpec, Stage};
 use tracing::{info, warn};
@@ -1029,6 +1030,30 @@ impl Dataplane {
             .zip(&s.ids)
             .map(|(b, id)| Ok((b.addr, self.maps.backend_traffic(*id)?)))
             .collect()
+    }
+
+    /// Traffic of every service and of each of its backends, in the order
+    /// of [`Self::services`] and of their backends: every counter read in
+    /// a few batched calls.
+    #[allow(clippy::type_complexity)]
+    pub fn all_traffic(&self) -> Result<Vec<(&ServiceSpec, Traffic, Vec<(IpAddr, Traffic)>)>> {
+        let vips = self.maps.all_vip_traffic()?;
+        let backends = self.maps.all_backend_traffic()?;
+        let at = |v: &[Traffic], i: u32| v.get(i as usize).copied().unwrap_or_default();
+        Ok(self
+            .services
+            .values()
+            .map(|s| {
+                let per_backend = s
+                    .spec
+                    .backends
+                    .iter()
+                    .zip(&s.ids)
+                    .map(|(b, id)| (b.addr, at(&backends, *id)))
+                    .collect();
+                (&s.spec, at(&vips, s.svc_id), per_backend)
+            })
+            .collect())
     }
 
     /// Packets per verdict reason, summed over CPUs, labelled with the fixed

@@ -1,5 +1,6 @@
 //! The few kernel calls aya does not wrap: bpffs detection, interface
-//! facts, a pinned link's interface, and memory maps of array maps.
+//! facts, a pinned link's interface, memory maps of array maps and batched
+//! reads of per-CPU arrays.
 
 use std::{
     ffi::CString,
@@ -12,6 +13,7 @@ use std::{
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Whether `path` lives on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
@@ -185,6 +187,77 @@ fn pinned_link_ifindex(path: &Path, want_type: u32) -> io::Result<u32> {
         ));
     }
     Ok(info[2] as u32)
+}
+
+/// The `BPF_MAP_*_BATCH` part of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Reads `count` elements of the array `fd` from index `start` with one
+/// `BPF_MAP_LOOKUP_BATCH` call (instead of one call per element): element
+/// `i`'s values land in `out[i * cpus .. (i + 1) * cpus]`. `T` must be the
+/// map's value type; `cpus` is 1 for a plain array, else the possible CPUs
+/// of a per-CPU array, whose values the kernel lays out in 8-byte strides
+/// (so `T` must be a multiple of 8 bytes long there). Returns how many
+/// elements were read (fewer at the end of the array).
+pub fn lookup_batch<T: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    start: u32,
+    count: u32,
+    cpus: usize,
+    out: &mut Vec<T>,
+) -> io::Result<u32> {
+    if cpus == 0 || (cpus > 1 && !std::mem::size_of::<T>().is_multiple_of(8)) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    out.clear();
+    // SAFETY: `T: Pod` is plain data, for which all-zero bytes are a value.
+    out.resize(count as usize * cpus, unsafe { std::mem::zeroed() });
+    let mut keys = vec![0u32; count as usize];
+    // The kernel starts after the key `in_batch` names (none: at 0) and
+    // writes the last key it read to `out_batch`.
+    let after = start.wrapping_sub(1);
+    let mut last = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: if start == 0 { 0 } else { &after as *const u32 as u64 },
+        out_batch: &mut last as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: out.as_mut_ptr() as u64,
+        count,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the kernel writes at most `count` keys into `keys` and
+    // `count * cpus` values of the map's value size (that of `T`, rounded
+    // to 8 bytes: `T` is) into `out`, both sized for that above; `after`
+    // and `last` live across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    // ENOENT: the end of the array was reached; `count` says how far.
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    out.truncate(attr.count as usize * cpus);
+    Ok(attr.count)
 }
 
 /// A shared, writable mapping of a `BPF_F_MMAPABLE` array. The kernel lays

@@ -18,4 +18,4 @@ pub mod resolver;
 pub use plan::{
     Iface, Lookup, NeighEntry, NeighVerdict, Plan, Route, Status, Target, adjacency, classify, plan,
 };
-pub use resolver::{LinkInfo, Resolver};
+pub use resolver::{LinkInfo, NeighbourReads, Resolver, SINGLE_READS};

@@ -2,11 +2,7 @@
 //! resolution, through a blocking rtnetlink socket in the calling thread's
 //! network namespace.
 
-use std::{
-    collections::{BTreeMap, btree_map::Entry},
-    io,
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, io, net::IpAddr, sync::Arc};
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::{
@@ -39,6 +35,16 @@ pub struct Resolver {
     nl: Rtnl,
     /// What this round has read already (see [`Resolver::begin_round`]).
     seen: Option<Seen>,
+    reads: NeighbourReads,
+}
+
+/// How neighbour entries were read since the resolver was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NeighbourReads {
+    /// Entries read one by one.
+    pub single: usize,
+    /// Tables of one interface dumped (both families).
+    pub dumps: usize,
 }
 
 /// Route lookups, interface names and neighbour tables read during one
@@ -48,13 +54,25 @@ pub struct Resolver {
 struct Seen {
     routes: BTreeMap<IpAddr, Route>,
     ifaces: BTreeMap<u32, Iface>,
-    neighbours: BTreeMap<u32, BTreeMap<IpAddr, NeighEntry>>,
+    /// Shared, not copied: a table may hold one entry per pod of the
+    /// cluster, and every service of the round reads it.
+    neighbours: BTreeMap<u32, Arc<BTreeMap<IpAddr, NeighEntry>>>,
+    /// Entries read one by one so far, per interface.
+    single_reads: BTreeMap<u32, usize>,
 }
+
+/// Up to this many neighbour entries of one interface are read one by one
+/// in a round (`RTM_GETNEIGH` of one address); past it the interface's
+/// table is dumped once and used for the rest of the round. A round that
+/// re-plans one service reads that service's backends, not a table that
+/// may hold an entry for every pod of the cluster; a round that re-plans
+/// many reads the table once.
+pub const SINGLE_READS: usize = 256;
 
 impl Resolver {
     pub fn new() -> Result<Self> {
         let nl = Rtnl::open().map_err(|(what, e)| nl_err(what)(e))?;
-        Ok(Self { nl, seen: None })
+        Ok(Self { nl, seen: None, reads: NeighbourReads::default() })
     }
 
     /// Starts a round: from now until the next call, routes, interface
@@ -63,6 +81,11 @@ impl Resolver {
     /// lookup reads the kernel.
     pub fn begin_round(&mut self) {
         self.seen = Some(Seen::default());
+    }
+
+    /// How neighbour entries were read so far.
+    pub fn neighbour_reads(&self) -> NeighbourReads {
+        self.reads
     }
 
     /// An interface by name.
@@ -222,19 +245,98 @@ impl Resolver {
 
     /// The neighbour table of `ifindex` (one dump, filtered by the kernel
     /// on `NDA_IFINDEX` and again here).
-    pub fn neighbours(&mut self, ifindex: u32) -> Result<BTreeMap<IpAddr, NeighEntry>> {
+    pub fn neighbours(&mut self, ifindex: u32) -> Result<Arc<BTreeMap<IpAddr, NeighEntry>>> {
         if let Some(t) = self.seen.as_ref().and_then(|s| s.neighbours.get(&ifindex)) {
-            return Ok(t.clone());
+            return Ok(Arc::clone(t));
         }
-        let t = self.read_neighbours(ifindex)?;
+        let t = Arc::new(self.read_neighbours(ifindex)?);
         if let Some(s) = self.seen.as_mut() {
-            s.neighbours.insert(ifindex, t.clone());
+            s.neighbours.insert(ifindex, Arc::clone(&t));
         }
         Ok(t)
     }
 
+    /// The neighbour entry of `addr` on `ifindex`: from a table dumped
+    /// earlier (this round's, else this call's `tables`), else read alone
+    /// while fewer than [`SINGLE_READS`] were (counted per round, else in
+    /// `singles`), else from a dump of the table.
+    fn entry(
+        &mut self,
+        ifindex: u32,
+        addr: IpAddr,
+        tables: &mut BTreeMap<u32, Arc<BTreeMap<IpAddr, NeighEntry>>>,
+        singles: &mut BTreeMap<u32, usize>,
+    ) -> Result<Option<NeighEntry>> {
+        let dumped = match &self.seen {
+            Some(s) => s.neighbours.get(&ifindex),
+            None => tables.get(&ifindex),
+        };
+        if let Some(t) = dumped {
+            return Ok(t.get(&addr).cloned());
+        }
+        let count = match self.seen.as_mut() {
+            Some(s) => s.single_reads.entry(ifindex).or_default(),
+            None => singles.entry(ifindex).or_default(),
+        };
+        *count += 1;
+        if *count <= SINGLE_READS {
+            return self.read_neighbour(ifindex, addr);
+        }
+        let t = self.neighbours(ifindex)?;
+        let entry = t.get(&addr).cloned();
+        tables.insert(ifindex, t);
+        Ok(entry)
+    }
+
+    /// One entry (`ip neigh get ADDR dev IF`); `None` when there is none.
+    fn read_neighbour(&mut self, ifindex: u32, addr: IpAddr) -> Result<Option<NeighEntry>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.ifindex = ifindex;
+        msg.header.state = NeighbourState::None;
+        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
+        self.reads.single += 1;
+        let replies = match self.request(RouteNetlinkMessage::GetNeighbour(msg), 0) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(source) => {
+                return Err(Error::NeighbourLookup { addr, what: "reading its entry", source });
+            }
+        };
+        Ok(replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == ifindex => {
+                Self::parse_entry(n).filter(|(dst, _)| *dst == addr).map(|(_, e)| e)
+            }
+            _ => None,
+        }))
+    }
+
+    /// A neighbour message as (destination, entry).
+    fn parse_entry(n: NeighbourMessage) -> Option<(IpAddr, NeighEntry)> {
+        let state = n.header.state.into();
+        let mut dst = None;
+        let mut lladdr = None;
+        for a in n.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
+                    dst = Some(IpAddr::from(d))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => {
+                    dst = Some(IpAddr::from(d))
+                }
+                NeighbourAttribute::LinkLayerAddress(l) => lladdr = Some(l),
+                _ => {}
+            }
+        }
+        Some((dst?, NeighEntry { state, lladdr }))
+    }
+
     fn read_neighbours(&mut self, ifindex: u32) -> Result<BTreeMap<IpAddr, NeighEntry>> {
         let mut out = BTreeMap::new();
+        self.reads.dumps += 1;
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = NeighbourMessage::default();
             msg.header.family = family;
@@ -247,22 +349,8 @@ impl Resolver {
                 if n.header.ifindex != ifindex {
                     continue;
                 }
-                let mut dst = None;
-                let mut lladdr = None;
-                for a in n.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
-                            dst = Some(IpAddr::from(d))
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => {
-                            dst = Some(IpAddr::from(d))
-                        }
-                        NeighbourAttribute::LinkLayerAddress(l) => lladdr = Some(l),
-                        _ => {}
-                    }
-                }
-                if let Some(dst) = dst {
-                    out.insert(dst, NeighEntry { state: n.header.state.into(), lladdr });
+                if let Some((dst, e)) = Self::parse_entry(n) {
+                    out.insert(dst, e);
                 }
             }
         }
@@ -308,7 +396,9 @@ impl Resolver {
         allowed: &[Iface],
         addrs: impl IntoIterator<Item = IpAddr>,
     ) -> Result<BTreeMap<IpAddr, Lookup>> {
-        let mut tables: BTreeMap<u32, BTreeMap<IpAddr, NeighEntry>> = BTreeMap::new();
+        // Without a round: what this call dumped, and its single reads.
+        let mut tables: BTreeMap<u32, Arc<BTreeMap<IpAddr, NeighEntry>>> = BTreeMap::new();
+        let mut singles: BTreeMap<u32, usize> = BTreeMap::new();
         let mut out = BTreeMap::new();
         for addr in addrs {
             let route = self.route(addr)?;
@@ -319,11 +409,8 @@ impl Resolver {
                     continue;
                 }
             };
-            let table = match tables.entry(egress.index) {
-                Entry::Occupied(t) => t.into_mut(),
-                Entry::Vacant(v) => v.insert(self.neighbours(egress.index)?),
-            };
-            let entry = table.get(&addr);
+            let entry = self.entry(egress.index, addr, &mut tables, &mut singles)?;
+            let entry = entry.as_ref();
             let lookup = match classify(entry) {
                 NeighVerdict::Resolved { mac, refresh } => {
                     if refresh {
