@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::dataplane::AttachMode;
+use crate::error::ErrorKind;
 use desired::Desired;
 use kube_dsr_process::Shutdown;
 use kube_dsr_process::http::{self, Health};
@@ -121,7 +122,7 @@ where
             match ev {
                 Ok(_) => changed.notify_one(),
                 Err(e) => {
-                    metrics.error("kube_api");
+                    metrics.error(ErrorKind::KubeApi);
                     warn!(error = %e, "watch failed; retrying");
                 }
             }
@@ -358,12 +359,12 @@ impl Agent {
             r = tokio::time::timeout_at(deadline.into(), a.leases.round(&wanted)) => match r {
                 Ok(errors) => {
                     for (vip, e) in errors {
-                        self.metrics.error("lease");
+                        self.metrics.error(ErrorKind::Lease);
                         warn!(%vip, error = %e, "announcement lease");
                     }
                 }
                 Err(_) => {
-                    self.metrics.error("lease");
+                    self.metrics.error(ErrorKind::Lease);
                     warn!("the Lease round reached a held Lease's limit; re-checking what is held");
                 }
             },
@@ -377,7 +378,7 @@ impl Agent {
             .map(|o| o.interfaces.clone())
             .unwrap_or_default();
         for e in a.announcer.maintain() {
-            self.metrics.error("announce");
+            self.metrics.error(ErrorKind::Announce);
             warn!(error = %e, "announcer could not be re-opened");
         }
         let held = a.leases.held();
@@ -460,7 +461,7 @@ async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> anyh
                 }
             }
             Err(e) => {
-                metrics.error("kube_api");
+                metrics.error(ErrorKind::KubeApi);
                 warn!(node = %name, error = %e, "reading my Node failed; retrying");
             }
         }
@@ -549,7 +550,7 @@ impl Reporter {
         match self.api.patch(&self.node, &params, &Patch::Apply(&report)).await {
             Ok(_) => self.last = Some(spec),
             Err(e) => {
-                metrics.error("kube_api");
+                metrics.error(ErrorKind::KubeApi);
                 warn!(error = %e, "applying the node report failed; retried on the next change or resync");
             }
         }
@@ -588,7 +589,7 @@ fn reconcile_announcements(
                 now.insert(*vip);
             }
             Err(e) => {
-                metrics.error("announce");
+                metrics.error(ErrorKind::Announce);
                 warn!(%vip, interface = %iface, error = %e, "cannot announce");
             }
         }

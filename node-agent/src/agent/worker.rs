@@ -18,6 +18,7 @@ use kube_dsr_crds::nodereport::{BackendReport, IngressErrorReason, IngressReport
 use tracing::{debug, info, warn};
 
 use crate::dataplane::{AttachMode, Config as DpConfig, Dataplane, ServiceSpec};
+use crate::error::ErrorKind;
 use crate::neigh::{Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
 
@@ -395,7 +396,7 @@ impl Worker {
     fn apply(&mut self, plan: &RoundPlan) -> Option<BTreeMap<String, Result<usize, Failure>>> {
         for ifname in plan.wanted.keys() {
             if let Err(e) = self.dataplane(ifname) {
-                self.metrics.error("dataplane");
+                self.metrics.error(ErrorKind::Dataplane);
                 warn!(interface = %ifname, error = %chain(&e), "cannot open the dataplane");
             }
         }
@@ -415,7 +416,7 @@ impl Worker {
                         info!(interface = %ifname, service = %name, "removed from the dataplane")
                     }
                     Err(e) => {
-                        self.metrics.error("dataplane");
+                        self.metrics.error(ErrorKind::Dataplane);
                         warn!(interface = %ifname, service = %name, error = %chain(&e), "remove failed");
                     }
                 }
@@ -462,7 +463,7 @@ impl Worker {
                     Err(e) => {
                         let f = Failure::of(&e);
                         let retry = self.backoff.failed(ifname, spec, f.clone(), now);
-                        self.metrics.error(if e.is_capacity() { "capacity" } else { "dataplane" });
+                        self.metrics.error(e.kind());
                         warn!(interface = %ifname, service = %spec.name, error = %f.message, retry_in = ?retry, "programming failed");
                         programmed.insert(spec.name.clone(), Err(f));
                     }
@@ -495,7 +496,7 @@ impl Worker {
                 match dp.detach_reply(ifindex) {
                     Ok(()) => info!(interface = %ifname, ifindex, "reply program detached"),
                     Err(e) => {
-                        self.metrics.error("dataplane");
+                        self.metrics.error(ErrorKind::Dataplane);
                         warn!(interface = %ifname, ifindex, error = %chain(&e), "detaching the reply program failed");
                     }
                 }
@@ -517,7 +518,7 @@ impl Worker {
             match &r {
                 Ok(()) => info!(ifindex, "reply program attached"),
                 Err(e) => {
-                    self.metrics.error("dataplane");
+                    self.metrics.error(ErrorKind::Dataplane);
                     warn!(ifindex, error = %e, "attaching the reply program failed");
                 }
             }
@@ -543,7 +544,7 @@ impl Worker {
             let lookups = match self.lookup(&iface, &[], &addrs, periodic) {
                 Ok(l) => l,
                 Err(e) => {
-                    self.metrics.error("neighbour");
+                    self.metrics.error(ErrorKind::Neighbour);
                     warn!(interface = %iface, error = %e, "looking peers up failed");
                     continue;
                 }
@@ -562,7 +563,7 @@ impl Worker {
                     self.peers.insert(iface.name.clone(), want);
                 }
                 Err(e) => {
-                    self.metrics.error("dataplane");
+                    self.metrics.error(ErrorKind::Dataplane);
                     warn!(interface = %iface, error = %chain(&e), "setting peers failed");
                 }
             }
@@ -615,7 +616,7 @@ impl Worker {
             };
             match &p {
                 ServicePlan::Keep(e) => {
-                    self.metrics.error("neighbour");
+                    self.metrics.error(ErrorKind::Neighbour);
                     warn!(service = %s.key, error = %e, "cannot plan the service; leaving it as it is");
                 }
                 ServicePlan::Program { iface, resolving, .. } => {
@@ -646,7 +647,7 @@ impl Worker {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        self.metrics.error("dataplane");
+                        self.metrics.error(ErrorKind::Dataplane);
                         warn!(interface = %ifname, error = %chain(&e), "settle failed");
                     }
                 }
@@ -698,7 +699,7 @@ impl Worker {
             .collect();
         let round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
         if let Some(e) = &round.scan {
-            self.metrics.error("netns");
+            self.metrics.error(ErrorKind::Netns);
             warn!(error = %chain(&e), "scanning /proc for pod namespaces failed");
         }
         // A pod whose undo failed stays known, to be tried again.
@@ -711,7 +712,7 @@ impl Worker {
             })
             .collect();
         for (t, e) in &round.errors {
-            self.metrics.error("netns");
+            self.metrics.error(ErrorKind::Netns);
             warn!(namespace = ?t, error = %chain(&e), "backend preparation failed");
         }
         self.known_pods = current

@@ -45,14 +45,9 @@ pub enum Error {
 }
 
 impl Error {
-    /// Fixed, bounded label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Interface { .. } => "announce_interface",
-            Self::Io { .. } => "announce_io",
-            Self::InvalidVip { .. } => "announce_invalid_vip",
-            Self::Stopped { .. } => "announce_stopped",
-        }
+    /// Every announcer error counts as `announce`.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Announce
     }
 }
 
