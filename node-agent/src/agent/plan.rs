@@ -281,7 +281,7 @@ pub fn plan_node_stage(d: &Desired, node_iface: Option<&Iface>, obs: &LocalObs) 
                                 Delivered::No(why.clone())
                             }
                             (_, Some(Lookup::NotAdjacent { reason }), _) => {
-                                Delivered::No(reason.clone())
+                                Delivered::No(reason.to_string())
                             }
                         }
                     }
@@ -359,7 +359,7 @@ fn node_target(node: &str, vip: IpAddr, ctx: &IngressCtx<'_>) -> NodeTarget {
                 return NodeTarget::No(format!("node {node} MAC unresolved: {why}"));
             }
             Some(Lookup::NotAdjacent { reason }) => {
-                not_adjacent.get_or_insert_with(|| reason.clone());
+                not_adjacent.get_or_insert(reason);
             }
             None => {}
         }
@@ -411,7 +411,7 @@ pub fn plan_service(s: &IngressService, iface: &Iface, ctx: &IngressCtx<'_>) -> 
                     not(b, why.clone());
                     continue;
                 }
-                Some(Lookup::NotAdjacent { reason }) => reason.clone(),
+                Some(Lookup::NotAdjacent { reason }) => reason.to_string(),
                 None => format!("{}: not looked up", b.addr),
             };
             match b.node.as_deref() {
@@ -785,6 +785,7 @@ mod tests {
         DesiredBackend, LocalEndpoint, LocalPod, NodeService, NodeVip, VipService,
     };
     use crate::dataplane::{PortSpec, Protocol};
+    use crate::neigh::NotAdjacent;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -910,7 +911,11 @@ mod tests {
 
     fn not_adjacent(addr: &str) -> Lookup {
         Lookup::NotAdjacent {
-            reason: format!("route to {addr} goes via gateway 10.10.0.3 on eth0"),
+            reason: NotAdjacent::Gateway {
+                backend: ip(addr),
+                gateway: ip("10.10.0.3"),
+                oif: iface(2, "eth0"),
+            },
         }
     }
 
@@ -1090,7 +1095,15 @@ mod tests {
         );
         let lookups: BTreeMap<IpAddr, Lookup> = ["10.244.0.2", "10.244.0.3"]
             .into_iter()
-            .map(|a| (ip(a), Lookup::NotAdjacent { reason: "leaves through veth".into() }))
+            .map(|a| {
+                let reason = NotAdjacent::Elsewhere {
+                    backend: ip(a),
+                    oif: iface(9, "veth-a"),
+                    ingress: eth0.clone(),
+                    allowed: Vec::new(),
+                };
+                (ip(a), Lookup::NotAdjacent { reason })
+            })
             .collect();
         let local = BTreeMap::from([
             (
