@@ -25,7 +25,9 @@ use crate::netns::{self, Target};
 use super::backoff::{Backoff, Failure};
 use super::desired::{Desired, IngressService, SvcKey};
 use super::metrics::{Metrics, TrafficSample};
-use super::plan::{self, InterfaceObs, RoundPlan, ServicePlan, names_of};
+use super::plan::{
+    self, InterfaceObs, PlanError, PodLinkError, ReplyError, RoundPlan, ServicePlan, names_of,
+};
 
 /// How the worker is set up.
 #[derive(Clone, Debug)]
@@ -172,7 +174,7 @@ impl Worker {
         &mut self,
         s: &IngressService,
         node_iface: Option<&Iface>,
-    ) -> Result<InterfaceObs, String> {
+    ) -> Result<InterfaceObs, PlanError> {
         let names = names_of(&s.key);
         let held = self
             .dataplanes
@@ -180,11 +182,13 @@ impl Worker {
             .find(|(_, dp)| dp.services().any(|x| names.contains(&x.name)))
             .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() });
         let me = self.cfg.node_name.clone();
-        let r = self.resolver().map_err(|e| chain(&e))?;
+        let r = self.resolver()?;
         let mut obs = InterfaceObs { held, node: node_iface.cloned(), ..Default::default() };
         if let Some(name) = &s.interface {
-            obs.named =
-                Some(r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e))));
+            obs.named = Some(
+                r.interface(name)
+                    .map_err(|e| PlanError::Interface { name: name.clone(), cause: Arc::new(e) }),
+            );
             return Ok(obs);
         }
         // Pods of this node are behind their own interfaces: the route
@@ -196,7 +200,7 @@ impl Worker {
             .filter(|b| b.node.as_deref() != Some(me.as_str()))
             .map(|b| b.addr);
         for addr in remote {
-            let route = r.route(addr).map_err(|e| chain(&e));
+            let route = r.route(addr).map_err(Arc::new);
             let decisive = !matches!(route, Ok(Route::Other { .. } | Route::Unroutable { .. }));
             obs.backend_routes.push((addr, route));
             if decisive {
@@ -256,9 +260,9 @@ impl Worker {
         allowed: &[Iface],
         addrs: &BTreeSet<IpAddr>,
         periodic: bool,
-    ) -> Result<BTreeMap<IpAddr, Lookup>, String> {
-        let r = self.resolver().map_err(|e| chain(&e))?;
-        let lookups = r.lookup_all(iface, allowed, addrs.iter().copied()).map_err(|e| chain(&e))?;
+    ) -> Result<BTreeMap<IpAddr, Lookup>, PlanError> {
+        let r = self.resolver()?;
+        let lookups = r.lookup_all(iface, allowed, addrs.iter().copied())?;
         if periodic {
             // FAILED entries are not re-probed every round (they linger);
             // the resync cadence gives unreachable backends another chance.
@@ -318,7 +322,7 @@ impl Worker {
         &mut self,
         d: &Desired,
         node_iface: Option<&Iface>,
-        links: &BTreeMap<String, Result<netns::PodLink, String>>,
+        links: &BTreeMap<String, Result<netns::PodLink, PodLinkError>>,
         periodic: bool,
     ) -> plan::LocalObs {
         let mut obs = plan::LocalObs::default();
@@ -346,7 +350,7 @@ impl Worker {
             }
         };
         for (addr, uid) in pods {
-            let route = r.route(addr).map_err(|e| chain(&e));
+            let route = r.route(addr);
             let pod = links.get(&uid).and_then(|l| l.as_ref().ok());
             let (host_peer, host_mac) = match &route {
                 Ok(Route::Unicast { oif, gateway: None }) => match r.link_info(oif.index) {
@@ -379,7 +383,7 @@ impl Worker {
                 Ok(l) => obs.lookups = l,
                 Err(e) => {
                     for addr in behind {
-                        obs.paths.insert(addr, plan::LocalPath::Unreachable(e.clone()));
+                        obs.paths.insert(addr, plan::LocalPath::Unreachable(e.to_string()));
                     }
                 }
             }
@@ -484,7 +488,7 @@ impl Worker {
         &mut self,
         node_iface: Option<&Iface>,
         want: &BTreeSet<u32>,
-    ) -> BTreeMap<u32, Result<(), String>> {
+    ) -> BTreeMap<u32, Result<(), ReplyError>> {
         let mut out = BTreeMap::new();
         let node_name = node_iface.map(|i| i.name.clone());
         for (ifname, dp) in &mut self.dataplanes {
@@ -504,7 +508,7 @@ impl Worker {
         }
         let Some(dp) = node_name.as_deref().and_then(|n| self.dataplanes.get_mut(n)) else {
             for i in want {
-                out.insert(*i, Err("no dataplane on the node interface".to_string()));
+                out.insert(*i, Err(ReplyError::NoDataplane));
             }
             return out;
         };
@@ -514,7 +518,7 @@ impl Worker {
                 out.insert(ifindex, Ok(()));
                 continue;
             }
-            let r = dp.attach_reply(ifindex).map_err(|e| chain(&e));
+            let r = dp.attach_reply(ifindex).map_err(ReplyError::Attach);
             match &r {
                 Ok(()) => info!(ifindex, "reply program attached"),
                 Err(e) => {
@@ -674,7 +678,8 @@ impl Worker {
     fn pods(
         &mut self,
         d: &Desired,
-    ) -> (BTreeMap<String, plan::PodFacts>, BTreeMap<String, Result<netns::PodLink, String>>) {
+    ) -> (BTreeMap<String, plan::PodFacts>, BTreeMap<String, Result<netns::PodLink, PodLinkError>>)
+    {
         let current: BTreeSet<String> = d.pods.iter().map(|p| p.uid.to_ascii_lowercase()).collect();
         let others: Vec<String> = self.known_pods.difference(&current).cloned().collect();
         if d.pods.is_empty() && others.is_empty() {
@@ -697,10 +702,11 @@ impl Worker {
             .flat_map(|s| s.vips.iter().flat_map(|v| v.pods.iter()))
             .map(|p| (p.uid.to_ascii_lowercase(), p.addr))
             .collect();
-        let round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
-        if let Some(e) = &round.scan {
+        let mut round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
+        let scan = round.scan.take().map(Arc::new);
+        if let Some(e) = &scan {
             self.metrics.error(ErrorKind::Netns);
-            warn!(error = %chain(&e), "scanning /proc for pod namespaces failed");
+            warn!(error = %chain(e.as_ref()), "scanning /proc for pod namespaces failed");
         }
         // A pod whose undo failed stays known, to be tried again.
         let failed: BTreeSet<String> = round
@@ -720,22 +726,14 @@ impl Worker {
             .cloned()
             .chain(others.into_iter().filter(|u| failed.contains(u)))
             .collect();
-        let mut pod_links: BTreeMap<String, Result<netns::PodLink, String>> = round
-            .links
-            .iter()
-            .map(|(u, l)| {
-                let l = match l {
-                    Ok(p) => Ok(p.clone()),
-                    Err(e) => Err(chain(e)),
-                };
-                (u.clone(), l)
-            })
-            .collect();
-        if let Some(e) = &round.scan {
+        let mut pod_links: BTreeMap<String, Result<netns::PodLink, PodLinkError>> =
+            std::mem::take(&mut round.links)
+                .into_iter()
+                .map(|(u, l)| (u, l.map_err(|e| PodLinkError::Link(Arc::new(e)))))
+                .collect();
+        if let Some(e) = &scan {
             for uid in links.keys() {
-                pod_links
-                    .entry(uid.clone())
-                    .or_insert_with(|| Err(format!("scanning /proc: {}", chain(e))));
+                pod_links.entry(uid.clone()).or_insert_with(|| Err(PodLinkError::Scan(e.clone())));
             }
         }
         let facts = d
@@ -751,7 +749,7 @@ impl Worker {
                     .collect();
                 let error =
                     round.errors.get(&Target::Pod(uid.clone())).map(|e| chain(e)).or_else(|| {
-                        round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
+                        scan.as_ref().map(|e| PodLinkError::Scan(e.clone()).to_string())
                     });
                 let gro = pod_links.get(&uid).and_then(|l| l.as_ref().ok()).and_then(|l| l.gro);
                 (uid, plan::PodFacts { configured, error, gro })
