@@ -141,6 +141,41 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// A call to the Kubernetes API failed.
+    #[error("{what}")]
+    Kube {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// A cache's watch ended before it listed once.
+    #[error("{what}")]
+    CacheSync {
+        what: &'static str,
+        #[source]
+        source: kube::runtime::reflector::store::WriterDropped,
+    },
+
+    #[error("my Node has no uid")]
+    NodeWithoutUid,
+
+    /// A Lease read or write failed. Reads in full: kube's errors repeat
+    /// their cause in their own message.
+    #[error("{step} Lease {name}: {cause}")]
+    Lease { step: &'static str, name: String, cause: kube::Error },
+
+    #[error("{step} Lease {name} timed out")]
+    LeaseTimeout { step: &'static str, name: String },
+
+    /// The worker thread ended (it only does on shutdown, or by a panic).
+    #[error("the worker thread ended")]
+    WorkerGone,
+
+    /// `/metrics`, `/healthz` and `/readyz` could not be served.
+    #[error(transparent)]
+    Http(#[from] kube_dsr_process::http::Error),
 }
 
 /// What the agent was doing when something failed: the `error` label of
@@ -194,9 +229,13 @@ impl Error {
     /// netlink and I/O variants are shared by the dataplane, the
     /// neighbour resolver and the pod namespaces, so they count as
     /// `dataplane` here; a step that gets them from the resolver or a pod
-    /// namespace counts its own kind.
+    /// namespace counts its own kind. `WorkerGone` and `Http` end the agent
+    /// instead of being counted; they are `dataplane` only because every
+    /// error has a kind.
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Self::Kube { .. } | Self::CacheSync { .. } | Self::NodeWithoutUid => ErrorKind::KubeApi,
+            Self::Lease { .. } | Self::LeaseTimeout { .. } => ErrorKind::Lease,
             Self::ServicesFull { .. }
             | Self::BackendsFull { .. }
             | Self::RingsFull { .. }
@@ -222,7 +261,9 @@ impl Error {
             | Self::UnknownBackend { .. }
             | Self::Netlink { .. }
             | Self::UnknownInterfaceIndex { .. }
-            | Self::Io { .. } => ErrorKind::Dataplane,
+            | Self::Io { .. }
+            | Self::WorkerGone
+            | Self::Http(_) => ErrorKind::Dataplane,
         }
     }
 }

@@ -150,5 +150,6 @@ fn main() -> anyhow::Result<()> {
         capacity,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(agent::run(cfg, agent::announcer()))
+    runtime.block_on(agent::run(cfg, agent::announcer()))?;
+    Ok(())
 }
