@@ -278,3 +278,36 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_by_variant() {
+        let full = Error::RingsFull {
+            service: "a".into(),
+            table_size: 251,
+            rows: 2,
+            available: 1,
+            chunks: 2,
+        };
+        assert_eq!(full.kind(), ErrorKind::Capacity);
+        assert!(full.is_capacity());
+        let invalid = Error::InvalidService { service: "a".into(), reason: "no ports".into() };
+        assert_eq!(invalid.kind(), ErrorKind::Dataplane);
+        assert!(!invalid.is_capacity());
+        assert_eq!(Error::LoopbackDown.kind(), ErrorKind::Netns);
+        let timeout = Error::LeaseTimeout { step: "Renew", name: "kdsr-vip-192.0.2.1".into() };
+        assert_eq!(timeout.kind(), ErrorKind::Lease);
+        assert_eq!(timeout.to_string(), "Renew Lease kdsr-vip-192.0.2.1 timed out");
+        assert_eq!(Error::NodeWithoutUid.kind(), ErrorKind::KubeApi);
+    }
+
+    #[test]
+    fn kind_labels_are_distinct() {
+        let labels: std::collections::BTreeSet<&str> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.len(), ErrorKind::ALL.len());
+    }
+}
