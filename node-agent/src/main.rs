@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         for f in &failed {
-            eprintln!("dsr-agent cleanup: {f}");
+            eprintln!("dsr-agent cleanup: {}", agent::worker::chain(f));
         }
         anyhow::bail!("{} cleanup step(s) failed", failed.len());
     }

@@ -866,12 +866,45 @@ pub fn run(
     }
 }
 
+/// One step of `dsr-agent cleanup` that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// A pinned dataplane could not be detached and unpinned.
+    #[error("{}", path.display())]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: crate::Error,
+    },
+    /// The emptied bpffs directory could not be removed.
+    #[error("{}", path.display())]
+    RemoveDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pods could not be found in procfs.
+    #[error("scanning {}", proc.display())]
+    Scan {
+        proc: PathBuf,
+        #[source]
+        source: crate::Error,
+    },
+    /// A namespace could not be cleaned.
+    #[error("{target:?}")]
+    Namespace {
+        target: Target,
+        #[source]
+        source: crate::Error,
+    },
+}
+
 /// `dsr-agent cleanup`: detaches and unpins every dataplane under
 /// `bpffs_dir` and removes what kube-dsr added to the node's namespace and
 /// to the pods in `pods` (UIDs; `None`: every pod with a process on the
 /// node — only addresses carrying kube-dsr's mark are removed, so pods it
 /// never touched are left as they are). Returns what failed.
-pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Vec<String> {
+pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Vec<CleanupError> {
     let mut failed = Vec::new();
     if let Ok(dir) = std::fs::read_dir(bpffs_dir) {
         for entry in dir.flatten() {
@@ -879,30 +912,31 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Ve
             if path.is_dir() {
                 match Dataplane::remove_pins(&path) {
                     Ok(()) => info!(path = %path.display(), "dataplane removed"),
-                    Err(e) => failed.push(format!("{}: {}", path.display(), chain(&e))),
+                    Err(source) => failed.push(CleanupError::Unpin { path, source }),
                 }
             }
         }
-        if let Err(e) = std::fs::remove_dir(bpffs_dir) {
-            failed.push(format!("{}: {e}", bpffs_dir.display()));
+        if let Err(source) = std::fs::remove_dir(bpffs_dir) {
+            failed.push(CleanupError::RemoveDir { path: bpffs_dir.to_owned(), source });
         }
     }
+    let scan_failed = |source| CleanupError::Scan { proc: proc_dir.to_owned(), source };
     let pods: Vec<String> = match pods {
         Some(p) => p.to_vec(),
         None => match netns::all_pod_uids(proc_dir) {
             Ok(u) => u.into_iter().collect(),
             Err(e) => {
-                failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
+                failed.push(scan_failed(e));
                 Vec::new()
             }
         },
     };
     let round = netns::converge(proc_dir, &[], &pods);
     if let Some(e) = round.scan {
-        failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
+        failed.push(scan_failed(e));
     }
-    for (t, e) in round.errors {
-        failed.push(format!("{t:?}: {}", chain(&e)));
+    for (target, source) in round.errors {
+        failed.push(CleanupError::Namespace { target, source });
     }
     failed
 }
