@@ -15,7 +15,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use kube_dsr_agent::announce::{Announcer, Announcers, Counters, Error, Link, Options, frame};
+use kube_dsr_agent::announce::{
+    Announcer, Announcers, Counters, Error, Link, Options, Stop, frame,
+};
 use kube_dsr_e2e::{
     netns::{NetNs, parse_mac, sh},
     require_root,
@@ -562,7 +564,7 @@ fn link_down_up_and_deletion() -> Result<()> {
     })?;
     assert_eq!(c.gratuitous_arp, 12, "{c:?}");
     assert!(c.receive_errors >= 1, "ENETDOWN seen: {c:?}");
-    assert_eq!(a.failure(), None);
+    assert!(a.failure().is_none(), "{:?}", a.failure());
     // Carrier loss without a0 going down (its peer does), for longer than
     // the 1 s link poll: no socket hears of it, the poll does.
     lan.client.exec("ip link set ca down")?;
@@ -577,7 +579,8 @@ fn link_down_up_and_deletion() -> Result<()> {
     // Deleting the interface stops the worker, and says so.
     lan.a.exec("ip link del a0")?;
     let why = wait(Duration::from_secs(2), "the announcer to notice", || Ok(a.failure()))?;
-    assert!(why.contains("was deleted"), "{why}");
+    assert!(matches!(why, Stop::Deleted(_)), "{why:?}");
+    assert!(why.to_string().contains("was deleted"), "{why}");
     assert!(a.announced().is_empty());
     match a.announce(ip(VIP4)) {
         Err(Error::Stopped { .. }) => {}
@@ -596,7 +599,8 @@ fn drop_stops_answering_at_once() -> Result<()> {
     assert!(a.announce(ip(VIP6))?);
     let start = Instant::now();
     let c: Counters = a.counters();
-    assert_eq!(a.shutdown(), None);
+    let why = a.shutdown();
+    assert!(why.is_none(), "{why:?}");
     let took = start.elapsed();
     eprintln!("shutdown took {took:?} ({c:?})");
     assert!(took < Duration::from_millis(100), "{took:?}");

@@ -1,4 +1,5 @@
-//! The agent's one error type. Every variant maps to a fixed metric label.
+//! The agent's one error type, and the fixed kinds errors are counted by
+//! ([`ErrorKind`], [`Error::kind`]).
 
 use std::{io, net::IpAddr, path::PathBuf};
 
@@ -140,38 +141,129 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// A call to the Kubernetes API failed.
+    #[error("{what}")]
+    Kube {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// A cache's watch ended before it listed once.
+    #[error("{what}")]
+    CacheSync {
+        what: &'static str,
+        #[source]
+        source: kube::runtime::reflector::store::WriterDropped,
+    },
+
+    #[error("my Node has no uid")]
+    NodeWithoutUid,
+
+    /// A Lease read or write failed. Reads in full: kube's errors repeat
+    /// their cause in their own message.
+    #[error("{step} Lease {name}: {cause}")]
+    Lease { step: &'static str, name: String, cause: kube::Error },
+
+    #[error("{step} Lease {name} timed out")]
+    LeaseTimeout { step: &'static str, name: String },
+
+    /// The worker thread ended (it only does on shutdown, or by a panic).
+    #[error("the worker thread ended")]
+    WorkerGone,
+
+    /// `/metrics`, `/healthz` and `/readyz` could not be served.
+    #[error(transparent)]
+    Http(#[from] kube_dsr_process::http::Error),
+}
+
+/// What the agent was doing when something failed: the `error` label of
+/// `kubedsr_agent_reconcile_errors_total`. A fixed set, so the metric stays
+/// bounded; [`ErrorKind::ALL`] is every label, present from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A call to the Kubernetes API (watch, read, report).
+    KubeApi,
+    /// Opening, programming or reading a dataplane.
+    Dataplane,
+    /// A service refused because a dataplane is full.
+    Capacity,
+    /// Routes and neighbour lookups (choosing an interface, backend MACs).
+    Neighbour,
+    /// Pod network namespaces (loopback VIPs, sysctls, interfaces).
+    Netns,
+    /// Announcement Leases.
+    Lease,
+    /// Answering ARP / neighbour discovery.
+    Announce,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        Self::KubeApi,
+        Self::Dataplane,
+        Self::Capacity,
+        Self::Neighbour,
+        Self::Netns,
+        Self::Lease,
+        Self::Announce,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KubeApi => "kube_api",
+            Self::Dataplane => "dataplane",
+            Self::Capacity => "capacity",
+            Self::Neighbour => "neighbour",
+            Self::Netns => "netns",
+            Self::Lease => "lease",
+            Self::Announce => "announce",
+        }
+    }
 }
 
 impl Error {
-    /// Fixed, bounded label for metrics.
-    pub fn label(&self) -> &'static str {
+    /// The metric kind of this error by its variant. The interface,
+    /// netlink and I/O variants are shared by the dataplane, the
+    /// neighbour resolver and the pod namespaces, so they count as
+    /// `dataplane` here; a step that gets them from the resolver or a pod
+    /// namespace counts its own kind. `WorkerGone` and `Http` end the agent
+    /// instead of being counted; they are `dataplane` only because every
+    /// error has a kind.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NotBpffs { .. } => "not_bpffs",
-            Self::UnknownInterface { .. } => "unknown_interface",
-            Self::VlanOffload { .. } => "vlan_offload",
-            Self::Load(_) => "load",
-            Self::Program { .. } => "program",
-            Self::Link { .. } => "link",
-            Self::MissingMap { .. } => "missing_map",
-            Self::Map { .. } => "map",
-            Self::Pin { .. } => "pin",
-            Self::InvalidService { .. } => "invalid_service",
-            Self::ServicesFull { .. } => "services_full",
-            Self::BackendsFull { .. } => "backends_full",
-            Self::RingsFull { .. } => "rings_full",
-            Self::VipTableFull { .. } => "vip_table_full",
-            Self::UnknownService(_) => "unknown_service",
-            Self::UnknownBackend { .. } => "unknown_backend",
-            Self::PodNetnsNotFound { .. } => "pod_netns_not_found",
-            Self::ProcScanLimit { .. } => "proc_scan_limit",
-            Self::Netns { .. } => "netns",
-            Self::Netlink { .. } => "netlink",
-            Self::Sysctl { .. } => "sysctl",
-            Self::LoopbackDown => "loopback_down",
-            Self::AddressMarkUnsupported { .. } => "address_mark_unsupported",
-            Self::UnknownInterfaceIndex { .. } => "unknown_interface_index",
-            Self::NeighbourLookup { .. } => "neighbour_lookup",
-            Self::Io { .. } => "io",
+            Self::Kube { .. } | Self::CacheSync { .. } | Self::NodeWithoutUid => ErrorKind::KubeApi,
+            Self::Lease { .. } | Self::LeaseTimeout { .. } => ErrorKind::Lease,
+            Self::ServicesFull { .. }
+            | Self::BackendsFull { .. }
+            | Self::RingsFull { .. }
+            | Self::VipTableFull { .. } => ErrorKind::Capacity,
+            Self::PodNetnsNotFound { .. }
+            | Self::ProcScanLimit { .. }
+            | Self::Netns { .. }
+            | Self::Sysctl { .. }
+            | Self::LoopbackDown
+            | Self::AddressMarkUnsupported { .. } => ErrorKind::Netns,
+            Self::NeighbourLookup { .. } => ErrorKind::Neighbour,
+            Self::NotBpffs { .. }
+            | Self::UnknownInterface { .. }
+            | Self::VlanOffload { .. }
+            | Self::Load(_)
+            | Self::Program { .. }
+            | Self::Link { .. }
+            | Self::MissingMap { .. }
+            | Self::Map { .. }
+            | Self::Pin { .. }
+            | Self::InvalidService { .. }
+            | Self::UnknownService(_)
+            | Self::UnknownBackend { .. }
+            | Self::Netlink { .. }
+            | Self::UnknownInterfaceIndex { .. }
+            | Self::Io { .. }
+            | Self::WorkerGone
+            | Self::Http(_) => ErrorKind::Dataplane,
         }
     }
 }
@@ -181,14 +273,41 @@ impl Error {
     /// changed. Retrying helps only once something else is removed (or the
     /// capacity is raised).
     pub fn is_capacity(&self) -> bool {
-        matches!(
-            self,
-            Self::ServicesFull { .. }
-                | Self::BackendsFull { .. }
-                | Self::RingsFull { .. }
-                | Self::VipTableFull { .. }
-        )
+        self.kind() == ErrorKind::Capacity
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_by_variant() {
+        let full = Error::RingsFull {
+            service: "a".into(),
+            table_size: 251,
+            rows: 2,
+            available: 1,
+            chunks: 2,
+        };
+        assert_eq!(full.kind(), ErrorKind::Capacity);
+        assert!(full.is_capacity());
+        let invalid = Error::InvalidService { service: "a".into(), reason: "no ports".into() };
+        assert_eq!(invalid.kind(), ErrorKind::Dataplane);
+        assert!(!invalid.is_capacity());
+        assert_eq!(Error::LoopbackDown.kind(), ErrorKind::Netns);
+        let timeout = Error::LeaseTimeout { step: "Renew", name: "kdsr-vip-192.0.2.1".into() };
+        assert_eq!(timeout.kind(), ErrorKind::Lease);
+        assert_eq!(timeout.to_string(), "Renew Lease kdsr-vip-192.0.2.1 timed out");
+        assert_eq!(Error::NodeWithoutUid.kind(), ErrorKind::KubeApi);
+    }
+
+    #[test]
+    fn kind_labels_are_distinct() {
+        let labels: std::collections::BTreeSet<&str> =
+            ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.len(), ErrorKind::ALL.len());
+    }
+}

@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         for f in &failed {
-            eprintln!("dsr-agent cleanup: {f}");
+            eprintln!("dsr-agent cleanup: {}", agent::worker::chain(f));
         }
         anyhow::bail!("{} cleanup step(s) failed", failed.len());
     }
@@ -150,5 +150,6 @@ fn main() -> anyhow::Result<()> {
         capacity,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(agent::run(cfg, agent::announcer()))
+    runtime.block_on(agent::run(cfg, agent::announcer()))?;
+    Ok(())
 }

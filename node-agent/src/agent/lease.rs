@@ -23,6 +23,7 @@ use kube::Api;
 use kube::api::PostParams;
 
 use super::desired::Desired;
+use crate::Error;
 
 pub use kube_dsr_crds::contract::vip_lease_name as lease_name;
 
@@ -49,6 +50,17 @@ pub enum Action {
     TakeOver,
     /// Someone else holds it, or it is not our turn yet.
     Wait,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "Create",
+            Self::Renew => "Renew",
+            Self::TakeOver => "TakeOver",
+            Self::Wait => "Wait",
+        }
+    }
 }
 
 /// The decision for one Lease. `unchanged_for`: how long this node has seen
@@ -147,7 +159,7 @@ impl Leases {
 
     /// One round over `wanted` (VIP → preferred). Errors are returned per
     /// VIP; a VIP whose round failed keeps its hold only until the limit.
-    pub async fn round(&mut self, wanted: &BTreeMap<IpAddr, bool>) -> Vec<(IpAddr, String)> {
+    pub async fn round(&mut self, wanted: &BTreeMap<IpAddr, bool>) -> Vec<(IpAddr, Error)> {
         let mut errors = Vec::new();
         for (&vip, &preferred) in wanted {
             if let Err(e) = self.one(vip, preferred).await {
@@ -165,12 +177,12 @@ impl Leases {
         errors
     }
 
-    async fn one(&mut self, vip: IpAddr, preferred: bool) -> Result<(), String> {
+    async fn one(&mut self, vip: IpAddr, preferred: bool) -> crate::Result<()> {
         let name = lease_name(vip);
         let got = tokio::time::timeout(self.retry, self.api.get_opt(&name))
             .await
-            .map_err(|_| format!("reading Lease {name} timed out"))?
-            .map_err(|e| format!("reading Lease {name}: {e}"))?;
+            .map_err(|_| Error::LeaseTimeout { step: "reading", name: name.clone() })?
+            .map_err(|cause| Error::Lease { step: "reading", name: name.clone(), cause })?;
         let rec = record(got.as_ref());
         let t = self.tracked.entry(vip).or_insert(Tracked {
             record: rec.clone(),
@@ -236,15 +248,15 @@ impl Leases {
                 if action != Action::Renew || conflict {
                     t.written = None;
                 }
-                Err(format!("{action:?} Lease {name}: {e}"))
+                Err(Error::Lease { step: action.as_str(), name, cause: e })
             }
-            Err(_) => Err(format!("{action:?} Lease {name} timed out")),
+            Err(_) => Err(Error::LeaseTimeout { step: action.as_str(), name }),
         }
     }
 
     /// Gives a held Lease up (holder cleared), so another node takes over
     /// without waiting for it to expire.
-    async fn release(&mut self, vip: IpAddr) -> Result<(), String> {
+    async fn release(&mut self, vip: IpAddr) -> crate::Result<()> {
         let held = self.tracked.get(&vip).is_some_and(|t| t.written.is_some());
         if let Some(t) = self.tracked.get_mut(&vip) {
             t.written = None;
@@ -253,7 +265,9 @@ impl Leases {
             return Ok(());
         }
         let name = lease_name(vip);
-        let Some(mut lease) = self.api.get_opt(&name).await.map_err(|e| e.to_string())? else {
+        let failed = |step, cause| Error::Lease { step, name: name.clone(), cause };
+        let Some(mut lease) = self.api.get_opt(&name).await.map_err(|e| failed("reading", e))?
+        else {
             return Ok(());
         };
         if lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) != Some(self.me.as_str())
@@ -264,7 +278,10 @@ impl Leases {
             spec.holder_identity = None;
             spec.lease_duration_seconds = Some(1);
         }
-        self.api.replace(&name, &PostParams::default(), &lease).await.map_err(|e| e.to_string())?;
+        self.api
+            .replace(&name, &PostParams::default(), &lease)
+            .await
+            .map_err(|e| failed("releasing", e))?;
         Ok(())
     }
 

@@ -1,6 +1,6 @@
-//! Prometheus metrics (`kubedsr_agent_*`). Error labels are a fixed set;
-//! traffic is labelled by dataplane service name, VIP and backend address,
-//! which are bounded by what this node programs.
+//! Prometheus metrics (`kubedsr_agent_*`). Error labels are a fixed set
+//! ([`ErrorKind`]); traffic is labelled by dataplane service name, VIP and
+//! backend address, which are bounded by what this node programs.
 
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -16,11 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::dataplane::Attached;
-
-/// The fixed error kinds.
-/// `capacity`: a service refused because a dataplane is full.
-pub const ERROR_KINDS: [&str; 7] =
-    ["kube_api", "dataplane", "capacity", "neighbour", "netns", "lease", "announce"];
+use crate::error::ErrorKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
@@ -104,9 +100,9 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kubedsr_agent");
         let errors = Family::<ErrorLabels, Counter>::default();
-        for kind in ERROR_KINDS {
+        for kind in ErrorKind::ALL {
             // Present from the start, so rate() works on the first error.
-            let _ = errors.get_or_create(&ErrorLabels { error: kind });
+            let _ = errors.get_or_create(&ErrorLabels { error: kind.as_str() });
         }
         let rounds = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let programming = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -138,9 +134,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn error(&self, kind: &'static str) {
-        debug_assert!(ERROR_KINDS.contains(&kind), "{kind} is not a fixed error kind");
-        self.errors.get_or_create(&ErrorLabels { error: kind }).inc();
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get_or_create(&ErrorLabels { error: kind.as_str() }).inc();
     }
 
     pub fn round(&self, took: Duration) {
@@ -187,7 +183,7 @@ mod tests {
     #[test]
     fn traffic_and_errors_render() {
         let m = Metrics::default();
-        m.error("dataplane");
+        m.error(ErrorKind::Dataplane);
         m.set_attached("eth0", Attached::Generic);
         m.set_traffic(vec![
             TrafficSample {
@@ -220,6 +216,14 @@ mod tests {
                 "vip_packets_total{service=\"default/web/v4\",vip=\"192.0.2.10\",backend"
             )
         );
+        // Dashboards use these labels: every one present from the start.
+        for label in
+            ["kube_api", "dataplane", "capacity", "neighbour", "netns", "lease", "announce"]
+        {
+            let line = format!("kubedsr_agent_reconcile_errors_total{{error=\"{label}\"}} ");
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        assert_eq!(text.matches("kubedsr_agent_reconcile_errors_total{").count(), 7);
         assert!(text.ends_with("# EOF\n"));
     }
 }

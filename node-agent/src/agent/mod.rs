@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -38,6 +37,8 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::dataplane::AttachMode;
+use crate::error::ErrorKind;
+use crate::{Error, Result};
 use desired::Desired;
 use kube_dsr_process::Shutdown;
 use kube_dsr_process::http::{self, Health};
@@ -51,12 +52,12 @@ pub use kube_dsr_crds::contract::AGENT_FIELD_MANAGER as FIELD_MANAGER;
 pub trait Announce: Send {
     /// Starts answering for `vip` on `interface` and sends gratuitous ARP
     /// (IPv4) or unsolicited neighbour advertisements (IPv6).
-    fn announce(&mut self, interface: &str, vip: IpAddr) -> Result<(), String>;
+    fn announce(&mut self, interface: &str, vip: IpAddr) -> crate::announce::Result<()>;
     /// Stops answering for `vip`; no answer leaves after it returns.
     fn withdraw(&mut self, vip: IpAddr);
     /// Called every Lease round: re-opens what failed (an interface that
-    /// was re-created); returns what could not be.
-    fn maintain(&mut self) -> Vec<String>;
+    /// was re-created); returns what could not be, by interface.
+    fn maintain(&mut self) -> Vec<(String, crate::announce::Error)>;
 }
 
 /// Everything `dsr-agent` is told.
@@ -121,7 +122,7 @@ where
             match ev {
                 Ok(_) => changed.notify_one(),
                 Err(e) => {
-                    metrics.error("kube_api");
+                    metrics.error(ErrorKind::KubeApi);
                     warn!(error = %e, "watch failed; retrying");
                 }
             }
@@ -133,7 +134,7 @@ where
 /// Runs the agent until SIGTERM. The dataplane and everything configured
 /// in pods stay as they are when it stops: an agent restart or upgrade
 /// never interrupts forwarding. `announcer` answers ARP/ND.
-pub async fn run(cfg: Config, announcer: Box<dyn Announce>) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, announcer: Box<dyn Announce>) -> Result<()> {
     let shutdown = Shutdown::on_signals();
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::new(Arc::clone(&metrics)));
@@ -228,17 +229,24 @@ impl Agent {
         announcer: Box<dyn Announce>,
         metrics: Arc<Metrics>,
         health: Arc<Health<Metrics>>,
-    ) -> anyhow::Result<Self> {
-        let client = Client::try_default()
+    ) -> Result<Self> {
+        let client = Client::try_default().await.map_err(|source| Error::Kube {
+            what: "building a client from kubeconfig or the service account",
+            source,
+        })?;
+        let version = client
+            .apiserver_version()
             .await
-            .context("building a client from kubeconfig or the service account")?;
-        let version = client.apiserver_version().await.context("reaching the API server")?;
+            .map_err(|source| Error::Kube { what: "reaching the API server", source })?;
         info!(version = %version.git_version, node = %cfg.node_name, "connected to the API server");
 
         let node_uid =
             wait_for_node(&Api::<Node>::all(client.clone()), &cfg.node_name, &metrics).await?;
         let reports: Api<DsrNodeReport> = Api::all(client.clone());
-        let previous = reports.get_opt(&cfg.node_name).await.context("reading my DsrNodeReport")?;
+        let previous = reports
+            .get_opt(&cfg.node_name)
+            .await
+            .map_err(|source| Error::Kube { what: "reading my DsrNodeReport", source })?;
         let known_pods: BTreeSet<String> = previous
             .iter()
             .flat_map(|r| r.spec.backends.iter().map(|b| b.pod_uid.to_ascii_lowercase()))
@@ -248,9 +256,10 @@ impl Agent {
         let caches = Caches::watch(&client, &changed, &metrics);
         // Nothing is converged before the caches have listed once: an empty
         // cache would read as "remove everything".
-        caches.services.wait_until_ready().await.context("listing DsrServices")?;
-        caches.slices.wait_until_ready().await.context("listing EndpointSlices")?;
-        caches.nodes.wait_until_ready().await.context("listing Nodes")?;
+        let listed = |what| move |source| Error::CacheSync { what, source };
+        caches.services.wait_until_ready().await.map_err(listed("listing DsrServices"))?;
+        caches.slices.wait_until_ready().await.map_err(listed("listing EndpointSlices"))?;
+        caches.nodes.wait_until_ready().await.map_err(listed("listing Nodes"))?;
         info!("caches synced");
 
         let worker = WorkerHandle::spawn(&cfg, known_pods, Arc::clone(&metrics))?;
@@ -280,7 +289,7 @@ impl Agent {
         })
     }
 
-    async fn run(mut self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<()> {
         let mut stop_leases = stop.clone();
         loop {
             let compute_at = self.compute_at;
@@ -288,7 +297,7 @@ impl Agent {
                 _ = self.changed.notified() => self.on_watch_event(),
                 _ = sleep_until_some(compute_at) => self.on_settled()?,
                 r = self.worker.outcomes.changed() => {
-                    r.map_err(|_| anyhow::anyhow!("the worker thread ended"))?;
+                    r.map_err(|_| Error::WorkerGone)?;
                     self.on_outcome().await;
                 }
                 _ = self.announcing.tick.tick() => self.on_lease_tick(&mut stop_leases).await,
@@ -308,7 +317,7 @@ impl Agent {
 
     /// Computes the desired state and hands it to the worker when it
     /// changed (or before the first outcome, so the first round runs).
-    fn on_settled(&mut self) -> anyhow::Result<()> {
+    fn on_settled(&mut self) -> Result<()> {
         self.compute_at = None;
         let services = self.caches.services.state();
         let slices = self.caches.slices.state();
@@ -324,10 +333,7 @@ impl Agent {
             return Ok(());
         }
         self.desired = Arc::new(d);
-        self.worker
-            .input
-            .send(Arc::clone(&self.desired))
-            .map_err(|_| anyhow::anyhow!("the worker thread ended"))?;
+        self.worker.input.send(Arc::clone(&self.desired)).map_err(|_| Error::WorkerGone)?;
         // A VIP that is no longer wanted stops being announced now, not at
         // the next Lease renewal.
         self.announcing.tick.reset_immediately();
@@ -358,12 +364,12 @@ impl Agent {
             r = tokio::time::timeout_at(deadline.into(), a.leases.round(&wanted)) => match r {
                 Ok(errors) => {
                     for (vip, e) in errors {
-                        self.metrics.error("lease");
+                        self.metrics.error(e.kind());
                         warn!(%vip, error = %e, "announcement lease");
                     }
                 }
                 Err(_) => {
-                    self.metrics.error("lease");
+                    self.metrics.error(ErrorKind::Lease);
                     warn!("the Lease round reached a held Lease's limit; re-checking what is held");
                 }
             },
@@ -376,9 +382,9 @@ impl Agent {
             .as_ref()
             .map(|o| o.interfaces.clone())
             .unwrap_or_default();
-        for e in a.announcer.maintain() {
-            self.metrics.error("announce");
-            warn!(error = %e, "announcer could not be re-opened");
+        for (interface, e) in a.announcer.maintain() {
+            self.metrics.error(e.kind());
+            warn!(%interface, error = %worker::chain(&e), "announcer could not be re-opened");
         }
         let held = a.leases.held();
         let now = reconcile_announcements(
@@ -443,7 +449,7 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// This node's Node object's UID. An agent may start before its Node is
 /// registered (a DaemonSet pod on a node that is still joining): it waits,
 /// not ready, and says so.
-async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> anyhow::Result<String> {
+async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> Result<String> {
     let mut said = false;
     loop {
         match nodes.get_opt(name).await {
@@ -451,7 +457,7 @@ async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> anyh
                 if said {
                     info!(node = %name, "my Node exists now");
                 }
-                return node.metadata.uid.context("my Node has no uid");
+                return node.metadata.uid.ok_or(Error::NodeWithoutUid);
             }
             Ok(None) => {
                 if !said {
@@ -460,7 +466,7 @@ async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> anyh
                 }
             }
             Err(e) => {
-                metrics.error("kube_api");
+                metrics.error(ErrorKind::KubeApi);
                 warn!(node = %name, error = %e, "reading my Node failed; retrying");
             }
         }
@@ -503,11 +509,7 @@ impl Caches {
 }
 
 impl WorkerHandle {
-    fn spawn(
-        cfg: &Config,
-        known_pods: BTreeSet<String>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
+    fn spawn(cfg: &Config, known_pods: BTreeSet<String>, metrics: Arc<Metrics>) -> Result<Self> {
         let (input, inputs) = std::sync::mpsc::channel::<Arc<Desired>>();
         let (outcome_tx, outcomes) = watch::channel::<Option<Outcome>>(None);
         let wcfg = WorkerConfig {
@@ -530,7 +532,7 @@ impl WorkerHandle {
                     let _ = outcome_tx.send(Some(o));
                 })
             })
-            .context("starting the worker thread")?;
+            .map_err(|source| Error::Io { what: "starting the worker thread", source })?;
         Ok(Self { input, outcomes, cancel, thread })
     }
 }
@@ -549,7 +551,7 @@ impl Reporter {
         match self.api.patch(&self.node, &params, &Patch::Apply(&report)).await {
             Ok(_) => self.last = Some(spec),
             Err(e) => {
-                metrics.error("kube_api");
+                metrics.error(ErrorKind::KubeApi);
                 warn!(error = %e, "applying the node report failed; retried on the next change or resync");
             }
         }
@@ -588,8 +590,8 @@ fn reconcile_announcements(
                 now.insert(*vip);
             }
             Err(e) => {
-                metrics.error("announce");
-                warn!(%vip, interface = %iface, error = %e, "cannot announce");
+                metrics.error(e.kind());
+                warn!(%vip, interface = %iface, error = %worker::chain(&e), "cannot announce");
             }
         }
     }
@@ -597,21 +599,16 @@ fn reconcile_announcements(
 }
 
 impl Announce for crate::announce::Announcers {
-    fn announce(&mut self, interface: &str, vip: IpAddr) -> Result<(), String> {
-        crate::announce::Announcers::announce(self, interface, vip)
-            .map(|_| ())
-            .map_err(|e| worker::chain(&e))
+    fn announce(&mut self, interface: &str, vip: IpAddr) -> crate::announce::Result<()> {
+        crate::announce::Announcers::announce(self, interface, vip).map(|_| ())
     }
 
     fn withdraw(&mut self, vip: IpAddr) {
         crate::announce::Announcers::withdraw(self, vip);
     }
 
-    fn maintain(&mut self) -> Vec<String> {
+    fn maintain(&mut self) -> Vec<(String, crate::announce::Error)> {
         self.reopen_failed()
-            .into_iter()
-            .map(|(i, e)| format!("{i}: {}", worker::chain(&e)))
-            .collect()
     }
 }
 

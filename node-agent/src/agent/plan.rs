@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use kube_dsr_crds::nodereport::{
     BackendReport, Delivery, IngressErrorReason, IngressReport, MAX_UNREACHED, ReachCounts,
@@ -18,6 +19,63 @@ use crate::neigh::{Iface, Lookup, Route};
 
 use super::backoff::Failure;
 use super::desired::{Desired, IngressService, SvcKey};
+use super::worker::chain;
+use crate::error::ErrorKind;
+
+/// Why a service could not be planned this round (its dataplane keeps what
+/// it holds). It reads, causes included, as the report shows it. The
+/// causes are shared ([`Arc`]) because a plan is kept between rounds.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The interface `spec.ingress.interface` names could not be looked up.
+    #[error("interface {name}: {}", chain(.cause.as_ref()))]
+    Interface { name: String, cause: Arc<crate::Error> },
+    /// The route lookup toward a backend failed.
+    #[error("route lookup for {addr}: {}", chain(.cause.as_ref()))]
+    Route { addr: IpAddr, cause: Arc<crate::Error> },
+    /// Backends, none of them routable, and nothing else to go by.
+    #[error(
+        "no route toward the backends or the VIP to choose an interface from; \
+         set spec.ingress.interface"
+    )]
+    NoRoute,
+    /// The resolver could not be opened, or a lookup round failed.
+    #[error("{}", chain(.0.as_ref()))]
+    Neighbour(Arc<crate::Error>),
+}
+
+impl PlanError {
+    /// Planning fails on routes and neighbour lookups.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Neighbour
+    }
+}
+
+impl From<crate::Error> for PlanError {
+    fn from(e: crate::Error) -> Self {
+        Self::Neighbour(Arc::new(e))
+    }
+}
+
+/// Why a local pod's interface is not known this round; reads in full.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PodLinkError {
+    /// Finding or reading the pod's interface failed.
+    #[error("{}", chain(.0.as_ref()))]
+    Link(Arc<crate::Error>),
+    /// The scan of `/proc` for pod namespaces failed.
+    #[error("scanning /proc: {}", chain(.0.as_ref()))]
+    Scan(Arc<crate::Error>),
+}
+
+/// Why the reply program is not on a host-side interface; reads in full.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    #[error("no dataplane on the node interface")]
+    NoDataplane,
+    #[error("{}", chain(.0))]
+    Attach(crate::Error),
+}
 
 /// The dataplane's name for one VIP of a service: `<ns>/<name>/<v4|v6>`, or
 /// a digest of it when that is longer than the dataplane allows.
@@ -56,13 +114,13 @@ pub fn names_of(key: &SvcKey) -> [String; 2] {
 
 /// What was seen of one ingress service's surroundings, to choose its
 /// interface.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct InterfaceObs {
     /// `spec.ingress.interface` looked up (`None` when the spec names none).
-    pub named: Option<Result<Iface, String>>,
+    pub named: Option<Result<Iface, PlanError>>,
     /// Route toward each backend, in the service's backend order (an
     /// `Err` is a failed lookup, not an unroutable address).
-    pub backend_routes: Vec<(IpAddr, Result<Route, String>)>,
+    pub backend_routes: Vec<(IpAddr, Result<Route, Arc<crate::Error>>)>,
     /// The dataplane already holding the service, if any.
     pub held: Option<Iface>,
     /// The node interface (facing the other nodes), if known.
@@ -77,7 +135,7 @@ pub struct InterfaceObs {
 /// lost every backend is reprogrammed empty, not left forwarding to gone
 /// pods), else the node interface, else the route toward its VIP. `Ok(None)`: no backend and no interface known — nothing
 /// to program yet.
-pub fn choose_interface(obs: &InterfaceObs) -> Result<Option<Iface>, String> {
+pub fn choose_interface(obs: &InterfaceObs) -> Result<Option<Iface>, PlanError> {
     if let Some(named) = &obs.named {
         return named.clone().map(Some);
     }
@@ -85,7 +143,7 @@ pub fn choose_interface(obs: &InterfaceObs) -> Result<Option<Iface>, String> {
         match route {
             Ok(Route::Unicast { oif, .. }) => return Ok(Some(oif.clone())),
             Ok(_) => continue,
-            Err(e) => return Err(format!("route lookup for {addr}: {e}")),
+            Err(e) => return Err(PlanError::Route { addr: *addr, cause: Arc::clone(e) }),
         }
     }
     if obs.held.is_some() {
@@ -102,18 +160,16 @@ pub fn choose_interface(obs: &InterfaceObs) -> Result<Option<Iface>, String> {
     if obs.backend_routes.is_empty() {
         return Ok(None);
     }
-    Err("no route toward the backends or the VIP to choose an interface from; \
-         set spec.ingress.interface"
-        .into())
+    Err(PlanError::NoRoute)
 }
 
 /// One ingress service's plan for this round.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum ServicePlan {
     /// No backend and no interface known yet; nothing to program.
     NoInterface,
     /// It could not be planned (the error); the dataplane keeps what it has.
-    Keep(String),
+    Keep(PlanError),
     Program {
         iface: Iface,
         specs: Vec<ServiceSpec>,
@@ -146,14 +202,14 @@ pub enum LocalPath {
 /// node interface (or no node interface is known).
 pub fn local_path(
     addr: IpAddr,
-    route: &Result<Route, String>,
+    route: &crate::Result<Route>,
     pod_peer: Option<u32>,
     host_peer: Option<u32>,
     pod_ifindex: Option<u32>,
     node_iface: Option<&Iface>,
 ) -> LocalPath {
     match route {
-        Err(e) => LocalPath::Unreachable(format!("route lookup for {addr}: {e}")),
+        Err(e) => LocalPath::Unreachable(format!("route lookup for {addr}: {}", chain(e))),
         Ok(Route::Unicast { oif, gateway: None }) => {
             // Both ends name each other: the pod's interface is the peer of
             // the route's output interface. (Indexes are per namespace, so
@@ -185,7 +241,7 @@ pub fn local_path(
 }
 
 /// What was observed of this node's local pods for its node stage.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct LocalObs {
     /// Per local pod address, how it can be delivered.
     pub paths: BTreeMap<IpAddr, LocalPath>,
@@ -195,7 +251,7 @@ pub struct LocalObs {
     /// MACs of the host-side interfaces, by index.
     pub host_macs: BTreeMap<u32, [u8; 6]>,
     /// GRO inside each pod (by UID, lowercase) as read back, or why not.
-    pub gro: BTreeMap<String, Result<Option<bool>, String>>,
+    pub gro: BTreeMap<String, Result<Option<bool>, PodLinkError>>,
 }
 
 /// How one local pod address is delivered, after planning.
@@ -281,7 +337,7 @@ pub fn plan_node_stage(d: &Desired, node_iface: Option<&Iface>, obs: &LocalObs) 
                                 Delivered::No(why.clone())
                             }
                             (_, Some(Lookup::NotAdjacent { reason }), _) => {
-                                Delivered::No(reason.clone())
+                                Delivered::No(reason.to_string())
                             }
                         }
                     }
@@ -359,7 +415,7 @@ fn node_target(node: &str, vip: IpAddr, ctx: &IngressCtx<'_>) -> NodeTarget {
                 return NodeTarget::No(format!("node {node} MAC unresolved: {why}"));
             }
             Some(Lookup::NotAdjacent { reason }) => {
-                not_adjacent.get_or_insert_with(|| reason.clone());
+                not_adjacent.get_or_insert(reason);
             }
             None => {}
         }
@@ -411,7 +467,7 @@ pub fn plan_service(s: &IngressService, iface: &Iface, ctx: &IngressCtx<'_>) -> 
                     not(b, why.clone());
                     continue;
                 }
-                Some(Lookup::NotAdjacent { reason }) => reason.clone(),
+                Some(Lookup::NotAdjacent { reason }) => reason.to_string(),
                 None => format!("{}: not looked up", b.addr),
             };
             match b.node.as_deref() {
@@ -653,7 +709,7 @@ pub fn ingress_reports(
             }
             Some(ServicePlan::Keep(e)) => {
                 report.error_reason = Some(IngressErrorReason::ProgrammingFailed);
-                report.error = Some(e.clone());
+                report.error = Some(e.to_string());
             }
             Some(ServicePlan::Program { specs, unreached, reach, .. }) => {
                 if !unreached.is_empty() {
@@ -717,7 +773,7 @@ pub fn backend_reports(
     facts: &BTreeMap<String, PodFacts>,
     node: &NodeStagePlan,
     programmed: &BTreeMap<String, Result<usize, Failure>>,
-    replies: &BTreeMap<u32, Result<(), String>>,
+    replies: &BTreeMap<u32, Result<(), ReplyError>>,
 ) -> Vec<BackendReport> {
     let mut out = Vec::new();
     for p in &d.pods {
@@ -785,6 +841,7 @@ mod tests {
         DesiredBackend, LocalEndpoint, LocalPod, NodeService, NodeVip, VipService,
     };
     use crate::dataplane::{PortSpec, Protocol};
+    use crate::neigh::NotAdjacent;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -854,16 +911,27 @@ mod tests {
         let eth1 = iface(3, "eth1");
         let uni = |i: &Iface| Route::Unicast { oif: i.clone(), gateway: None };
         let b = ip("10.0.0.5");
+        // The verdicts as the report reads them.
+        let chosen = |obs: &InterfaceObs| choose_interface(obs).map_err(|e| e.to_string());
         // The spec's name wins over everything.
         let obs = InterfaceObs {
             named: Some(Ok(eth1.clone())),
             backend_routes: vec![(b, Ok(uni(&eth0)))],
             ..Default::default()
         };
-        assert_eq!(choose_interface(&obs), Ok(Some(eth1.clone())));
-        let obs =
-            InterfaceObs { named: Some(Err("no such interface".into())), ..Default::default() };
-        assert_eq!(choose_interface(&obs), Err("no such interface".into()));
+        assert_eq!(chosen(&obs), Ok(Some(eth1.clone())));
+        let missing = crate::Error::UnknownInterface {
+            name: "eth9".into(),
+            source: std::io::Error::other("No such device"),
+        };
+        let named = PlanError::Interface { name: "eth9".into(), cause: Arc::new(missing) };
+        let obs = InterfaceObs { named: Some(Err(named)), ..Default::default() };
+        assert_eq!(
+            chosen(&obs),
+            Err("interface eth9: interface \"eth9\" not found in this network namespace: \
+                 No such device"
+                .into())
+        );
         // First backend with a unicast route; local ones are skipped.
         let obs = InterfaceObs {
             backend_routes: vec![
@@ -873,27 +941,34 @@ mod tests {
             held: Some(eth1.clone()),
             ..Default::default()
         };
-        assert_eq!(choose_interface(&obs), Ok(Some(eth0.clone())));
+        assert_eq!(chosen(&obs), Ok(Some(eth0.clone())));
         // A failed lookup is an error, not a reason to guess.
+        let eperm = crate::Error::Netlink {
+            what: "route lookup",
+            source: std::io::Error::other("Operation not permitted"),
+        };
         let obs =
-            InterfaceObs { backend_routes: vec![(b, Err("EPERM".into()))], ..Default::default() };
-        assert_eq!(choose_interface(&obs), Err("route lookup for 10.0.0.5: EPERM".into()));
+            InterfaceObs { backend_routes: vec![(b, Err(Arc::new(eperm)))], ..Default::default() };
+        assert_eq!(
+            chosen(&obs),
+            Err("route lookup for 10.0.0.5: netlink: route lookup: Operation not permitted".into())
+        );
         // No backend: where it is held, else toward the VIP, else nothing.
         let obs = InterfaceObs {
             held: Some(eth1.clone()),
             vip_routes: vec![uni(&eth0)],
             ..Default::default()
         };
-        assert_eq!(choose_interface(&obs), Ok(Some(eth1.clone())));
+        assert_eq!(chosen(&obs), Ok(Some(eth1.clone())));
         let obs = InterfaceObs { vip_routes: vec![uni(&eth0)], ..Default::default() };
-        assert_eq!(choose_interface(&obs), Ok(Some(eth0.clone())));
-        assert_eq!(choose_interface(&InterfaceObs::default()), Ok(None));
+        assert_eq!(chosen(&obs), Ok(Some(eth0.clone())));
+        assert_eq!(chosen(&InterfaceObs::default()), Ok(None));
         // Backends none of which is routable, nothing else known.
         let obs = InterfaceObs {
             backend_routes: vec![(b, Ok(Route::Unroutable { why: "unreachable".into() }))],
             ..Default::default()
         };
-        assert!(choose_interface(&obs).unwrap_err().contains("set spec.ingress.interface"));
+        assert!(chosen(&obs).unwrap_err().contains("set spec.ingress.interface"));
     }
 
     fn no_local() -> BTreeMap<IpAddr, Delivered> {
@@ -910,7 +985,11 @@ mod tests {
 
     fn not_adjacent(addr: &str) -> Lookup {
         Lookup::NotAdjacent {
-            reason: format!("route to {addr} goes via gateway 10.10.0.3 on eth0"),
+            reason: NotAdjacent::Gateway {
+                backend: ip(addr),
+                gateway: ip("10.10.0.3"),
+                oif: iface(2, "eth0"),
+            },
         }
     }
 
@@ -1090,7 +1169,15 @@ mod tests {
         );
         let lookups: BTreeMap<IpAddr, Lookup> = ["10.244.0.2", "10.244.0.3"]
             .into_iter()
-            .map(|a| (ip(a), Lookup::NotAdjacent { reason: "leaves through veth".into() }))
+            .map(|a| {
+                let reason = NotAdjacent::Elsewhere {
+                    backend: ip(a),
+                    oif: iface(9, "veth-a"),
+                    ingress: eth0.clone(),
+                    allowed: Vec::new(),
+                };
+                (ip(a), Lookup::NotAdjacent { reason })
+            })
             .collect();
         let local = BTreeMap::from([
             (
@@ -1166,10 +1253,17 @@ mod tests {
                 "route to 10.244.0.2 goes via gateway 10.10.0.3 on eth0, not to a local pod".into()
             )
         );
-        assert!(matches!(
-            local_path(a, &Err("EPERM".into()), None, None, None, None),
-            LocalPath::Unreachable(_)
-        ));
+        let eperm = crate::Error::Netlink {
+            what: "route lookup",
+            source: std::io::Error::other("Operation not permitted"),
+        };
+        assert_eq!(
+            local_path(a, &Err(eperm), None, None, None, None),
+            LocalPath::Unreachable(
+                "route lookup for 10.244.0.2: netlink: route lookup: Operation not permitted"
+                    .into()
+            )
+        );
     }
 
     fn node_desired() -> Desired {
@@ -1301,7 +1395,13 @@ mod tests {
         let p = plan_node_stage(&d, Some(&eth0), &obs);
         let replies = BTreeMap::from([
             (7, Ok(())),
-            (8, Err("tcx attach failed".to_string())),
+            (
+                8,
+                Err(ReplyError::Attach(crate::Error::Io {
+                    what: "tcx attach failed",
+                    source: std::io::Error::other("File exists"),
+                })),
+            ),
             (9, Ok(())),
             (10, Ok(())),
         ]);
@@ -1319,7 +1419,7 @@ mod tests {
         assert!(by["b"].delivered_vips.is_empty());
         assert_eq!(
             by["b"].delivery_error.as_deref(),
-            Some("192.0.2.10: reply program on veth-b: tcx attach failed")
+            Some("192.0.2.10: reply program on veth-b: tcx attach failed: File exists")
         );
         assert!(by["c"].delivered_vips.is_empty());
         assert_eq!(by["e"].delivered_vips, ["192.0.2.10"]);
@@ -1448,7 +1548,7 @@ mod tests {
                 },
             ),
             (key("b"), ServicePlan::NoInterface),
-            (key("c"), ServicePlan::Keep("route lookup failed".into())),
+            (key("c"), ServicePlan::Keep(PlanError::NoRoute)),
             (
                 key("d"),
                 ServicePlan::Program {
@@ -1480,7 +1580,13 @@ mod tests {
         assert_eq!(r[0].error.as_deref(), Some("1 backend(s) not reached: x: resolving its MAC"));
         assert!(r[1].error.as_deref().unwrap().starts_with("no backends yet"));
         assert_eq!(r[1].observed_generation, 0);
-        assert_eq!(r[2].error.as_deref(), Some("route lookup failed"));
+        assert_eq!(
+            r[2].error.as_deref(),
+            Some(
+                "no route toward the backends or the VIP to choose an interface from; \
+                 set spec.ingress.interface"
+            )
+        );
         assert_eq!(r[3].observed_generation, 0, "a failed upsert is not observed");
         assert_eq!(r[3].error.as_deref(), Some("VIP table full"));
         assert_eq!(r[3].error_reason, Some(IngressErrorReason::CapacityExceeded));

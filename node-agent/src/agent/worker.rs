@@ -18,13 +18,16 @@ use kube_dsr_crds::nodereport::{BackendReport, IngressErrorReason, IngressReport
 use tracing::{debug, info, warn};
 
 use crate::dataplane::{AttachMode, Config as DpConfig, Dataplane, ServiceSpec};
+use crate::error::ErrorKind;
 use crate::neigh::{Iface, Lookup, Resolver, Route};
 use crate::netns::{self, Target};
 
 use super::backoff::{Backoff, Failure};
 use super::desired::{Desired, IngressService, SvcKey};
 use super::metrics::{Metrics, TrafficSample};
-use super::plan::{self, InterfaceObs, RoundPlan, ServicePlan, names_of};
+use super::plan::{
+    self, InterfaceObs, PlanError, PodLinkError, ReplyError, RoundPlan, ServicePlan, names_of,
+};
 
 /// How the worker is set up.
 #[derive(Clone, Debug)]
@@ -191,7 +194,7 @@ impl Worker {
         &mut self,
         s: &IngressService,
         node_iface: Option<&Iface>,
-    ) -> Result<InterfaceObs, String> {
+    ) -> Result<InterfaceObs, PlanError> {
         let names = names_of(&s.key);
         let held = self
             .dataplanes
@@ -199,11 +202,13 @@ impl Worker {
             .find(|(_, dp)| dp.services().any(|x| names.contains(&x.name)))
             .map(|(name, dp)| Iface { index: dp.ifindex(), name: name.clone() });
         let me = self.cfg.node_name.clone();
-        let r = self.resolver().map_err(|e| chain(&e))?;
+        let r = self.resolver()?;
         let mut obs = InterfaceObs { held, node: node_iface.cloned(), ..Default::default() };
         if let Some(name) = &s.interface {
-            obs.named =
-                Some(r.interface(name).map_err(|e| format!("interface {name}: {}", chain(&e))));
+            obs.named = Some(
+                r.interface(name)
+                    .map_err(|e| PlanError::Interface { name: name.clone(), cause: Arc::new(e) }),
+            );
             return Ok(obs);
         }
         // Pods of this node are behind their own interfaces: the route
@@ -215,7 +220,7 @@ impl Worker {
             .filter(|b| b.node.as_deref() != Some(me.as_str()))
             .map(|b| b.addr);
         for addr in remote {
-            let route = r.route(addr).map_err(|e| chain(&e));
+            let route = r.route(addr).map_err(Arc::new);
             let decisive = !matches!(route, Ok(Route::Other { .. } | Route::Unroutable { .. }));
             obs.backend_routes.push((addr, route));
             if decisive {
@@ -275,9 +280,9 @@ impl Worker {
         allowed: &[Iface],
         addrs: &BTreeSet<IpAddr>,
         periodic: bool,
-    ) -> Result<BTreeMap<IpAddr, Lookup>, String> {
-        let r = self.resolver().map_err(|e| chain(&e))?;
-        let lookups = r.lookup_all(iface, allowed, addrs.iter().copied()).map_err(|e| chain(&e))?;
+    ) -> Result<BTreeMap<IpAddr, Lookup>, PlanError> {
+        let r = self.resolver()?;
+        let lookups = r.lookup_all(iface, allowed, addrs.iter().copied())?;
         if periodic {
             // FAILED entries are not re-probed every round (they linger);
             // the resync cadence gives unreachable backends another chance.
@@ -337,7 +342,7 @@ impl Worker {
         &mut self,
         d: &Desired,
         node_iface: Option<&Iface>,
-        links: &BTreeMap<String, Result<netns::PodLink, String>>,
+        links: &BTreeMap<String, Result<netns::PodLink, PodLinkError>>,
         periodic: bool,
     ) -> plan::LocalObs {
         let mut obs = plan::LocalObs::default();
@@ -365,7 +370,7 @@ impl Worker {
             }
         };
         for (addr, uid) in pods {
-            let route = r.route(addr).map_err(|e| chain(&e));
+            let route = r.route(addr);
             let pod = links.get(&uid).and_then(|l| l.as_ref().ok());
             let (host_peer, host_mac) = match &route {
                 Ok(Route::Unicast { oif, gateway: None }) => match r.link_info(oif.index) {
@@ -398,7 +403,7 @@ impl Worker {
                 Ok(l) => obs.lookups = l,
                 Err(e) => {
                     for addr in behind {
-                        obs.paths.insert(addr, plan::LocalPath::Unreachable(e.clone()));
+                        obs.paths.insert(addr, plan::LocalPath::Unreachable(e.to_string()));
                     }
                 }
             }
@@ -415,7 +420,7 @@ impl Worker {
     fn apply(&mut self, plan: &RoundPlan) -> Option<BTreeMap<String, Result<usize, Failure>>> {
         for ifname in plan.wanted.keys() {
             if let Err(e) = self.dataplane(ifname) {
-                self.metrics.error("dataplane");
+                self.metrics.error(ErrorKind::Dataplane);
                 warn!(interface = %ifname, error = %chain(&e), "cannot open the dataplane");
             }
         }
@@ -435,7 +440,7 @@ impl Worker {
                         info!(interface = %ifname, service = %name, "removed from the dataplane")
                     }
                     Err(e) => {
-                        self.metrics.error("dataplane");
+                        self.metrics.error(ErrorKind::Dataplane);
                         warn!(interface = %ifname, service = %name, error = %chain(&e), "remove failed");
                     }
                 }
@@ -482,7 +487,7 @@ impl Worker {
                     Err(e) => {
                         let f = Failure::of(&e);
                         let retry = self.backoff.failed(ifname, spec, f.clone(), now);
-                        self.metrics.error(if e.is_capacity() { "capacity" } else { "dataplane" });
+                        self.metrics.error(e.kind());
                         warn!(interface = %ifname, service = %spec.name, error = %f.message, retry_in = ?retry, "programming failed");
                         programmed.insert(spec.name.clone(), Err(f));
                     }
@@ -503,7 +508,7 @@ impl Worker {
         &mut self,
         node_iface: Option<&Iface>,
         want: &BTreeSet<u32>,
-    ) -> BTreeMap<u32, Result<(), String>> {
+    ) -> BTreeMap<u32, Result<(), ReplyError>> {
         let mut out = BTreeMap::new();
         let node_name = node_iface.map(|i| i.name.clone());
         for (ifname, dp) in &mut self.dataplanes {
@@ -515,7 +520,7 @@ impl Worker {
                 match dp.detach_reply(ifindex) {
                     Ok(()) => info!(interface = %ifname, ifindex, "reply program detached"),
                     Err(e) => {
-                        self.metrics.error("dataplane");
+                        self.metrics.error(ErrorKind::Dataplane);
                         warn!(interface = %ifname, ifindex, error = %chain(&e), "detaching the reply program failed");
                     }
                 }
@@ -523,7 +528,7 @@ impl Worker {
         }
         let Some(dp) = node_name.as_deref().and_then(|n| self.dataplanes.get_mut(n)) else {
             for i in want {
-                out.insert(*i, Err("no dataplane on the node interface".to_string()));
+                out.insert(*i, Err(ReplyError::NoDataplane));
             }
             return out;
         };
@@ -533,11 +538,11 @@ impl Worker {
                 out.insert(ifindex, Ok(()));
                 continue;
             }
-            let r = dp.attach_reply(ifindex).map_err(|e| chain(&e));
+            let r = dp.attach_reply(ifindex).map_err(ReplyError::Attach);
             match &r {
                 Ok(()) => info!(ifindex, "reply program attached"),
                 Err(e) => {
-                    self.metrics.error("dataplane");
+                    self.metrics.error(ErrorKind::Dataplane);
                     warn!(ifindex, error = %e, "attaching the reply program failed");
                 }
             }
@@ -563,7 +568,7 @@ impl Worker {
             let lookups = match self.lookup(&iface, &[], &addrs, periodic) {
                 Ok(l) => l,
                 Err(e) => {
-                    self.metrics.error("neighbour");
+                    self.metrics.error(ErrorKind::Neighbour);
                     warn!(interface = %iface, error = %e, "looking peers up failed");
                     continue;
                 }
@@ -582,7 +587,7 @@ impl Worker {
                     self.peers.insert(iface.name.clone(), want);
                 }
                 Err(e) => {
-                    self.metrics.error("dataplane");
+                    self.metrics.error(ErrorKind::Dataplane);
                     warn!(interface = %iface, error = %chain(&e), "setting peers failed");
                 }
             }
@@ -664,7 +669,7 @@ impl Worker {
             };
             match &p {
                 ServicePlan::Keep(e) => {
-                    self.metrics.error("neighbour");
+                    self.metrics.error(ErrorKind::Neighbour);
                     warn!(service = %s.key, error = %e, "cannot plan the service; leaving it as it is");
                 }
                 ServicePlan::Program { iface, resolving, .. } => {
@@ -696,7 +701,7 @@ impl Worker {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        self.metrics.error("dataplane");
+                        self.metrics.error(ErrorKind::Dataplane);
                         warn!(interface = %ifname, error = %chain(&e), "settle failed");
                     }
                 }
@@ -723,7 +728,8 @@ impl Worker {
     fn pods(
         &mut self,
         d: &Desired,
-    ) -> (BTreeMap<String, plan::PodFacts>, BTreeMap<String, Result<netns::PodLink, String>>) {
+    ) -> (BTreeMap<String, plan::PodFacts>, BTreeMap<String, Result<netns::PodLink, PodLinkError>>)
+    {
         let current: BTreeSet<String> = d.pods.iter().map(|p| p.uid.to_ascii_lowercase()).collect();
         let others: Vec<String> = self.known_pods.difference(&current).cloned().collect();
         if d.pods.is_empty() && others.is_empty() {
@@ -746,10 +752,11 @@ impl Worker {
             .flat_map(|s| s.vips.iter().flat_map(|v| v.pods.iter()))
             .map(|p| (p.uid.to_ascii_lowercase(), p.addr))
             .collect();
-        let round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
-        if let Some(e) = &round.scan {
-            self.metrics.error("netns");
-            warn!(error = %chain(&e), "scanning /proc for pod namespaces failed");
+        let mut round = netns::converge_with_links(&self.cfg.proc_dir, &backends, &others, &links);
+        let scan = round.scan.take().map(Arc::new);
+        if let Some(e) = &scan {
+            self.metrics.error(ErrorKind::Netns);
+            warn!(error = %chain(e.as_ref()), "scanning /proc for pod namespaces failed");
         }
         // A pod whose undo failed stays known, to be tried again.
         let failed: BTreeSet<String> = round
@@ -761,7 +768,7 @@ impl Worker {
             })
             .collect();
         for (t, e) in &round.errors {
-            self.metrics.error("netns");
+            self.metrics.error(ErrorKind::Netns);
             warn!(namespace = ?t, error = %chain(&e), "backend preparation failed");
         }
         self.known_pods = current
@@ -769,22 +776,14 @@ impl Worker {
             .cloned()
             .chain(others.into_iter().filter(|u| failed.contains(u)))
             .collect();
-        let mut pod_links: BTreeMap<String, Result<netns::PodLink, String>> = round
-            .links
-            .iter()
-            .map(|(u, l)| {
-                let l = match l {
-                    Ok(p) => Ok(p.clone()),
-                    Err(e) => Err(chain(e)),
-                };
-                (u.clone(), l)
-            })
-            .collect();
-        if let Some(e) = &round.scan {
+        let mut pod_links: BTreeMap<String, Result<netns::PodLink, PodLinkError>> =
+            std::mem::take(&mut round.links)
+                .into_iter()
+                .map(|(u, l)| (u, l.map_err(|e| PodLinkError::Link(Arc::new(e)))))
+                .collect();
+        if let Some(e) = &scan {
             for uid in links.keys() {
-                pod_links
-                    .entry(uid.clone())
-                    .or_insert_with(|| Err(format!("scanning /proc: {}", chain(e))));
+                pod_links.entry(uid.clone()).or_insert_with(|| Err(PodLinkError::Scan(e.clone())));
             }
         }
         let facts = d
@@ -800,7 +799,7 @@ impl Worker {
                     .collect();
                 let error =
                     round.errors.get(&Target::Pod(uid.clone())).map(|e| chain(e)).or_else(|| {
-                        round.scan.as_ref().map(|e| format!("scanning /proc: {}", chain(e)))
+                        scan.as_ref().map(|e| PodLinkError::Scan(e.clone()).to_string())
                     });
                 let gro = pod_links.get(&uid).and_then(|l| l.as_ref().ok()).and_then(|l| l.gro);
                 (uid, plan::PodFacts { configured, error, gro })
@@ -919,12 +918,45 @@ pub fn run(
     }
 }
 
+/// One step of `dsr-agent cleanup` that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// A pinned dataplane could not be detached and unpinned.
+    #[error("{}", path.display())]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: crate::Error,
+    },
+    /// The emptied bpffs directory could not be removed.
+    #[error("{}", path.display())]
+    RemoveDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pods could not be found in procfs.
+    #[error("scanning {}", proc.display())]
+    Scan {
+        proc: PathBuf,
+        #[source]
+        source: crate::Error,
+    },
+    /// A namespace could not be cleaned.
+    #[error("{target:?}")]
+    Namespace {
+        target: Target,
+        #[source]
+        source: crate::Error,
+    },
+}
+
 /// `dsr-agent cleanup`: detaches and unpins every dataplane under
 /// `bpffs_dir` and removes what kube-dsr added to the node's namespace and
 /// to the pods in `pods` (UIDs; `None`: every pod with a process on the
 /// node — only addresses carrying kube-dsr's mark are removed, so pods it
 /// never touched are left as they are). Returns what failed.
-pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Vec<String> {
+pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Vec<CleanupError> {
     let mut failed = Vec::new();
     if let Ok(dir) = std::fs::read_dir(bpffs_dir) {
         for entry in dir.flatten() {
@@ -932,30 +964,31 @@ pub fn cleanup(bpffs_dir: &Path, proc_dir: &Path, pods: Option<&[String]>) -> Ve
             if path.is_dir() {
                 match Dataplane::remove_pins(&path) {
                     Ok(()) => info!(path = %path.display(), "dataplane removed"),
-                    Err(e) => failed.push(format!("{}: {}", path.display(), chain(&e))),
+                    Err(source) => failed.push(CleanupError::Unpin { path, source }),
                 }
             }
         }
-        if let Err(e) = std::fs::remove_dir(bpffs_dir) {
-            failed.push(format!("{}: {e}", bpffs_dir.display()));
+        if let Err(source) = std::fs::remove_dir(bpffs_dir) {
+            failed.push(CleanupError::RemoveDir { path: bpffs_dir.to_owned(), source });
         }
     }
+    let scan_failed = |source| CleanupError::Scan { proc: proc_dir.to_owned(), source };
     let pods: Vec<String> = match pods {
         Some(p) => p.to_vec(),
         None => match netns::all_pod_uids(proc_dir) {
             Ok(u) => u.into_iter().collect(),
             Err(e) => {
-                failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
+                failed.push(scan_failed(e));
                 Vec::new()
             }
         },
     };
     let round = netns::converge(proc_dir, &[], &pods);
     if let Some(e) = round.scan {
-        failed.push(format!("scanning {}: {}", proc_dir.display(), chain(&e)));
+        failed.push(scan_failed(e));
     }
-    for (t, e) in round.errors {
-        failed.push(format!("{t:?}: {}", chain(&e)));
+    for (target, source) in round.errors {
+        failed.push(CleanupError::Namespace { target, source });
     }
     failed
 }

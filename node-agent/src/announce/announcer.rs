@@ -41,18 +41,28 @@ pub enum Error {
     InvalidVip { vip: IpAddr, why: &'static str },
 
     #[error("the announcer on interface {index} has stopped: {why}")]
-    Stopped { index: u32, why: String },
+    Stopped { index: u32, why: Stop },
+}
+
+/// Why an announcer's worker stopped on its own; nothing is answered
+/// after it. Kept by the announcer (hence `Clone`) and given to every
+/// later [`Announcer::announce`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Stop {
+    #[error("poll: {0}")]
+    Poll(Arc<io::Error>),
+    #[error("socket closed under the worker")]
+    SocketClosed,
+    #[error("interface {0} was deleted")]
+    Deleted(u32),
+    #[error("the worker panicked")]
+    Panicked,
 }
 
 impl Error {
-    /// Fixed, bounded label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Interface { .. } => "announce_interface",
-            Self::Io { .. } => "announce_io",
-            Self::InvalidVip { .. } => "announce_invalid_vip",
-            Self::Stopped { .. } => "announce_stopped",
-        }
+    /// Every announcer error counts as `announce`.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Announce
     }
 }
 
@@ -148,7 +158,7 @@ struct State {
     bursts: Vec<Burst>,
     stop: bool,
     /// Why the worker stopped, if it did on its own.
-    failed: Option<String>,
+    failed: Option<Stop>,
 }
 
 struct Shared {
@@ -210,7 +220,7 @@ impl Announcer {
                     // a failure the agent sees instead.
                     let run = std::panic::AssertUnwindSafe(|| shared.run());
                     if std::panic::catch_unwind(run).is_err() {
-                        shared.fail("the worker panicked".into());
+                        shared.fail(Stop::Panicked);
                     }
                 })
                 .map_err(|source| Error::Io { what: "starting the announcer thread", source })?
@@ -301,13 +311,13 @@ impl Announcer {
     /// Why the worker stopped on its own (the interface went away, or
     /// poll failed), if it did. The VIPs are not answered for any more;
     /// open a new announcer.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Stop> {
         self.shared.lock().failed.clone()
     }
 
     /// Stops the worker and closes everything; the reason if the worker
     /// had stopped on its own before.
-    pub fn shutdown(mut self) -> Option<String> {
+    pub fn shutdown(mut self) -> Option<Stop> {
         self.stop();
         self.failure()
     }
@@ -460,14 +470,14 @@ impl Shared {
             let fds = [self.arp.as_raw_fd(), self.nd.as_raw_fd(), self.wake.as_raw_fd()];
             let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
             if let Err(e) = sys::poll(&mut pfds, timeout) {
-                return self.fail(format!("poll: {e}"));
+                return self.fail(Stop::Poll(Arc::new(e)));
             }
             if pfds[2].revents != 0 {
                 sys::drain_eventfd(fds[2]);
             }
             for (i, p) in pfds[..2].iter().enumerate() {
                 if p.revents & libc::POLLNVAL != 0 {
-                    return self.fail("socket closed under the worker".into());
+                    return self.fail(Stop::SocketClosed);
                 }
                 if p.revents & libc::POLLERR != 0 && self.socket_error(p.fd) {
                     // Down (or being deleted): look at once.
@@ -492,11 +502,11 @@ impl Shared {
     /// switch port), so every VIP is announced again, a whole burst each.
     /// Gone: the worker stops (deleting an interface takes it down first,
     /// and the sockets see only that `ENETDOWN`).
-    fn watch_link(&self, link: &mut LinkWatch) -> Result<(), String> {
+    fn watch_link(&self, link: &mut LinkWatch) -> Result<(), Stop> {
         let running = match sys::link_running(self.arp.as_raw_fd(), self.link.index) {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
-                return Err(format!("interface {} was deleted", self.link.index));
+                return Err(Stop::Deleted(self.link.index));
             }
             Err(e) => {
                 tracing::debug!(ifindex = self.link.index, error = %e, "link state");
@@ -519,7 +529,7 @@ impl Shared {
         Ok(())
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, why: Stop) {
         tracing::warn!(ifindex = self.link.index, %why, "announcer stopped");
         let mut st = self.lock();
         st.failed = Some(why);

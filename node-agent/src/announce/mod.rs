@@ -24,5 +24,5 @@ pub mod frame;
 mod interfaces;
 mod sys;
 
-pub use announcer::{Announcer, Counters, Error, Link, Options, Result};
+pub use announcer::{Announcer, Counters, Error, Link, Options, Result, Stop};
 pub use interfaces::Announcers;

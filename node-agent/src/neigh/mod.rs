@@ -16,6 +16,7 @@ pub mod plan;
 pub mod resolver;
 
 pub use plan::{
-    Iface, Lookup, NeighEntry, NeighVerdict, Plan, Route, Status, Target, adjacency, classify, plan,
+    Iface, Lookup, NeighEntry, NeighVerdict, NotAdjacent, Plan, Route, Status, Target, adjacency,
+    classify, plan,
 };
 pub use resolver::{LinkInfo, NeighbourReads, Resolver, SINGLE_READS};

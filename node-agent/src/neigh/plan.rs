@@ -27,35 +27,56 @@ pub enum Route {
     Unroutable { why: String },
 }
 
+/// Why a backend is not on the ingress interface's L2 segment: a planning
+/// verdict (the backend is left out and reported), not an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAdjacent {
+    #[error("no route to {backend}: {why}")]
+    Unroutable { backend: IpAddr, why: String },
+    #[error("the route to {backend} is of type {kind}")]
+    RouteType { backend: IpAddr, kind: &'static str },
+    #[error("route to {backend} goes via gateway {gateway} on {oif}")]
+    Gateway { backend: IpAddr, gateway: IpAddr, oif: Iface },
+    #[error(
+        "route to {backend} leaves through {oif}, not the ingress interface {ingress}{}",
+        nor_allowed(allowed)
+    )]
+    Elsewhere { backend: IpAddr, oif: Iface, ingress: Iface, allowed: Vec<Iface> },
+}
+
+fn nor_allowed(allowed: &[Iface]) -> String {
+    if allowed.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = allowed.iter().map(|a| a.name.as_str()).collect();
+    format!(" nor an allowed egress ({})", names.join(", "))
+}
+
 /// Whether `backend` sits on the L2 segment of `ingress` (or of one of the
 /// `allowed` egress interfaces): the route must leave through one of them
-/// and have no gateway. The error is a reason for humans.
+/// and have no gateway.
 pub fn adjacency(
     backend: IpAddr,
     route: &Route,
     ingress: &Iface,
     allowed: &[Iface],
-) -> Result<Iface, String> {
+) -> Result<Iface, NotAdjacent> {
     match route {
-        Route::Unroutable { why } => Err(format!("no route to {backend}: {why}")),
-        Route::Other { kind } => Err(format!("the route to {backend} is of type {kind}")),
+        Route::Unroutable { why } => Err(NotAdjacent::Unroutable { backend, why: why.clone() }),
+        Route::Other { kind } => Err(NotAdjacent::RouteType { backend, kind }),
         Route::Unicast { oif, gateway: Some(gw) } => {
-            Err(format!("route to {backend} goes via gateway {gw} on {oif}"))
+            Err(NotAdjacent::Gateway { backend, gateway: *gw, oif: oif.clone() })
         }
         Route::Unicast { oif, gateway: None } => {
             if oif.index == ingress.index || allowed.iter().any(|a| a.index == oif.index) {
                 Ok(oif.clone())
-            } else if allowed.is_empty() {
-                Err(format!(
-                    "route to {backend} leaves through {oif}, not the ingress interface {ingress}"
-                ))
             } else {
-                let names: Vec<&str> = allowed.iter().map(|a| a.name.as_str()).collect();
-                Err(format!(
-                    "route to {backend} leaves through {oif}, not the ingress interface {ingress} \
-                     nor an allowed egress ({})",
-                    names.join(", ")
-                ))
+                Err(NotAdjacent::Elsewhere {
+                    backend,
+                    oif: oif.clone(),
+                    ingress: ingress.clone(),
+                    allowed: allowed.to_vec(),
+                })
             }
         }
     }
@@ -132,7 +153,7 @@ pub enum Lookup {
     /// The neighbour entry is `FAILED` (or unusable, `why` says).
     Unreachable { egress: Iface, why: String },
     /// Not on the ingress interface's L2 segment: never programmed.
-    NotAdjacent { reason: String },
+    NotAdjacent { reason: NotAdjacent },
 }
 
 /// Where the dataplane sends a backend's frames.
@@ -148,7 +169,7 @@ pub enum Status {
     Resolved,
     Pending,
     Unreachable(String),
-    NotAdjacent(String),
+    NotAdjacent(NotAdjacent),
     /// Wanted but not looked up (the lookup round failed).
     Unknown,
 }
@@ -199,6 +220,7 @@ mod tests {
         let eth1 = iface(3, "eth1");
         let direct = |oif: &Iface| Route::Unicast { oif: oif.clone(), gateway: None };
         type Case<'a> = (&'a str, Route, Vec<Iface>, Result<Iface, &'a str>);
+        // The verdicts read as the reports show them.
         let cases: Vec<Case> = vec![
             ("10.0.0.5", direct(&eth0), vec![], Ok(eth0.clone())),
             ("fd00::5", direct(&eth0), vec![], Ok(eth0.clone())),
@@ -243,7 +265,11 @@ mod tests {
         ];
         for (addr, route, allowed, want) in cases {
             let got = adjacency(ip(addr), &route, &eth0, &allowed);
-            assert_eq!(got, want.map_err(str::to_owned), "{addr} {route:?} {allowed:?}");
+            assert_eq!(
+                got.map_err(|e| e.to_string()),
+                want.map_err(str::to_owned),
+                "{addr} {route:?} {allowed:?}"
+            );
         }
     }
 
@@ -283,12 +309,17 @@ mod tests {
         let eth0 = iface(2, "eth0");
         let eth1 = iface(3, "eth1");
         let mac = [2, 0, 0, 0, 0, 1];
+        let via_gw = NotAdjacent::Gateway {
+            backend: ip("10.9.0.1"),
+            gateway: ip("10.0.0.254"),
+            oif: eth0.clone(),
+        };
         let lookups: BTreeMap<IpAddr, Lookup> = [
             (ip("10.0.0.1"), Lookup::Resolved { mac, egress: eth0.clone() }),
             (ip("fd00::1"), Lookup::Resolved { mac, egress: eth1.clone() }),
             (ip("10.0.0.2"), Lookup::Pending { egress: eth0.clone() }),
             (ip("10.0.0.3"), Lookup::Unreachable { egress: eth0.clone(), why: "FAILED".into() }),
-            (ip("10.9.0.1"), Lookup::NotAdjacent { reason: "via gateway".into() }),
+            (ip("10.9.0.1"), Lookup::NotAdjacent { reason: via_gw.clone() }),
             // Looked up but no longer desired: ignored.
             (ip("10.0.0.9"), Lookup::Resolved { mac, egress: eth0.clone() }),
         ]
@@ -312,7 +343,7 @@ mod tests {
                     ("fd00::1", Status::Resolved),
                     ("10.0.0.2", Status::Pending),
                     ("10.0.0.3", Status::Unreachable("FAILED".into())),
-                    ("10.9.0.1", Status::NotAdjacent("via gateway".into())),
+                    ("10.9.0.1", Status::NotAdjacent(via_gw.clone())),
                     ("10.0.0.4", Status::Unknown),
                 ],
             },
@@ -327,7 +358,7 @@ mod tests {
                 desired: vec!["10.9.0.1", "10.0.0.3"],
                 program: vec![],
                 status: vec![
-                    ("10.9.0.1", Status::NotAdjacent("via gateway".into())),
+                    ("10.9.0.1", Status::NotAdjacent(via_gw.clone())),
                     ("10.0.0.3", Status::Unreachable("FAILED".into())),
                 ],
             },
