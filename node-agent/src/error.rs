@@ -158,6 +158,10 @@ pub enum Error {
         source: kube::runtime::reflector::store::WriterDropped,
     },
 
+    /// The EndpointSlice watch ended before it listed once.
+    #[error("{what}: the watch ended")]
+    WatchEnded { what: &'static str },
+
     #[error("my Node has no uid")]
     NodeWithoutUid,
 
@@ -234,7 +238,10 @@ impl Error {
     /// error has a kind.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Kube { .. } | Self::CacheSync { .. } | Self::NodeWithoutUid => ErrorKind::KubeApi,
+            Self::Kube { .. }
+            | Self::CacheSync { .. }
+            | Self::WatchEnded { .. }
+            | Self::NodeWithoutUid => ErrorKind::KubeApi,
             Self::Lease { .. } | Self::LeaseTimeout { .. } => ErrorKind::Lease,
             Self::ServicesFull { .. }
             | Self::BackendsFull { .. }

@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use kube::ResourceExt;
@@ -48,8 +49,9 @@ impl fmt::Display for SvcKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredBackend {
     pub addr: IpAddr,
-    /// The node the endpoint is on (`None`: a static backend).
-    pub node: Option<String>,
+    /// The node the endpoint is on (`None`: a static backend); shared with
+    /// the slice view it came from.
+    pub node: Option<Arc<str>>,
     /// Takes new flows.
     pub active: bool,
     /// Keeps its existing flows but takes no new ones.
@@ -162,35 +164,98 @@ fn protocol(p: ApiProtocol) -> Protocol {
     }
 }
 
-fn family_of_slice(s: &EndpointSlice) -> Option<Family> {
-    match s.address_type.as_str() {
-        "IPv4" => Some(Family::V4),
-        "IPv6" => Some(Family::V6),
-        _ => None,
+/// What the agent keeps of an EndpointSlice: a node of a cluster with
+/// 100,000 pods caches every slice of the operator's, so each endpoint is
+/// kept in a few dozen bytes instead of the API object's several hundred,
+/// with its address parsed once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceView {
+    pub namespace: String,
+    /// The `kubedsr.io/service-name` label of a slice that carries the
+    /// operator's `managed-by` label; `None` for any other slice.
+    pub service: Option<String>,
+    /// UIDs of its owner references.
+    pub owners: Vec<String>,
+    pub family: Option<Family>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// One endpoint of a [`SliceView`]: its first address, and its conditions
+/// as Kubernetes reads them (a missing `ready` means ready, a missing
+/// `serving` means `ready`, a missing `terminating` false).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointView {
+    /// `None`: no parseable address.
+    pub addr: Option<IpAddr>,
+    pub node: Option<Arc<str>>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Its pod, kept only for pods of the agent's own node (the only ones
+    /// it prepares).
+    pub pod: Option<Box<PodRef>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SliceView {
+    /// The view of `slice` for the agent of node `node`.
+    pub fn of(slice: &EndpointSlice, node: &str) -> Self {
+        let labels = slice.labels();
+        let managed = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
+        let family = match slice.address_type.as_str() {
+            "IPv4" => Some(Family::V4),
+            "IPv6" => Some(Family::V6),
+            _ => None,
+        };
+        let endpoints = slice.endpoints.iter().map(|e| EndpointView::of(e, node)).collect();
+        SliceView {
+            namespace: slice.namespace().unwrap_or_default(),
+            service: labels.get(SERVICE_NAME_LABEL).filter(|_| managed).cloned(),
+            owners: slice.owner_references().iter().map(|o| o.uid.clone()).collect(),
+            family,
+            endpoints,
+        }
+    }
+
+    /// Whether this is a backend set the operator wrote for `svc`: our
+    /// labels, and an owner reference to this very object (a slice left
+    /// over from a deleted service of the same name is not).
+    fn belongs_to(&self, svc: &DsrService) -> bool {
+        let uid = svc.metadata.uid.as_deref();
+        self.service.as_deref() == Some(svc.name_any().as_str())
+            && Some(self.namespace.as_str()) == svc.metadata.namespace.as_deref()
+            && uid.is_some()
+            && self.owners.iter().any(|o| Some(o.as_str()) == uid)
     }
 }
 
-/// Whether `slice` is a backend set the operator wrote for `svc`: our
-/// labels, and a controller owner reference to this very object (a slice
-/// left over from a deleted service of the same name is not).
-fn belongs_to(slice: &EndpointSlice, svc: &DsrService) -> bool {
-    let labels = slice.labels();
-    let ours = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
-        && labels.get(SERVICE_NAME_LABEL).map(String::as_str) == Some(svc.name_any().as_str());
-    let uid = svc.metadata.uid.as_deref();
-    ours && slice.namespace() == svc.namespace()
-        && uid.is_some()
-        && slice.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)
-}
-
-/// Kubernetes' reading of endpoint conditions: a missing `ready` means
-/// ready, a missing `serving` means `ready`, a missing `terminating` false.
-fn conditions(e: &Endpoint) -> (bool, bool, bool) {
-    let c = e.conditions.as_ref();
-    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-    (ready, serving, terminating)
+impl EndpointView {
+    fn of(e: &Endpoint, node: &str) -> Self {
+        let c = e.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let on_me = e.node_name.as_deref() == Some(node);
+        let pod = e.target_ref.as_ref().filter(|_| on_me).and_then(|t| {
+            Some(Box::new(PodRef {
+                uid: t.uid.clone()?,
+                namespace: t.namespace.clone().unwrap_or_default(),
+                name: t.name.clone().unwrap_or_default(),
+            }))
+        });
+        EndpointView {
+            addr: e.addresses.first().and_then(|a| parse_ip(a)),
+            node: e.node_name.as_deref().map(Arc::from),
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            pod,
+        }
+    }
 }
 
 /// Keeps only what the agent reads of a DsrService: metadata it matches on
@@ -209,38 +274,18 @@ pub fn strip_service(s: &mut DsrService) {
     }
 }
 
-/// Keeps only what the agent reads of an EndpointSlice: its labels, owner
-/// references and endpoints' first address, conditions, node and pod
-/// (namespace, name, UID).
-pub fn strip_slice(s: &mut EndpointSlice) {
-    s.metadata.managed_fields = None;
-    s.metadata.annotations = None;
-    for e in &mut s.endpoints {
-        e.hints = None;
-        e.hostname = None;
-        e.zone = None;
-        e.deprecated_topology = None;
-        e.addresses.truncate(1);
-        if let Some(t) = e.target_ref.as_mut() {
-            t.api_version = None;
-            t.field_path = None;
-            t.kind = None;
-            t.resource_version = None;
-        }
-    }
-}
-
 /// The desired state of node `node` from every DsrService and every slice
 /// the agent watches.
 pub fn desired(node: &str, services: &[DsrService], slices: &[EndpointSlice]) -> Desired {
-    desired_of(node, services.iter(), slices.iter())
+    let views: Vec<SliceView> = slices.iter().map(|s| SliceView::of(s, node)).collect();
+    desired_of(node, services.iter(), views.iter())
 }
 
 /// [`desired`], straight from the watch caches.
 pub fn desired_from(
     node: &str,
-    services: &[std::sync::Arc<DsrService>],
-    slices: &[std::sync::Arc<EndpointSlice>],
+    services: &[Arc<DsrService>],
+    slices: &[Arc<SliceView>],
 ) -> Desired {
     desired_of(node, services.iter().map(|s| &**s), slices.iter().map(|s| &**s))
 }
@@ -248,17 +293,14 @@ pub fn desired_from(
 fn desired_of<'a>(
     node: &str,
     services: impl Iterator<Item = &'a DsrService>,
-    slices: impl Iterator<Item = &'a EndpointSlice>,
+    slices: impl Iterator<Item = &'a SliceView>,
 ) -> Desired {
-    // Slices by (namespace, service-name label): each service looks at its
-    // own, not at every slice of the cluster.
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    // Slices by (namespace, service name): each service looks at its own,
+    // not at every slice of the cluster.
+    let mut by_service: BTreeMap<(&str, &str), Vec<&SliceView>> = BTreeMap::new();
     for s in slices {
-        if let Some(name) = s.labels().get(SERVICE_NAME_LABEL) {
-            by_service
-                .entry((s.namespace().unwrap_or_default(), name.clone()))
-                .or_default()
-                .push(s);
+        if let Some(name) = &s.service {
+            by_service.entry((s.namespace.as_str(), name.as_str())).or_default().push(s);
         }
     }
     let mut ingress = Vec::new();
@@ -271,12 +313,12 @@ fn desired_of<'a>(
             continue;
         }
         let key = SvcKey { namespace: svc.namespace().unwrap_or_default(), name: svc.name_any() };
-        let own: Vec<&EndpointSlice> = by_service
-            .get(&(key.namespace.clone(), key.name.clone()))
+        let own: Vec<&SliceView> = by_service
+            .get(&(key.namespace.as_str(), key.name.as_str()))
             .into_iter()
             .flatten()
             .copied()
-            .filter(|s| belongs_to(s, svc))
+            .filter(|s| s.belongs_to(svc))
             .collect();
         if own.is_empty() {
             continue;
@@ -297,29 +339,27 @@ fn desired_of<'a>(
         // Written VIPs, or the addresses a pool gave (status.allocatedVips).
         for vip in svc.effective_vips().into_iter().filter_map(parse_ip) {
             let family = Family::of(&vip);
-            let of_family: Vec<&&EndpointSlice> =
-                own.iter().filter(|s| family_of_slice(s) == Some(family)).collect();
+            let of_family: Vec<&&SliceView> =
+                own.iter().filter(|s| s.family == Some(family)).collect();
             if of_family.is_empty() {
                 continue;
             }
             let mut backends: BTreeMap<IpAddr, DesiredBackend> = BTreeMap::new();
             let mut local: BTreeMap<IpAddr, LocalEndpoint> = BTreeMap::new();
             for e in of_family.iter().flat_map(|s| s.endpoints.iter()) {
-                let Some(addr) = e.addresses.first().and_then(|a| parse_ip(a)) else {
-                    continue;
-                };
+                let Some(addr) = e.addr else { continue };
                 if Family::of(&addr) != family {
                     continue;
                 }
-                let (ready, serving, terminating) = conditions(e);
-                if e.node_name.as_deref() == Some(node)
-                    && let Some(uid) = e.target_ref.as_ref().and_then(|t| t.uid.clone())
+                let (ready, serving, terminating) = (e.ready, e.serving, e.terminating);
+                if e.node.as_deref() == Some(node)
+                    && let Some(t) = &e.pod
                 {
-                    let t = e.target_ref.as_ref().expect("checked above");
+                    let uid = t.uid.clone();
                     let pod = pods.entry(uid.clone()).or_insert_with(|| LocalPod {
                         uid: uid.clone(),
-                        namespace: t.namespace.clone().unwrap_or_default(),
-                        name: t.name.clone().unwrap_or_default(),
+                        namespace: t.namespace.clone(),
+                        name: t.name.clone(),
                         vips: BTreeSet::new(),
                         addresses: BTreeSet::new(),
                     });
@@ -331,7 +371,7 @@ fn desired_of<'a>(
                     let slot = local.entry(addr).or_insert(LocalEndpoint { addr, uid, active });
                     slot.active |= active;
                 }
-                let node_name = e.node_name.clone();
+                let node_name = e.node.clone();
                 let b = if ready && !terminating {
                     DesiredBackend { addr, node: node_name, active: true, draining: false }
                 } else if serving && terminating {
@@ -524,7 +564,7 @@ mod tests {
     }
 
     #[test]
-    fn stripped_caches_give_the_same_desired_state() {
+    fn stripped_services_and_slice_views_give_the_same_desired_state() {
         let web = svc("web", &["192.0.2.10"], &["n1"]);
         let mut s = slice(
             &web,
@@ -537,23 +577,32 @@ mod tests {
         );
         s.endpoints[0].zone = Some("z1".into());
         s.endpoints[0].hostname = Some("h".into());
+        // Missing conditions read as Kubernetes reads them: ready, serving.
+        let mut bare = ep("10.0.0.3", "n2", "c", true, true, false);
+        bare.conditions = None;
+        s.endpoints.push(bare);
         let mut web2 = web.clone();
         web2.metadata.managed_fields = Some(vec![Default::default()]);
         web2.metadata.annotations = Some([("a".to_string(), "b".repeat(1000))].into());
-        let (mut ws, mut ss) = (web2.clone(), s.clone());
+        let mut ws = web2.clone();
         strip_service(&mut ws);
-        strip_slice(&mut ss);
         assert!(ws.metadata.managed_fields.is_none() && ws.metadata.annotations.is_none());
-        assert!(ss.endpoints[0].zone.is_none());
-        assert!(ss.endpoints[0].target_ref.as_ref().unwrap().kind.is_none());
         for node in ["n1", "n2"] {
+            // The view keeps a pod only on its own node.
+            let v = SliceView::of(&s, node);
+            let pods: Vec<&str> =
+                v.endpoints.iter().filter_map(|e| e.pod.as_ref()).map(|p| p.uid.as_str()).collect();
+            assert_eq!(pods, if node == "n1" { vec!["a"] } else { vec!["b", "c"] }, "{node}");
+            assert!(v.endpoints[2].ready && v.endpoints[2].serving && !v.endpoints[2].terminating);
             assert_eq!(
+                desired_from(node, &[Arc::new(ws.clone())], &[Arc::new(v)]),
                 desired(node, std::slice::from_ref(&web2), std::slice::from_ref(&s)),
-                desired(node, &[ws.clone()], &[ss.clone()]),
                 "{node}"
             );
         }
-        assert!(!desired("n1", &[ws], &[ss]).ingress.is_empty());
+        let d = desired("n1", &[ws], &[s]);
+        let backends: Vec<IpAddr> = d.ingress[0].vips[0].backends.iter().map(|b| b.addr).collect();
+        assert_eq!(backends, [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")]);
     }
 
     #[test]

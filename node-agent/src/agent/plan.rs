@@ -444,7 +444,7 @@ pub fn plan_service(s: &IngressService, iface: &Iface, ctx: &IngressCtx<'_>) -> 
         let mut not = |b: &super::desired::DesiredBackend, reason: String| {
             unreached.push(UnreachedBackend {
                 address: b.addr.to_string(),
-                node: b.node.clone(),
+                node: b.node.as_deref().map(String::from),
                 reason,
             })
         };
@@ -879,7 +879,7 @@ mod tests {
                     .iter()
                     .map(|(a, node, draining)| DesiredBackend {
                         addr: ip(a),
-                        node: node.map(str::to_owned),
+                        node: node.map(Arc::from),
                         active: !draining,
                         draining: *draining,
                     })
