@@ -290,14 +290,7 @@ impl Resolver {
 
     /// One entry (`ip neigh get ADDR dev IF`); `None` when there is none.
     fn read_neighbour(&mut self, ifindex: u32, addr: IpAddr) -> Result<Option<NeighEntry>> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = match addr {
-            IpAddr::V4(_) => AddressFamily::Inet,
-            IpAddr::V6(_) => AddressFamily::Inet6,
-        };
-        msg.header.ifindex = ifindex;
-        msg.header.state = NeighbourState::None;
-        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
+        let msg = neighbour_message(ifindex, addr);
         self.reads.single += 1;
         let replies = match self.request(RouteNetlinkMessage::GetNeighbour(msg), 0) {
             Ok(r) => r,
@@ -363,15 +356,8 @@ impl Resolver {
     /// `FAILED` entry (→ `INCOMPLETE`) and a unicast probe from a `STALE`
     /// one (→ `DELAY`/`PROBE`). The entry is never written otherwise.
     pub fn probe(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = match addr {
-            IpAddr::V4(_) => AddressFamily::Inet,
-            IpAddr::V6(_) => AddressFamily::Inet6,
-        };
-        msg.header.ifindex = ifindex;
-        msg.header.state = NeighbourState::None;
+        let mut msg = neighbour_message(ifindex, addr);
         msg.header.flags = NeighbourFlags::Use;
-        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
         self.request(
             RouteNetlinkMessage::NewNeighbour(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
@@ -454,6 +440,19 @@ impl Resolver {
     ) -> io::Result<Vec<RouteNetlinkMessage>> {
         self.nl.request(msg, flags)
     }
+}
+
+/// A neighbour message naming `addr` on `ifindex`, state `NONE`.
+fn neighbour_message(ifindex: u32, addr: IpAddr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    msg.header.ifindex = ifindex;
+    msg.header.state = NeighbourState::None;
+    msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
+    msg
 }
 
 fn route_kind(kind: RouteType) -> &'static str {
