@@ -50,6 +50,8 @@ const NO_POD: &str = "00000000-0000-4000-8000-000000000000";
 pub const OPERATORS: [(&str, &str); 2] = [("op-1", "127.0.0.1:18080"), ("op-2", "127.0.0.1:18081")];
 /// Every agent's /metrics, inside its node's namespace.
 pub const INGRESS_METRICS: &str = "http://127.0.0.1:9477/metrics";
+/// The agents' `--resync-seconds`.
+pub const AGENT_RESYNC: Duration = Duration::from_secs(5);
 
 /// A child process killed on drop (also when the test fails), its output
 /// in a log file shown when asked.
@@ -406,7 +408,7 @@ impl Cluster {
             "--http-addr",
             http,
             "--resync-seconds",
-            "5",
+            &AGENT_RESYNC.as_secs().to_string(),
             "--bpffs-dir",
             &pins,
             "--lease-namespace",
@@ -666,6 +668,18 @@ impl Cluster {
     /// node's report must also count `ready` backends (per VIP) reached by
     /// its dataplane (directly, through their node, or locally), with
     /// every MAC resolved.
+    /// Waits until every agent has dropped the previous Maglev tables of
+    /// the changes made so far. While a table change is fresh, a dataplane
+    /// keeps the previous table, and a packet it has no pin for follows
+    /// the previous table where the two differ: every UDP datagram of a
+    /// new flow (it cannot be told from an established one), and a TCP
+    /// flow that ECMP moves from another ingress node. A settle sweep runs
+    /// once per resync period and drops tables at least a period old, so
+    /// two periods after the last change none is left.
+    pub async fn wait_tables_settled(&self) {
+        tokio::time::sleep(2 * AGENT_RESYNC + Duration::from_secs(1)).await;
+    }
+
     pub async fn wait_programmed(&self, service: &str, ready: i32) -> Result<DsrServiceStatus> {
         let services = self.services.clone();
         let reports = self.reports.clone();

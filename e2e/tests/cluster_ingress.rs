@@ -190,6 +190,10 @@ async fn ecmp_flows_move_between_ingress_nodes(c: &mut Cluster) -> Result<()> {
         }
     })
     .await?;
+    // The steps that brought the pods in changed both nodes' tables: a
+    // flow opened while a node still keeps a previous table, and moved to
+    // the other node, would follow that node's previous table there.
+    c.wait_tables_settled().await;
     let router = c.n.router.clone();
     let route = |how: &str| sh(&format!("ip -n {router} route replace {VIP}/32 {how}"));
     route(&format!("nexthop via {INGRESS_IP} nexthop via {INGRESS2_IP}"))?;

@@ -228,6 +228,9 @@ async fn udp_service(c: &mut Cluster) -> Result<()> {
         let lo = lo_addrs(ns)?;
         ensure!(lo.contains(&format!("{VIP}/32")), "{ns} lo: {lo}");
     }
+    // The pods' MACs may resolve in more than one round: until the tables
+    // of those steps settle, new UDP flows follow the first one.
+    c.wait_tables_settled().await;
 
     // The sink port: every datagram reaches a backend's socket, every
     // backend gets some.
