@@ -150,6 +150,10 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// The API server could not be reached at start.
+    #[error(transparent)]
+    Connect(#[from] kube_dsr_process::api::ConnectError),
+
     /// A cache's watch ended before it listed once.
     #[error("{what}")]
     CacheSync {
@@ -239,6 +243,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Kube { .. }
+            | Self::Connect(_)
             | Self::CacheSync { .. }
             | Self::WatchEnded { .. }
             | Self::NodeWithoutUid => ErrorKind::KubeApi,

@@ -309,15 +309,8 @@ impl Agent {
         metrics: Arc<Metrics>,
         health: Arc<Health<Metrics>>,
     ) -> Result<Self> {
-        let client = Client::try_default().await.map_err(|source| Error::Kube {
-            what: "building a client from kubeconfig or the service account",
-            source,
-        })?;
-        let version = client
-            .apiserver_version()
-            .await
-            .map_err(|source| Error::Kube { what: "reaching the API server", source })?;
-        info!(version = %version.git_version, node = %cfg.node_name, "connected to the API server");
+        let (client, version) = kube_dsr_process::api::connect().await?;
+        info!(%version, node = %cfg.node_name, "connected to the API server");
 
         let node_uid =
             wait_for_node(&Api::<Node>::all(client.clone()), &cfg.node_name, &metrics).await?;
