@@ -68,15 +68,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let server = tokio::spawn(server);
     info!(addr = %config.http_addr, "serving /metrics, /healthz, /readyz");
 
-    let client = Client::try_default().await.map_err(|source| Error::Kube {
-        action: "build client from kubeconfig or service account",
-        source,
-    })?;
-    let version = client
-        .apiserver_version()
-        .await
-        .map_err(|source| Error::Kube { action: "get API server version", source })?;
-    info!(version = %version.git_version, "connected to the API server");
+    let (client, version) = kube_dsr_process::api::connect().await?;
+    info!(%version, "connected to the API server");
     health.set_ready(true);
 
     let outcome = match &config.lease {

@@ -11,6 +11,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The API server could not be reached at start.
+    #[error(transparent)]
+    Connect(#[from] kube_dsr_process::api::ConnectError),
     /// A status or object could not be serialized for an apply patch.
     #[error("serializing {what}")]
     Serialize {
@@ -37,7 +40,7 @@ impl Error {
     /// Fixed label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "kube_api",
+            Error::Kube { .. } | Error::Connect(_) => "kube_api",
             Error::Serialize { .. } => "serialize",
             Error::MissingField { .. } => "missing_field",
             Error::Lease(_) => "lease",
