@@ -1,4 +1,4 @@
-//! The one-host cluster (see `kube_dsr_e2e::cluster`), issue 6's service
+//! The one-host cluster (see `kube_dsr_e2e::cluster`): the service
 //! scenarios beyond the TCP web service: a UDP service, an IPv6 VIP, and
 //! what the API and the operator do with an invalid service and with two
 //! services claiming the same VIP:port.
