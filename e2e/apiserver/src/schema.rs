@@ -10,8 +10,36 @@
 //! `crds/tests` uses [`messages`] and [`validate`] directly, so the manifest
 //! table and the stand-in server check objects with the same code.
 
-use kube::core::cel::Validator;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use kube::core::cel::{CompiledSchema, ValidationErrors, Validator, compile_schema};
 use serde_json::Value;
+
+thread_local! {
+    /// Compiling a CRD's CEL rules costs far more than evaluating them (at
+    /// 1,000 DsrServices, compiling on every write was most of the
+    /// stand-in's time under its store lock): each thread keeps one
+    /// validator and the compiled form of every schema it has checked
+    /// against, keyed by the schema's text (a changed CRD is a new key).
+    static CEL: RefCell<Cel> = RefCell::default();
+}
+
+/// A thread's validator and compiled schemas (see [`CEL`]).
+type Cel = (Option<Validator>, HashMap<String, Rc<CompiledSchema>>);
+
+/// The CEL rules of `schema` on `obj` (and transition rules from `old`).
+fn cel_rules(schema: &Value, obj: &Value, old: Option<&Value>) -> Result<(), ValidationErrors> {
+    CEL.with(|c| {
+        let (validator, compiled) = &mut *c.borrow_mut();
+        let rules = compiled
+            .entry(schema.to_string())
+            .or_insert_with(|| Rc::new(compile_schema(schema)))
+            .clone();
+        validator.get_or_insert_with(Validator::new).validate_compiled(&rules, obj, old)
+    })
+}
 
 /// Every message the apiserver would return for creating `obj`: schema
 /// errors, and CEL errors unless a schema error blocks CEL evaluation.
@@ -26,7 +54,7 @@ pub fn messages_on_update(schema: &Value, obj: &Value, old: Option<&Value>) -> V
     if blocks_cel(&errs) {
         return errs;
     }
-    if let Err(cel) = Validator::new().validate(schema, obj, old) {
+    if let Err(cel) = cel_rules(schema, obj, old) {
         errs.extend(cel.iter().map(|e| e.message.clone()));
     }
     errs
@@ -44,7 +72,7 @@ pub fn field_errors(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<Str
     if blocks_cel(&errs) {
         return errs;
     }
-    if let Err(cel) = Validator::new().validate(schema, obj, old) {
+    if let Err(cel) = cel_rules(schema, obj, old) {
         for e in cel.iter() {
             let path = e.field_path.trim_start_matches('.');
             let ty = type_at(schema, path);
