@@ -35,7 +35,7 @@ use kube_dsr_crds::validation::parse_ip;
 use kube_dsr_crds::{DsrNodeReport, DsrNodeReportSpec, DsrService};
 
 use crate::backends::{PodFacts, PodLabels, ZONE_LABEL, selector_matches};
-use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
+use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SliceSummary};
 
 /// `(namespace, name)` of a namespaced object.
 pub type Key = (String, String);
@@ -181,7 +181,8 @@ pub struct Index {
     services_by_vip: HashMap<IpAddr, HashSet<Key>>,
     nodes: BTreeMap<String, Arc<Node>>,
     reports: BTreeMap<String, ReportEntry>,
-    slices: HashMap<Key, BTreeMap<String, Arc<EndpointSlice>>>,
+    /// Our EndpointSlices by service, then by name, summarized.
+    slices: HashMap<Key, BTreeMap<String, SliceSummary>>,
     synced: Synced,
     relist_services: Option<Vec<DsrService>>,
     relist_pods: Option<Vec<PodFacts>>,
@@ -551,17 +552,17 @@ impl Index {
         Some((slice.namespace()?, labels.get(SERVICE_NAME_LABEL)?.clone()))
     }
 
-    fn upsert_slice(&mut self, mut slice: EndpointSlice, out: &mut Triggers) {
+    fn upsert_slice(&mut self, slice: EndpointSlice, out: &mut Triggers) {
         let Some(owner) = Self::slice_owner(&slice) else { return };
-        slice.metadata.managed_fields = None;
-        self.slices.entry(owner.clone()).or_default().insert(slice.name_any(), Arc::new(slice));
+        let summary = SliceSummary::from(&slice);
+        self.slices.entry(owner.clone()).or_default().insert(summary.name.clone(), summary);
         out.insert(owner);
     }
 
-    fn remove_slice(&mut self, slice: &EndpointSlice, out: &mut Triggers) {
-        let Some(owner) = Self::slice_owner(slice) else { return };
+    fn remove_slice(&mut self, owner: Option<Key>, name: &str, out: &mut Triggers) {
+        let Some(owner) = owner else { return };
         if let Some(of) = self.slices.get_mut(&owner) {
-            of.remove(&slice.name_any());
+            of.remove(name);
             if of.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -575,21 +576,20 @@ impl Index {
         match step(&mut self.relist_slices, ev) {
             Step::Nothing => {}
             Step::Upsert(s) => self.upsert_slice(s, &mut out),
-            Step::Delete(s) => self.remove_slice(&s, &mut out),
+            Step::Delete(s) => self.remove_slice(Self::slice_owner(&s), &s.name_any(), &mut out),
             Step::Relisted(all) => {
                 let seen: HashSet<(Key, String)> = all
                     .iter()
                     .filter_map(|s| Some((Self::slice_owner(s)?, s.name_any())))
                     .collect();
-                let gone: Vec<Arc<EndpointSlice>> = self
+                let gone: Vec<(Key, String)> = self
                     .slices
                     .iter()
-                    .flat_map(|(owner, of)| of.iter().map(move |(n, s)| (owner, n, s)))
-                    .filter(|(owner, n, _)| !seen.contains(&((*owner).clone(), (*n).clone())))
-                    .map(|(_, _, s)| Arc::clone(s))
+                    .flat_map(|(owner, of)| of.keys().map(move |n| (owner.clone(), n.clone())))
+                    .filter(|gone| !seen.contains(gone))
                     .collect();
-                for s in gone {
-                    self.remove_slice(&s, &mut out);
+                for (owner, name) in gone {
+                    self.remove_slice(Some(owner), &name, &mut out);
                 }
                 for s in all {
                     self.upsert_slice(s, &mut out);
@@ -672,7 +672,7 @@ impl Index {
     }
 
     /// The service's own EndpointSlices as last seen.
-    pub fn slices_of(&self, service: &Key) -> Vec<Arc<EndpointSlice>> {
+    pub fn slices_of(&self, service: &Key) -> Vec<SliceSummary> {
         self.slices.get(service).into_iter().flat_map(|of| of.values().cloned()).collect()
     }
 
