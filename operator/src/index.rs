@@ -41,6 +41,8 @@ use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SliceSumma
 pub type Key = (String, String);
 /// `(namespace, label key, label value)`: one equality term of a selector.
 type Term = (String, String, String);
+/// `(namespace, name)` of a cached pod, sharing the strings of its facts.
+type PodKey = (Arc<str>, Arc<str>);
 
 /// What the index keeps of a DsrService: what decides which pods, nodes
 /// and sibling services concern it.
@@ -185,10 +187,16 @@ pub type Triggers = BTreeSet<Key>;
 /// The caches and reverse indexes; see the module documentation.
 #[derive(Default)]
 pub struct Index {
-    pods: HashMap<Key, Arc<PodFacts>>,
-    pods_by_term: HashMap<Term, HashSet<String>>,
-    pods_by_uid: HashMap<String, Key>,
-    pods_by_node: HashMap<String, HashSet<Key>>,
+    pods: HashMap<PodKey, Arc<PodFacts>>,
+    /// Pod names by term.
+    pods_by_term: HashMap<Term, HashSet<Arc<str>>>,
+    pods_by_uid: HashMap<Arc<str>, PodKey>,
+    pods_by_node: HashMap<Arc<str>, HashSet<PodKey>>,
+    /// One copy of each string many pods share (namespaces, nodes, label
+    /// keys and values); see [`Index::share`].
+    shared: HashSet<Arc<str>>,
+    /// Size of `shared` after its last pruning.
+    shared_pruned_at: usize,
     services: HashMap<Key, ServiceFacts>,
     services_by_term: HashMap<Term, HashSet<String>>,
     services_by_vip: HashMap<IpAddr, HashSet<Key>>,
@@ -206,9 +214,13 @@ pub struct Index {
 
 fn terms<'a>(
     ns: &'a str,
-    labels: impl IntoIterator<Item = (&'a String, &'a String)> + 'a,
+    labels: impl IntoIterator<Item = (&'a str, &'a str)> + 'a,
 ) -> impl Iterator<Item = Term> + 'a {
-    labels.into_iter().map(move |(k, v)| (ns.to_string(), k.clone(), v.clone()))
+    labels.into_iter().map(move |(k, v)| (ns.to_string(), k.to_string(), v.to_string()))
+}
+
+fn pairs(map: &BTreeMap<String, String>) -> impl Iterator<Item = (&str, &str)> {
+    map.iter().map(|(k, v)| (k.as_str(), v.as_str()))
 }
 
 fn unlink<K: std::hash::Hash + Eq, V: std::hash::Hash + Eq>(
@@ -274,7 +286,7 @@ impl Index {
     }
 
     fn unindex_service(&mut self, key: &Key, facts: &ServiceFacts) {
-        for term in terms(&key.0, &facts.selector) {
+        for term in terms(&key.0, pairs(&facts.selector)) {
             unlink(&mut self.services_by_term, term, &key.1);
         }
         for vip in &facts.vips {
@@ -298,7 +310,7 @@ impl Index {
         // it; it runs again.
         out.insert(key.clone());
         self.services_sharing(&facts.vips, out);
-        for term in terms(&key.0, &facts.selector) {
+        for term in terms(&key.0, pairs(&facts.selector)) {
             self.services_by_term.entry(term).or_default().insert(key.1.clone());
         }
         for vip in &facts.vips {
@@ -344,7 +356,24 @@ impl Index {
 
     // ---- pods -----------------------------------------------------------
 
-    fn unindex_pod(&mut self, key: &Key, pod: &PodFacts) {
+    /// The shared copy of `s`, made on first use. Strings no cached pod
+    /// holds any more (a deleted namespace, a rollout's old
+    /// `pod-template-hash`) are dropped whenever the set has doubled since
+    /// it was last pruned, so it stays in proportion to what is cached.
+    fn share(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.shared.get(s) {
+            return Arc::clone(shared);
+        }
+        if self.shared.len() >= 2 * self.shared_pruned_at.max(1024) {
+            self.shared.retain(|s| Arc::strong_count(s) > 1);
+            self.shared_pruned_at = self.shared.len();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.shared.insert(Arc::clone(&shared));
+        shared
+    }
+
+    fn unindex_pod(&mut self, key: &PodKey, pod: &PodFacts) {
         for term in terms(&key.0, pod.labels.iter()) {
             unlink(&mut self.pods_by_term, term, &key.1);
         }
@@ -352,12 +381,12 @@ impl Index {
             self.pods_by_uid.remove(&pod.uid);
         }
         if let Some(node) = &pod.node {
-            unlink(&mut self.pods_by_node, node.clone(), key);
+            unlink(&mut self.pods_by_node, Arc::clone(node), key);
         }
     }
 
     fn upsert_pod(&mut self, pod: PodFacts, out: &mut Triggers) {
-        let key = (pod.namespace.clone(), pod.name.clone());
+        let key = (Arc::clone(&pod.namespace), Arc::clone(&pod.name));
         if let Some(old) = self.pods.get(&key).cloned() {
             if *old == pod {
                 // Nothing the operator reads changed (a status heartbeat).
@@ -368,18 +397,18 @@ impl Index {
         }
         self.services_selecting(&key.0, &pod.labels, out);
         for term in terms(&key.0, pod.labels.iter()) {
-            self.pods_by_term.entry(term).or_default().insert(key.1.clone());
+            self.pods_by_term.entry(term).or_default().insert(Arc::clone(&key.1));
         }
         if !pod.uid.is_empty() {
-            self.pods_by_uid.insert(pod.uid.clone(), key.clone());
+            self.pods_by_uid.insert(Arc::clone(&pod.uid), key.clone());
         }
         if let Some(node) = &pod.node {
-            self.pods_by_node.entry(node.clone()).or_default().insert(key.clone());
+            self.pods_by_node.entry(Arc::clone(node)).or_default().insert(key.clone());
         }
         self.pods.insert(key, Arc::new(pod));
     }
 
-    fn remove_pod(&mut self, key: &Key, out: &mut Triggers) {
+    fn remove_pod(&mut self, key: &PodKey, out: &mut Triggers) {
         if let Some(old) = self.pods.remove(key) {
             self.services_selecting(&key.0, &old.labels, out);
             self.unindex_pod(key, &old);
@@ -389,15 +418,23 @@ impl Index {
     /// One Pod watch event (already reduced to [`PodFacts`]).
     pub fn apply_pod(&mut self, ev: Event<PodFacts>) -> Triggers {
         let mut out = Triggers::new();
+        // Shared before a relist buffers them, so the buffer holds no
+        // copies either.
+        let ev = match ev {
+            Event::Apply(p) => Event::Apply(p.share(|s| self.share(s))),
+            Event::InitApply(p) => Event::InitApply(p.share(|s| self.share(s))),
+            ev => ev,
+        };
         match step(&mut self.relist_pods, ev) {
             Step::Nothing => {}
             Step::Upsert(p) => self.upsert_pod(p, &mut out),
             Step::Delete(p) => self.remove_pod(&(p.namespace, p.name), &mut out),
             Step::Relisted(all) => {
-                let seen: HashSet<Key> =
-                    all.iter().map(|p| (p.namespace.clone(), p.name.clone())).collect();
-                let gone: Vec<Key> =
-                    self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                let gone: Vec<PodKey> = {
+                    let seen: HashSet<(&str, &str)> =
+                        all.iter().map(|p| (&*p.namespace, &*p.name)).collect();
+                    self.pods.keys().filter(|k| !seen.contains(&(&*k.0, &*k.1))).cloned().collect()
+                };
                 for k in gone {
                     self.remove_pod(&k, &mut out);
                 }
@@ -620,20 +657,22 @@ impl Index {
         ns: &str,
         selector: &BTreeMap<String, String>,
     ) -> Vec<Arc<PodFacts>> {
-        let Some(smallest) = terms(ns, selector)
+        let Some(smallest) = terms(ns, pairs(selector))
             .map(|t| self.pods_by_term.get(&t).map_or(0, HashSet::len))
-            .zip(terms(ns, selector))
+            .zip(terms(ns, pairs(selector)))
             .min_by_key(|(n, _)| *n)
             .map(|(_, t)| t)
         else {
             return Vec::new();
         };
+        // Pods in `ns` share its string; none there, no pods.
+        let Some(ns) = self.shared.get(ns) else { return Vec::new() };
         let mut out: Vec<Arc<PodFacts>> = self
             .pods_by_term
             .get(&smallest)
             .into_iter()
             .flatten()
-            .filter_map(|name| self.pods.get(&(ns.to_string(), name.clone())))
+            .filter_map(|name| self.pods.get(&(Arc::clone(ns), Arc::clone(name))))
             .filter(|p| selector_matches(selector, &p.labels))
             .cloned()
             .collect();
@@ -785,7 +824,7 @@ mod tests {
         let got: Vec<String> = ix
             .pods_selected("default", &BTreeMap::from([("app".into(), "db".into())]))
             .iter()
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .collect();
         assert_eq!(got, ["a"]);
     }
