@@ -901,6 +901,31 @@ mod tests {
     }
 
     #[test]
+    fn pods_share_common_strings_and_unused_ones_are_pruned() {
+        let mut ix = world();
+        ix.apply_pod(Event::Apply(labelled("c", "n1", "web", true)));
+        let (a, c) = (&ix.pods[&key_of("a")], &ix.pods[&key_of("c")]);
+        assert!(Arc::ptr_eq(&a.namespace, &c.namespace));
+        assert!(Arc::ptr_eq(a.node.as_ref().unwrap(), c.node.as_ref().unwrap()));
+        let app = |p: &PodFacts| crate::backends::Labels::label(&p.labels, "app").unwrap().as_ptr();
+        assert_eq!(app(a), app(c));
+        // A rollout after another: each gives its pods a new label value.
+        // Values no pod holds any more do not pile up.
+        for round in 0..3000 {
+            let pod = labelled("r", "n1", &format!("hash-{round}"), true);
+            ix.apply_pod(Event::Apply(pod.clone()));
+            ix.apply_pod(Event::Delete(pod));
+        }
+        assert!(ix.shared.len() <= 2048, "{} shared strings", ix.shared.len());
+        // The strings cached pods hold are still shared.
+        assert!(ix.shared.contains("web") && ix.shared.contains("n1"));
+    }
+
+    fn key_of(name: &str) -> PodKey {
+        (Arc::from("default"), Arc::from(name))
+    }
+
+    #[test]
     fn a_relist_replaces_the_cache_and_syncs_once() {
         let mut ix = Index::default();
         ix.apply_service(Event::Init);
