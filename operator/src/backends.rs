@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
@@ -74,26 +75,30 @@ impl Labels for BTreeMap<String, String> {
 
 /// A pod's labels, sorted by key in one allocation: a one-entry BTreeMap
 /// allocates a whole node (eleven slots, over 500 bytes), which for
-/// 100,000 cached pods is most of their memory.
+/// 100,000 cached pods is most of their memory. Keys and values are shared
+/// strings, so the operator's cache holds one copy of each distinct one
+/// (see [`PodFacts::share`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodLabels(Box<[(String, String)]>);
+pub struct PodLabels(Box<[(Arc<str>, Arc<str>)]>);
 
 impl PodLabels {
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.0.iter().map(|(k, v)| (k, v))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
     }
 }
 
 impl Labels for PodLabels {
     fn label(&self, key: &str) -> Option<&str> {
-        let i = self.0.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
-        Some(self.0[i].1.as_str())
+        let i = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        Some(&self.0[i].1)
     }
 }
 
 impl From<&BTreeMap<String, String>> for PodLabels {
     fn from(labels: &BTreeMap<String, String>) -> Self {
-        PodLabels(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        PodLabels(
+            labels.iter().map(|(k, v)| (Arc::from(k.as_str()), Arc::from(v.as_str()))).collect(),
+        )
     }
 }
 
@@ -127,14 +132,19 @@ fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
 /// this instead of the Pod: a decoded Pod is kilobytes (most of it spec the
 /// operator never reads), this is a few hundred bytes, which is what keeps
 /// 100,000 pods in bounded memory.
+///
+/// Strings are shared (`Arc<str>`): the index's maps hold the same name
+/// and UID rather than copies, and [`PodFacts::share`] makes the strings
+/// many pods have in common (namespace, node, label keys and values) one
+/// copy each.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodFacts {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub uid: Arc<str>,
     pub labels: PodLabels,
     /// `spec.nodeName`; `None` until scheduled.
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     pub host_network: bool,
     /// Phase Succeeded or Failed.
     pub finished: bool,
@@ -151,16 +161,30 @@ impl From<&Pod> for PodFacts {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         let spec = pod.spec.as_ref();
         PodFacts {
-            namespace: pod.namespace().unwrap_or_default(),
-            name: pod.name_any(),
-            uid: pod.uid().unwrap_or_default(),
+            namespace: pod.metadata.namespace.as_deref().unwrap_or_default().into(),
+            name: pod.name_any().into(),
+            uid: pod.metadata.uid.as_deref().unwrap_or_default().into(),
             labels: pod.labels().into(),
-            node: spec.and_then(|s| s.node_name.clone()),
+            node: spec.and_then(|s| s.node_name.as_deref()).map(Arc::from),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: matches!(phase, Some("Succeeded" | "Failed")),
             addresses: pod_addresses(pod),
             ready: pod_ready(pod),
             terminating: pod.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+impl PodFacts {
+    /// The same facts with the strings pods have in common (namespace,
+    /// node, label keys and values) taken from `share`, which returns one
+    /// shared copy per distinct string.
+    pub fn share(self, mut share: impl FnMut(&str) -> Arc<str>) -> Self {
+        PodFacts {
+            namespace: share(&self.namespace),
+            labels: PodLabels(self.labels.0.iter().map(|(k, v)| (share(k), share(v))).collect()),
+            node: self.node.as_deref().map(&mut share),
+            ..self
         }
     }
 }
@@ -228,7 +252,7 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
     if let Some(selector) = &svc.spec.selector {
         let namespace = svc.namespace().unwrap_or_default();
         for pod in inputs.pods {
-            if pod.namespace != namespace || !selector_matches(selector, &pod.labels) {
+            if *pod.namespace != *namespace || !selector_matches(selector, &pod.labels) {
                 continue;
             }
             let Ok((node, addrs)) = usable(pod) else { continue };
@@ -273,8 +297,8 @@ pub fn desired_backends(inputs: &Inputs<'_>) -> Vec<Backend> {
                     zone: zone.clone(),
                     pod: Some(PodRef {
                         namespace: namespace.clone(),
-                        name: pod.name.clone(),
-                        uid: uid.clone(),
+                        name: pod.name.to_string(),
+                        uid: uid.to_string(),
                     }),
                     ready: serving && !terminating,
                     serving,

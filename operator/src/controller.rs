@@ -34,7 +34,9 @@ use crate::error::Error;
 use crate::index::{Index, Key, Triggers};
 use crate::ingress;
 use crate::metrics::Metrics;
-use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, desired_slices, same_content, stale_slices};
+use crate::slices::{
+    MANAGED_BY, MANAGED_BY_LABEL, SliceSummary, desired_slices, same_content, stale_slices,
+};
 use crate::status::{EventKind, EventSpec, Observation, desired_status, events};
 
 /// Field manager for every apply, and the events' reporting controller.
@@ -129,7 +131,7 @@ struct Observed {
     pods: Vec<Arc<PodFacts>>,
     nodes: Vec<Arc<Node>>,
     reports: BTreeMap<String, DsrNodeReportSpec>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<SliceSummary>,
     rivals: Vec<Arc<DsrService>>,
 }
 
@@ -188,12 +190,9 @@ fn decide(svc: &DsrService, key: &Key, obs: &Observed, now: &Time) -> Decision {
 
     // Backend set: only an active service has one.
     let desired = if active { desired_slices(svc, &backend_set) } else { Vec::new() };
-    let existing: Vec<EndpointSlice> = obs.slices.iter().map(|s| s.as_ref().clone()).collect();
-    let delete = stale_slices(&existing, &desired).into_iter().map(String::from).collect();
-    let apply = desired
-        .into_iter()
-        .filter(|d| !existing.iter().any(|e| e.name_any() == d.name_any() && same_content(e, d)))
-        .collect();
+    let delete = stale_slices(&obs.slices, &desired).into_iter().map(String::from).collect();
+    let apply =
+        desired.into_iter().filter(|d| !obs.slices.iter().any(|e| same_content(e, d))).collect();
 
     let observation = Observation {
         namespace,

@@ -35,12 +35,14 @@ use kube_dsr_crds::validation::parse_ip;
 use kube_dsr_crds::{DsrNodeReport, DsrNodeReportSpec, DsrService};
 
 use crate::backends::{PodFacts, PodLabels, ZONE_LABEL, selector_matches};
-use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
+use crate::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SliceSummary};
 
 /// `(namespace, name)` of a namespaced object.
 pub type Key = (String, String);
 /// `(namespace, label key, label value)`: one equality term of a selector.
 type Term = (String, String, String);
+/// `(namespace, name)` of a cached pod, sharing the strings of its facts.
+type PodKey = (Arc<str>, Arc<str>);
 
 /// What the index keeps of a DsrService: what decides which pods, nodes
 /// and sibling services concern it.
@@ -65,33 +67,46 @@ impl From<&DsrService> for ServiceFacts {
     }
 }
 
-/// One node's report with lookups by pod UID and by service.
+/// One node's report, its backend entries sorted by pod UID and its ingress
+/// entries by service, so both are found by binary search without a map
+/// beside them (a map keyed by UID held another copy of every UID).
 struct ReportEntry {
     report: Arc<DsrNodeReport>,
-    backends: HashMap<String, usize>,
-    ingress: HashMap<Key, usize>,
 }
 
 impl ReportEntry {
-    fn new(report: DsrNodeReport) -> Self {
-        let backends =
-            report.spec.backends.iter().enumerate().map(|(i, b)| (b.pod_uid.clone(), i)).collect();
-        let ingress = report
-            .spec
-            .ingress
-            .iter()
-            .enumerate()
-            .map(|(i, e)| ((e.namespace.clone(), e.name.clone()), i))
-            .collect();
-        ReportEntry { report: Arc::new(report), backends, ingress }
+    fn new(mut report: DsrNodeReport) -> Self {
+        report.metadata.managed_fields = None;
+        for b in &mut report.spec.backends {
+            // For humans reading the report; the operator finds a pod by
+            // UID. At 100,000 pods they were 8 MiB of the cache.
+            b.namespace = String::new();
+            b.name = String::new();
+        }
+        report.spec.backends.sort_by(|a, b| a.pod_uid.cmp(&b.pod_uid));
+        report.spec.ingress.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        ReportEntry { report: Arc::new(report) }
     }
 
     fn backend(&self, uid: &str) -> Option<&kube_dsr_crds::BackendReport> {
-        self.backends.get(uid).map(|i| &self.report.spec.backends[*i])
+        let backends = &self.report.spec.backends;
+        backends.binary_search_by(|b| b.pod_uid.as_str().cmp(uid)).ok().map(|i| &backends[i])
     }
 
     fn ingress(&self, key: &Key) -> Option<&kube_dsr_crds::IngressReport> {
-        self.ingress.get(key).map(|i| &self.report.spec.ingress[*i])
+        let ingress = &self.report.spec.ingress;
+        ingress
+            .binary_search_by(|i| (i.namespace.as_str(), i.name.as_str()).cmp(&(&key.0, &key.1)))
+            .ok()
+            .map(|i| &ingress[i])
+    }
+
+    fn uids(&self) -> impl Iterator<Item = &str> {
+        self.report.spec.backends.iter().map(|b| b.pod_uid.as_str())
+    }
+
+    fn services(&self) -> impl Iterator<Item = Key> {
+        self.report.spec.ingress.iter().map(|i| (i.namespace.clone(), i.name.clone()))
     }
 }
 
@@ -172,16 +187,23 @@ pub type Triggers = BTreeSet<Key>;
 /// The caches and reverse indexes; see the module documentation.
 #[derive(Default)]
 pub struct Index {
-    pods: HashMap<Key, Arc<PodFacts>>,
-    pods_by_term: HashMap<Term, HashSet<String>>,
-    pods_by_uid: HashMap<String, Key>,
-    pods_by_node: HashMap<String, HashSet<Key>>,
+    pods: HashMap<PodKey, Arc<PodFacts>>,
+    /// Pod names by term.
+    pods_by_term: HashMap<Term, HashSet<Arc<str>>>,
+    pods_by_uid: HashMap<Arc<str>, PodKey>,
+    pods_by_node: HashMap<Arc<str>, HashSet<PodKey>>,
+    /// One copy of each string many pods share (namespaces, nodes, label
+    /// keys and values); see [`Index::share`].
+    shared: HashSet<Arc<str>>,
+    /// Size of `shared` after its last pruning.
+    shared_pruned_at: usize,
     services: HashMap<Key, ServiceFacts>,
     services_by_term: HashMap<Term, HashSet<String>>,
     services_by_vip: HashMap<IpAddr, HashSet<Key>>,
     nodes: BTreeMap<String, Arc<Node>>,
     reports: BTreeMap<String, ReportEntry>,
-    slices: HashMap<Key, BTreeMap<String, Arc<EndpointSlice>>>,
+    /// Our EndpointSlices by service, then by name, summarized.
+    slices: HashMap<Key, BTreeMap<String, SliceSummary>>,
     synced: Synced,
     relist_services: Option<Vec<DsrService>>,
     relist_pods: Option<Vec<PodFacts>>,
@@ -192,9 +214,13 @@ pub struct Index {
 
 fn terms<'a>(
     ns: &'a str,
-    labels: impl IntoIterator<Item = (&'a String, &'a String)> + 'a,
+    labels: impl IntoIterator<Item = (&'a str, &'a str)> + 'a,
 ) -> impl Iterator<Item = Term> + 'a {
-    labels.into_iter().map(move |(k, v)| (ns.to_string(), k.clone(), v.clone()))
+    labels.into_iter().map(move |(k, v)| (ns.to_string(), k.to_string(), v.to_string()))
+}
+
+fn pairs(map: &BTreeMap<String, String>) -> impl Iterator<Item = (&str, &str)> {
+    map.iter().map(|(k, v)| (k.as_str(), v.as_str()))
 }
 
 fn unlink<K: std::hash::Hash + Eq, V: std::hash::Hash + Eq>(
@@ -260,7 +286,7 @@ impl Index {
     }
 
     fn unindex_service(&mut self, key: &Key, facts: &ServiceFacts) {
-        for term in terms(&key.0, &facts.selector) {
+        for term in terms(&key.0, pairs(&facts.selector)) {
             unlink(&mut self.services_by_term, term, &key.1);
         }
         for vip in &facts.vips {
@@ -284,7 +310,7 @@ impl Index {
         // it; it runs again.
         out.insert(key.clone());
         self.services_sharing(&facts.vips, out);
-        for term in terms(&key.0, &facts.selector) {
+        for term in terms(&key.0, pairs(&facts.selector)) {
             self.services_by_term.entry(term).or_default().insert(key.1.clone());
         }
         for vip in &facts.vips {
@@ -330,7 +356,24 @@ impl Index {
 
     // ---- pods -----------------------------------------------------------
 
-    fn unindex_pod(&mut self, key: &Key, pod: &PodFacts) {
+    /// The shared copy of `s`, made on first use. Strings no cached pod
+    /// holds any more (a deleted namespace, a rollout's old
+    /// `pod-template-hash`) are dropped whenever the set has doubled since
+    /// it was last pruned, so it stays in proportion to what is cached.
+    fn share(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.shared.get(s) {
+            return Arc::clone(shared);
+        }
+        if self.shared.len() >= 2 * self.shared_pruned_at.max(1024) {
+            self.shared.retain(|s| Arc::strong_count(s) > 1);
+            self.shared_pruned_at = self.shared.len();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.shared.insert(Arc::clone(&shared));
+        shared
+    }
+
+    fn unindex_pod(&mut self, key: &PodKey, pod: &PodFacts) {
         for term in terms(&key.0, pod.labels.iter()) {
             unlink(&mut self.pods_by_term, term, &key.1);
         }
@@ -338,12 +381,12 @@ impl Index {
             self.pods_by_uid.remove(&pod.uid);
         }
         if let Some(node) = &pod.node {
-            unlink(&mut self.pods_by_node, node.clone(), key);
+            unlink(&mut self.pods_by_node, Arc::clone(node), key);
         }
     }
 
     fn upsert_pod(&mut self, pod: PodFacts, out: &mut Triggers) {
-        let key = (pod.namespace.clone(), pod.name.clone());
+        let key = (Arc::clone(&pod.namespace), Arc::clone(&pod.name));
         if let Some(old) = self.pods.get(&key).cloned() {
             if *old == pod {
                 // Nothing the operator reads changed (a status heartbeat).
@@ -354,18 +397,18 @@ impl Index {
         }
         self.services_selecting(&key.0, &pod.labels, out);
         for term in terms(&key.0, pod.labels.iter()) {
-            self.pods_by_term.entry(term).or_default().insert(key.1.clone());
+            self.pods_by_term.entry(term).or_default().insert(Arc::clone(&key.1));
         }
         if !pod.uid.is_empty() {
-            self.pods_by_uid.insert(pod.uid.clone(), key.clone());
+            self.pods_by_uid.insert(Arc::clone(&pod.uid), key.clone());
         }
         if let Some(node) = &pod.node {
-            self.pods_by_node.entry(node.clone()).or_default().insert(key.clone());
+            self.pods_by_node.entry(Arc::clone(node)).or_default().insert(key.clone());
         }
         self.pods.insert(key, Arc::new(pod));
     }
 
-    fn remove_pod(&mut self, key: &Key, out: &mut Triggers) {
+    fn remove_pod(&mut self, key: &PodKey, out: &mut Triggers) {
         if let Some(old) = self.pods.remove(key) {
             self.services_selecting(&key.0, &old.labels, out);
             self.unindex_pod(key, &old);
@@ -375,15 +418,23 @@ impl Index {
     /// One Pod watch event (already reduced to [`PodFacts`]).
     pub fn apply_pod(&mut self, ev: Event<PodFacts>) -> Triggers {
         let mut out = Triggers::new();
+        // Shared before a relist buffers them, so the buffer holds no
+        // copies either.
+        let ev = match ev {
+            Event::Apply(p) => Event::Apply(p.share(|s| self.share(s))),
+            Event::InitApply(p) => Event::InitApply(p.share(|s| self.share(s))),
+            ev => ev,
+        };
         match step(&mut self.relist_pods, ev) {
             Step::Nothing => {}
             Step::Upsert(p) => self.upsert_pod(p, &mut out),
             Step::Delete(p) => self.remove_pod(&(p.namespace, p.name), &mut out),
             Step::Relisted(all) => {
-                let seen: HashSet<Key> =
-                    all.iter().map(|p| (p.namespace.clone(), p.name.clone())).collect();
-                let gone: Vec<Key> =
-                    self.pods.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+                let gone: Vec<PodKey> = {
+                    let seen: HashSet<(&str, &str)> =
+                        all.iter().map(|p| (&*p.namespace, &*p.name)).collect();
+                    self.pods.keys().filter(|k| !seen.contains(&(&*k.0, &*k.1))).cloned().collect()
+                };
                 for k in gone {
                     self.remove_pod(&k, &mut out);
                 }
@@ -482,17 +533,16 @@ impl Index {
             }
             self.services_of_pods_on(node, out);
         }
-        let ingress_keys: HashSet<&Key> =
-            old.into_iter().chain(new).flat_map(|e| e.ingress.keys()).collect();
+        let ingress_keys: HashSet<Key> =
+            old.into_iter().chain(new).flat_map(ReportEntry::services).collect();
         for key in ingress_keys {
-            if old.and_then(|e| e.ingress(key)) != new.and_then(|e| e.ingress(key))
-                && self.services.contains_key(key)
+            if old.and_then(|e| e.ingress(&key)) != new.and_then(|e| e.ingress(&key))
+                && self.services.contains_key(&key)
             {
-                out.insert(key.clone());
+                out.insert(key);
             }
         }
-        let uids: HashSet<&String> =
-            old.into_iter().chain(new).flat_map(|e| e.backends.keys()).collect();
+        let uids: HashSet<&str> = old.into_iter().chain(new).flat_map(ReportEntry::uids).collect();
         for uid in uids {
             if old.and_then(|e| e.backend(uid)) == new.and_then(|e| e.backend(uid)) {
                 continue;
@@ -503,8 +553,7 @@ impl Index {
         }
     }
 
-    fn upsert_report(&mut self, mut report: DsrNodeReport, out: &mut Triggers) {
-        report.metadata.managed_fields = None;
+    fn upsert_report(&mut self, report: DsrNodeReport, out: &mut Triggers) {
         let node = report.name_any();
         let entry = ReportEntry::new(report);
         self.report_changed(&node, self.reports.get(&node), Some(&entry), out);
@@ -551,17 +600,17 @@ impl Index {
         Some((slice.namespace()?, labels.get(SERVICE_NAME_LABEL)?.clone()))
     }
 
-    fn upsert_slice(&mut self, mut slice: EndpointSlice, out: &mut Triggers) {
+    fn upsert_slice(&mut self, slice: EndpointSlice, out: &mut Triggers) {
         let Some(owner) = Self::slice_owner(&slice) else { return };
-        slice.metadata.managed_fields = None;
-        self.slices.entry(owner.clone()).or_default().insert(slice.name_any(), Arc::new(slice));
+        let summary = SliceSummary::from(&slice);
+        self.slices.entry(owner.clone()).or_default().insert(summary.name.clone(), summary);
         out.insert(owner);
     }
 
-    fn remove_slice(&mut self, slice: &EndpointSlice, out: &mut Triggers) {
-        let Some(owner) = Self::slice_owner(slice) else { return };
+    fn remove_slice(&mut self, owner: Option<Key>, name: &str, out: &mut Triggers) {
+        let Some(owner) = owner else { return };
         if let Some(of) = self.slices.get_mut(&owner) {
-            of.remove(&slice.name_any());
+            of.remove(name);
             if of.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -575,21 +624,20 @@ impl Index {
         match step(&mut self.relist_slices, ev) {
             Step::Nothing => {}
             Step::Upsert(s) => self.upsert_slice(s, &mut out),
-            Step::Delete(s) => self.remove_slice(&s, &mut out),
+            Step::Delete(s) => self.remove_slice(Self::slice_owner(&s), &s.name_any(), &mut out),
             Step::Relisted(all) => {
                 let seen: HashSet<(Key, String)> = all
                     .iter()
                     .filter_map(|s| Some((Self::slice_owner(s)?, s.name_any())))
                     .collect();
-                let gone: Vec<Arc<EndpointSlice>> = self
+                let gone: Vec<(Key, String)> = self
                     .slices
                     .iter()
-                    .flat_map(|(owner, of)| of.iter().map(move |(n, s)| (owner, n, s)))
-                    .filter(|(owner, n, _)| !seen.contains(&((*owner).clone(), (*n).clone())))
-                    .map(|(_, _, s)| Arc::clone(s))
+                    .flat_map(|(owner, of)| of.keys().map(move |n| (owner.clone(), n.clone())))
+                    .filter(|gone| !seen.contains(gone))
                     .collect();
-                for s in gone {
-                    self.remove_slice(&s, &mut out);
+                for (owner, name) in gone {
+                    self.remove_slice(Some(owner), &name, &mut out);
                 }
                 for s in all {
                     self.upsert_slice(s, &mut out);
@@ -609,20 +657,22 @@ impl Index {
         ns: &str,
         selector: &BTreeMap<String, String>,
     ) -> Vec<Arc<PodFacts>> {
-        let Some(smallest) = terms(ns, selector)
+        let Some(smallest) = terms(ns, pairs(selector))
             .map(|t| self.pods_by_term.get(&t).map_or(0, HashSet::len))
-            .zip(terms(ns, selector))
+            .zip(terms(ns, pairs(selector)))
             .min_by_key(|(n, _)| *n)
             .map(|(_, t)| t)
         else {
             return Vec::new();
         };
+        // Pods in `ns` share its string; none there, no pods.
+        let Some(ns) = self.shared.get(ns) else { return Vec::new() };
         let mut out: Vec<Arc<PodFacts>> = self
             .pods_by_term
             .get(&smallest)
             .into_iter()
             .flatten()
-            .filter_map(|name| self.pods.get(&(ns.to_string(), name.clone())))
+            .filter_map(|name| self.pods.get(&(Arc::clone(ns), Arc::clone(name))))
             .filter(|p| selector_matches(selector, &p.labels))
             .cloned()
             .collect();
@@ -672,7 +722,7 @@ impl Index {
     }
 
     /// The service's own EndpointSlices as last seen.
-    pub fn slices_of(&self, service: &Key) -> Vec<Arc<EndpointSlice>> {
+    pub fn slices_of(&self, service: &Key) -> Vec<SliceSummary> {
         self.slices.get(service).into_iter().flat_map(|of| of.values().cloned()).collect()
     }
 
@@ -743,10 +793,15 @@ mod tests {
         ix.apply_node(Event::Apply(node("n1", true, &[])));
         ix.apply_pod(Event::Apply(labelled("a", "n1", "web", true)));
         ix.apply_pod(Event::Apply(labelled("b", "n1", "db", true)));
+        ix.apply_report(Event::Apply(n1_report()));
+        ix
+    }
+
+    /// n1's report as its agent writes it (entries in the agent's order).
+    fn n1_report() -> DsrNodeReport {
         let mut spec = report("n1", &[("uid-a", &["192.0.2.1"]), ("uid-b", &["192.0.2.2"])]);
         spec.ingress = vec![entry("web", 1), entry("db", 1), entry("cache", 1)];
-        ix.apply_report(Event::Apply(DsrNodeReport::new("n1", spec)));
-        ix
+        DsrNodeReport::new("n1", spec)
     }
 
     #[test]
@@ -769,7 +824,7 @@ mod tests {
         let got: Vec<String> = ix
             .pods_selected("default", &BTreeMap::from([("app".into(), "db".into())]))
             .iter()
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .collect();
         assert_eq!(got, ["a"]);
     }
@@ -777,7 +832,7 @@ mod tests {
     #[test]
     fn a_report_event_queues_only_the_services_whose_entries_changed() {
         let mut ix = world();
-        let base = ix.reports["n1"].report.as_ref().clone();
+        let base = n1_report();
 
         // db's ingress entry changes (new generation programmed): only db.
         let mut r = base.clone();
@@ -843,6 +898,31 @@ mod tests {
         clash.spec.vips = vec!["192.0.2.2".into()];
         assert_eq!(ix.apply_service(Event::Apply(clash.clone())), keys(&["clash", "web", "db"]));
         assert_eq!(ix.apply_service(Event::Delete(clash)), keys(&["db"]));
+    }
+
+    #[test]
+    fn pods_share_common_strings_and_unused_ones_are_pruned() {
+        let mut ix = world();
+        ix.apply_pod(Event::Apply(labelled("c", "n1", "web", true)));
+        let (a, c) = (&ix.pods[&key_of("a")], &ix.pods[&key_of("c")]);
+        assert!(Arc::ptr_eq(&a.namespace, &c.namespace));
+        assert!(Arc::ptr_eq(a.node.as_ref().unwrap(), c.node.as_ref().unwrap()));
+        let app = |p: &PodFacts| crate::backends::Labels::label(&p.labels, "app").unwrap().as_ptr();
+        assert_eq!(app(a), app(c));
+        // A rollout after another: each gives its pods a new label value.
+        // Values no pod holds any more do not pile up.
+        for round in 0..3000 {
+            let pod = labelled("r", "n1", &format!("hash-{round}"), true);
+            ix.apply_pod(Event::Apply(pod.clone()));
+            ix.apply_pod(Event::Delete(pod));
+        }
+        assert!(ix.shared.len() <= 2048, "{} shared strings", ix.shared.len());
+        // The strings cached pods hold are still shared.
+        assert!(ix.shared.contains("web") && ix.shared.contains("n1"));
+    }
+
+    fn key_of(name: &str) -> PodKey {
+        (Arc::from("default"), Arc::from(name))
     }
 
     #[test]

@@ -8,11 +8,14 @@
 //! ignore them; `endpointslice.kubernetes.io/managed-by` tells the
 //! Kubernetes EndpointSlice controller they are not its own.
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 use kube_dsr_crds::DsrService;
 use kube_dsr_crds::validation::Family;
@@ -125,37 +128,87 @@ pub fn desired_slices(svc: &DsrService, backends: &[Backend]) -> Vec<EndpointSli
     out
 }
 
+/// What the operator keeps of one of its EndpointSlices as last seen: its
+/// name, the metadata [`same_content`] compares, and a fingerprint of its
+/// content instead of the content. At 1,000 services × 100 pods the cached
+/// slices' endpoints were some 45 MiB the operator only ever compared with
+/// what it would apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceSummary {
+    pub name: String,
+    labels: BTreeMap<String, String>,
+    owner_references: Vec<OwnerReference>,
+    content: Fingerprint,
+}
+
+impl From<&EndpointSlice> for SliceSummary {
+    fn from(slice: &EndpointSlice) -> Self {
+        SliceSummary {
+            name: slice.name_any(),
+            labels: slice.labels().clone(),
+            owner_references: slice.owner_references().to_vec(),
+            content: Fingerprint::of(slice),
+        }
+    }
+}
+
+/// 128 bits of keyed SipHash over a slice's address type, endpoints and
+/// ports as JSON. Equal content gives equal JSON; unequal content (distinct
+/// values of these types serialize differently) collides with odds of
+/// 2^-128 per comparison, and the keys are random per process, so no
+/// input can be crafted to collide. Fingerprints are only compared within
+/// one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint(u64, u64);
+
+impl Fingerprint {
+    fn of(slice: &EndpointSlice) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        static KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
+        let (a, b) = KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
+        struct Both<H>(H, H);
+        impl<H: Hasher> std::io::Write for Both<H> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.write(buf);
+                self.1.write(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut h = Both(a.build_hasher(), b.build_hasher());
+        // Writing into a hasher cannot fail, nor can serializing these
+        // types (string keys only).
+        serde_json::to_writer(&mut h, &(&slice.address_type, &slice.endpoints, &slice.ports))
+            .expect("EndpointSlice content serializes");
+        Fingerprint(h.0.finish(), h.1.finish())
+    }
+}
+
 /// Names among `existing` (this service's slices) that `desired` no longer has.
-pub fn stale_slices<'a>(existing: &'a [EndpointSlice], desired: &[EndpointSlice]) -> Vec<&'a str> {
+pub fn stale_slices<'a>(existing: &'a [SliceSummary], desired: &[EndpointSlice]) -> Vec<&'a str> {
     let keep: BTreeSet<&str> = desired.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
-    existing
-        .iter()
-        .filter_map(|s| s.metadata.name.as_deref())
-        .filter(|n| !keep.contains(n))
-        .collect()
+    existing.iter().map(|s| s.name.as_str()).filter(|n| !keep.contains(n)).collect()
 }
 
 /// Whether an existing slice already has the content we would apply (so the
 /// apply can be skipped and the controller does not wake itself).
-pub fn same_content(existing: &EndpointSlice, desired: &EndpointSlice) -> bool {
-    existing.address_type == desired.address_type
-        && existing.endpoints == desired.endpoints
-        && existing.ports == desired.ports
-        && subset(&desired.metadata.labels, &existing.metadata.labels)
+pub fn same_content(existing: &SliceSummary, desired: &EndpointSlice) -> bool {
+    existing.name == desired.name_any()
+        && existing.content == Fingerprint::of(desired)
+        && subset(&desired.metadata.labels, &existing.labels)
         && desired
             .metadata
             .owner_references
             .iter()
             .flatten()
-            .all(|o| existing.metadata.owner_references.iter().flatten().any(|e| e == o))
+            .all(|o| existing.owner_references.iter().any(|e| e == o))
 }
 
 /// Labels others add to our slices are theirs to keep; only ours must match.
-fn subset(
-    ours: &Option<std::collections::BTreeMap<String, String>>,
-    theirs: &Option<std::collections::BTreeMap<String, String>>,
-) -> bool {
-    ours.iter().flatten().all(|(k, v)| theirs.as_ref().and_then(|t| t.get(k)) == Some(v))
+fn subset(ours: &Option<BTreeMap<String, String>>, theirs: &BTreeMap<String, String>) -> bool {
+    ours.iter().flatten().all(|(k, v)| theirs.get(k) == Some(v))
 }
 
 #[cfg(test)]
@@ -266,9 +319,39 @@ mod tests {
         let big: Vec<Backend> = (1..=150).map(|i| backend(&format!("10.0.0.{i}"), true)).collect();
         let before = desired_slices(&svc, &big);
         let after = desired_slices(&svc, &big[..10]);
-        assert_eq!(stale_slices(&before, &after), ["web-v4-1"]);
-        assert!(stale_slices(&after, &after).is_empty());
-        assert!(same_content(&after[0], &after[0].clone()));
-        assert!(!same_content(&before[0], &after[0]));
+        let seen = |slices: &[EndpointSlice]| -> Vec<SliceSummary> {
+            slices.iter().map(SliceSummary::from).collect()
+        };
+        assert_eq!(stale_slices(&seen(&before), &after), ["web-v4-1"]);
+        assert!(stale_slices(&seen(&after), &after).is_empty());
+        assert!(same_content(&SliceSummary::from(&after[0]), &after[0]));
+        assert!(!same_content(&SliceSummary::from(&before[0]), &after[0]));
+    }
+
+    #[test]
+    fn same_content_tells_each_difference_apart() {
+        let svc = service("web", &["192.0.2.10"], 1);
+        let desired = desired_slices(&svc, &[backend("10.0.0.1", true)]).remove(0);
+        let seen = SliceSummary::from(&desired);
+        assert!(same_content(&seen, &desired));
+        // Labels others add are theirs to keep.
+        let mut labelled = desired.clone();
+        labelled.labels_mut().insert("team".into(), "a".into());
+        assert!(same_content(&SliceSummary::from(&labelled), &desired));
+        let changes: [fn(&mut EndpointSlice); 5] = [
+            |s| s.endpoints[0].conditions.as_mut().unwrap().ready = Some(false),
+            |s| s.endpoints[0].zone = None,
+            |s| s.ports.as_mut().unwrap()[0].port = Some(81),
+            |s| s.address_type = "IPv6".into(),
+            |s| s.metadata.owner_references = None,
+        ];
+        for change in changes {
+            let mut other = desired.clone();
+            change(&mut other);
+            assert!(!same_content(&SliceSummary::from(&other), &desired), "{other:?}");
+        }
+        let mut renamed = desired.clone();
+        renamed.metadata.name = Some("web-v4-1".into());
+        assert!(!same_content(&SliceSummary::from(&renamed), &desired));
     }
 }
