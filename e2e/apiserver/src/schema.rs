@@ -11,33 +11,39 @@
 //! table and the stand-in server check objects with the same code.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::rc::Rc;
 
 use kube::core::cel::{CompiledSchema, ValidationErrors, Validator, compile_schema};
 use serde_json::Value;
 
-thread_local! {
-    /// Compiling a CRD's CEL rules costs far more than evaluating them (at
-    /// 1,000 DsrServices, compiling on every write was most of the
-    /// stand-in's time under its store lock): each thread keeps one
-    /// validator and the compiled form of every schema it has checked
-    /// against, keyed by the schema's text (a changed CRD is a new key).
-    static CEL: RefCell<Cel> = RefCell::default();
+/// A CRD's OpenAPI schema with its CEL rules compiled once, when the
+/// stand-in loads the CRD: compiling them on every write was most of its
+/// time under the store lock at 1,000 DsrServices.
+pub struct Schema {
+    pub json: Value,
+    rules: CompiledSchema,
 }
 
-/// A thread's validator and compiled schemas (see [`CEL`]).
-type Cel = (Option<Validator>, HashMap<String, Rc<CompiledSchema>>);
+impl Schema {
+    pub fn new(json: Value) -> Self {
+        let rules = compile_schema(&json);
+        Schema { json, rules }
+    }
+}
 
-/// The CEL rules of `schema` on `obj` (and transition rules from `old`).
-fn cel_rules(schema: &Value, obj: &Value, old: Option<&Value>) -> Result<(), ValidationErrors> {
-    CEL.with(|c| {
-        let (validator, compiled) = &mut *c.borrow_mut();
-        let rules = compiled
-            .entry(schema.to_string())
-            .or_insert_with(|| Rc::new(compile_schema(schema)))
-            .clone();
-        validator.get_or_insert_with(Validator::new).validate_compiled(&rules, obj, old)
+thread_local! {
+    /// A validator per thread: it registers every CEL extension function
+    /// when made.
+    static VALIDATOR: RefCell<Option<Validator>> = const { RefCell::new(None) };
+}
+
+/// The compiled CEL rules on `obj` (and transition rules from `old`).
+fn cel_rules(
+    rules: &CompiledSchema,
+    obj: &Value,
+    old: Option<&Value>,
+) -> Result<(), ValidationErrors> {
+    VALIDATOR.with(|v| {
+        v.borrow_mut().get_or_insert_with(Validator::new).validate_compiled(rules, obj, old)
     })
 }
 
@@ -54,7 +60,7 @@ pub fn messages_on_update(schema: &Value, obj: &Value, old: Option<&Value>) -> V
     if blocks_cel(&errs) {
         return errs;
     }
-    if let Err(cel) = cel_rules(schema, obj, old) {
+    if let Err(cel) = cel_rules(&compile_schema(schema), obj, old) {
         errs.extend(cel.iter().map(|e| e.message.clone()));
     }
     errs
@@ -67,15 +73,15 @@ pub fn messages_on_update(schema: &Value, obj: &Value, old: Option<&Value>) -> V
 /// `spec.vips: Invalid value: "array": a VIP must not be …` (the apiserver's
 /// `field.Invalid(fldPath, sts.Type, message)`; the reason picks the
 /// wording: `Forbidden`, `Required value`, `Duplicate value`).
-pub fn field_errors(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<String> {
-    let mut errs = validate(schema, obj);
+pub fn field_errors(schema: &Schema, obj: &Value, old: Option<&Value>) -> Vec<String> {
+    let mut errs = validate(&schema.json, obj);
     if blocks_cel(&errs) {
         return errs;
     }
-    if let Err(cel) = cel_rules(schema, obj, old) {
+    if let Err(cel) = cel_rules(&schema.rules, obj, old) {
         for e in cel.iter() {
             let path = e.field_path.trim_start_matches('.');
-            let ty = type_at(schema, path);
+            let ty = type_at(&schema.json, path);
             let path = if path.is_empty() { "<nil>" } else { path };
             let what = match e.reason.as_deref() {
                 Some("FieldValueForbidden") => "Forbidden".to_string(),

@@ -13,7 +13,7 @@ use crate::events;
 use crate::managed::{self, Manager, Managers};
 use crate::patch::{self, Path};
 use crate::resources::{RESOURCES, Resource, crd_schema};
-use crate::schema;
+use crate::schema::{self, Schema};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::util;
 
@@ -178,7 +178,8 @@ pub struct Store {
     history_limit: usize,
     /// Every event with a resourceVersion at or below this is forgotten.
     compacted: u64,
-    schemas: Vec<Option<Value>>,
+    /// Per resource, its CRD schema (compiled once; shared with dry-run copies).
+    schemas: Vec<Option<Arc<Schema>>>,
     notify: tokio::sync::watch::Sender<u64>,
     /// Warnings for the current request's answer.
     warnings: Vec<String>,
@@ -240,7 +241,8 @@ fn comparable(obj: &Value) -> Value {
 impl Store {
     pub fn new(history_limit: usize) -> (Self, tokio::sync::watch::Receiver<u64>) {
         let (notify, rx) = tokio::sync::watch::channel(1);
-        let schemas = RESOURCES.iter().map(|r| r.crd.map(crd_schema)).collect();
+        let schemas =
+            RESOURCES.iter().map(|r| r.crd.map(|c| Arc::new(Schema::new(crd_schema(c))))).collect();
         let store = Store {
             rv: 1,
             objects: BTreeMap::new(),
@@ -405,6 +407,7 @@ impl Store {
             self.service_defaults(res, obj);
         }
         let Some(schema) = &self.schemas[Self::index(res)] else { return Ok(()) };
+        let schema = &schema.json;
         schema::apply_defaults(schema, obj);
         let unknown: Vec<String> = schema::validate(schema, obj)
             .into_iter()
@@ -860,7 +863,7 @@ impl Store {
         // port without `protocol` is the stored port with `TCP`).
         let mut defaulted = config.clone();
         if let Some(schema) = &self.schemas[Self::index(res)] {
-            schema::apply_defaults(schema, &mut defaulted);
+            schema::apply_defaults(&schema.json, &mut defaulted);
         }
         let old = &view(res, &stored.obj);
         let mut managers = stored.managers.clone();
