@@ -1020,18 +1020,6 @@ impl Dataplane {
         self.maps.backend_traffic(s.ids[i])
     }
 
-    /// Packets and bytes forwarded to each backend of a service, in the
-    /// order of [`Self::services`]' backends.
-    pub fn backends_traffic(&self, name: &str) -> Result<Vec<(IpAddr, Traffic)>> {
-        let s = self.services.get(name).ok_or_else(|| Error::UnknownService(name.to_string()))?;
-        s.spec
-            .backends
-            .iter()
-            .zip(&s.ids)
-            .map(|(b, id)| Ok((b.addr, self.maps.backend_traffic(*id)?)))
-            .collect()
-    }
-
     /// Traffic of every service and of each of its backends, in the order
     /// of [`Self::services`] and of their backends: every counter read in
     /// a few batched calls.
