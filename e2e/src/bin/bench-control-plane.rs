@@ -423,17 +423,17 @@ fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
-        let (s, d) = (sorted(&r.slice), sorted(&r.dataplane));
+        let l = Latencies::of(r);
         println!(
             "| {} | {:.0}, {:.2} | {} | {:.3} / {:.3} | {:.3} / {:.3}{} | {:.4} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
             r.scale,
             r.create_pods_per_s,
             r.list_pods_s,
             fmt_opt(r.converge_s, 1),
-            percentile(&s, 50.0),
-            percentile(&s, 99.0),
-            percentile(&d, 50.0),
-            percentile(&d, 99.0),
+            l.slice_p50,
+            l.slice_p99,
+            l.dataplane_p50,
+            l.dataplane_p99,
             if r.missed > 0 { format!(" ({} missed)", r.missed) } else { String::new() },
             r.operator_cpu_per_change_s,
             r.operator.peak_rss_mib,
@@ -454,13 +454,13 @@ fn main() -> Result<()> {
         );
     }
     if let Some(r) = rows.last() {
-        let (s, d) = (sorted(&r.slice), sorted(&r.dataplane));
+        let l = Latencies::of(r);
         println!(
             "scale={} converge_s={} change_p99_s={:.3} dataplane_p99_s={:.3} operator_rss_mib={:.0} agent_rss_mib={:.0}",
             r.scale,
             fmt_opt(r.converge_s, 1),
-            percentile(&s, 99.0),
-            percentile(&d, 99.0),
+            l.slice_p99,
+            l.dataplane_p99,
             r.operator.peak_rss_mib,
             r.agent.peak_rss_mib
         );
@@ -468,10 +468,29 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn sorted(v: &[f64]) -> Vec<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v
+/// A row's change latencies (seconds; NaN without samples).
+struct Latencies {
+    slice_p50: f64,
+    slice_p99: f64,
+    dataplane_p50: f64,
+    dataplane_p99: f64,
+}
+
+impl Latencies {
+    fn of(r: &Row) -> Self {
+        let sorted = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let (s, d) = (sorted(&r.slice), sorted(&r.dataplane));
+        Latencies {
+            slice_p50: percentile(&s, 50.0),
+            slice_p99: percentile(&s, 99.0),
+            dataplane_p50: percentile(&d, 50.0),
+            dataplane_p99: percentile(&d, 99.0),
+        }
+    }
 }
 
 fn cpu_model() -> String {
@@ -485,17 +504,17 @@ fn cpu_model() -> String {
 }
 
 fn print_row(r: &Row) {
-    let (s, d) = (sorted(&r.slice), sorted(&r.dataplane));
+    let l = Latencies::of(r);
     println!(
         "scale {}: stand-in creates {:.0} pods/s, lists them all in {:.2} s; converge {} s; change→slice p50 {:.3} p99 {:.3} s; change→dataplane p50 {:.3} p99 {:.3} s ({} changes, {} missed); operator CPU {:.4} s/change; peak RSS operator {:.0} agent {:.0} stand-in {:.0} MiB; CPU s operator {:.1} agent {:.1} stand-in {:.1}",
         r.scale,
         r.create_pods_per_s,
         r.list_pods_s,
         fmt_opt(r.converge_s, 1),
-        percentile(&s, 50.0),
-        percentile(&s, 99.0),
-        percentile(&d, 50.0),
-        percentile(&d, 99.0),
+        l.slice_p50,
+        l.slice_p99,
+        l.dataplane_p50,
+        l.dataplane_p99,
         r.slice.len(),
         r.missed,
         r.operator_cpu_per_change_s,
