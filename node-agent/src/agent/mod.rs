@@ -547,8 +547,9 @@ async fn wait_for_node(nodes: &Api<Node>, name: &str, metrics: &Metrics) -> Resu
 }
 
 impl Caches {
-    /// Starts the reflectors; every event pokes `changed`. Cached objects
-    /// keep only the fields the agent reads.
+    /// Starts the watches (reflectors for DsrServices and Nodes, a
+    /// [`SliceCache`] for EndpointSlices); every event pokes `changed`.
+    /// Cached objects keep only the fields the agent reads.
     fn watch(
         client: &Client,
         node: &str,

@@ -282,9 +282,13 @@ impl Resolver {
         if *count <= SINGLE_READS {
             return self.read_neighbour(ifindex, addr);
         }
+        // A round keeps the dump itself (`neighbours`); a call outside one
+        // keeps it in `tables`.
         let t = self.neighbours(ifindex)?;
         let entry = t.get(&addr).cloned();
-        tables.insert(ifindex, t);
+        if self.seen.is_none() {
+            tables.insert(ifindex, t);
+        }
         Ok(entry)
     }
 
